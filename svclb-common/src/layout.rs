@@ -1,0 +1,321 @@
+//! `#[repr(C)]` keys and values of the pinned maps, and their names.
+//!
+//! Changing any of these types changes the pinned layout: bump
+//! [`LAYOUT_VERSION`] so that a running node refuses to adopt maps it cannot
+//! read.
+
+/// Version of the pinned map layout, written into the `svclb_layout` map.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as the eBPF object declares them and as they are pinned.
+/// Kernel object names are limited to 15 characters.
+pub mod map_names {
+    pub const VIPS: &str = "svclb_vips";
+    pub const SERVICES: &str = "svclb_services";
+    pub const SLOTS: &str = "svclb_slots";
+    pub const BACKENDS: &str = "svclb_backends";
+    pub const STATS: &str = "svclb_stats";
+    pub const META: &str = "svclb_meta";
+    pub const LAYOUT: &str = "svclb_layout";
+    /// Every map that svclb pins.
+    pub const ALL: [&str; 7] = [VIPS, SERVICES, SLOTS, BACKENDS, STATS, META, LAYOUT];
+}
+
+/// Program names in the eBPF object.
+pub mod program_names {
+    pub const CONNECT4: &str = "svclb_connect4";
+}
+
+/// Default capacities; svclbd can raise them at load time.
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Backends across all services (each has a stats slot).
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Schedule slots across all services. Each service uses two generations of
+/// slots (see [`crate::schedule`]), so this is twice the scheduled backends.
+pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+
+/// Highest number of slots one generation of one service may use.
+pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;
+
+/// A virtual IP, IPv4 stored IPv4-mapped. Words are in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+}
+
+impl VipKey {
+    /// The key of an IPv4 address given as the kernel holds it (network order).
+    #[inline(always)]
+    pub const fn from_ipv4_be(addr_be: u32) -> Self {
+        VipKey {
+            addr: [0, 0, u32::from_be(0x0000_ffff), addr_be],
+        }
+    }
+}
+
+/// What the mangle MARK rule did: which service a VIP belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipValue {
+    pub mark: u32,
+    pub flags: u32,
+}
+
+/// Scheduler of a service, as IPVS names them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Uniform random choice over the slots.
+    Random = 0,
+}
+
+impl Scheduler {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Scheduler::Random),
+            _ => None,
+        }
+    }
+
+    /// The name `ipvsadm` would print.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scheduler::Random => "random",
+        }
+    }
+}
+
+/// An IPVS FWM service: how many slots the program chooses from, and where
+/// they start (the generation, see [`crate::schedule`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Number of slots in the active generation; 0 refuses connections.
+    pub count: u32,
+    /// First slot number of the active generation.
+    pub slot_base: u32,
+    /// A [`Scheduler`] value.
+    pub scheduler: u32,
+    pub flags: u32,
+}
+
+/// Key of one schedule slot of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SlotKey {
+    pub mark: u32,
+    pub slot: u32,
+}
+
+/// Address family values stored in [`Slot::family`] and [`BackendInfo::family`].
+pub const FAMILY_INET: u16 = 2;
+pub const FAMILY_INET6: u16 = 10;
+
+/// A slot of the schedule: a copy of the backend's address, so that the
+/// connect path needs no further lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Slot {
+    /// Backend address; IPv4 is IPv4-mapped, network byte order.
+    pub addr: [u32; 4],
+    /// Destination port in network byte order; 0 keeps the client's port,
+    /// like an FWM real server `-> 172.50.0.40:0`.
+    pub port_be: u16,
+    pub family: u16,
+    /// Index into the stats map.
+    pub backend_id: u32,
+}
+
+/// Every backend that svclb knows, whether it is scheduled or not (weight 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    pub family: u16,
+    pub mark: u32,
+    pub weight: u32,
+    /// Non-zero while this id is in use.
+    pub in_use: u32,
+}
+
+/// IPVS's per-destination counters. Per CPU in the map; userspace sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    pub conns: u64,
+    pub in_pkts: u64,
+    pub out_pkts: u64,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+}
+
+impl BackendStats {
+    pub fn add(&mut self, other: &BackendStats) {
+        self.conns = self.conns.wrapping_add(other.conns);
+        self.in_pkts = self.in_pkts.wrapping_add(other.in_pkts);
+        self.out_pkts = self.out_pkts.wrapping_add(other.out_pkts);
+        self.in_bytes = self.in_bytes.wrapping_add(other.in_bytes);
+        self.out_bytes = self.out_bytes.wrapping_add(other.out_bytes);
+    }
+}
+
+/// Longest service name kept in the meta map (bytes, NUL padded).
+pub const SERVICE_NAME_LEN: usize = 64;
+
+/// Userspace-only facts about a service, kept pinned so that `svclb-ctl`
+/// can show them without svclbd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    pub name: [u8; SERVICE_NAME_LEN],
+    pub vip: [u32; 4],
+    pub vip_family: u16,
+    pub _pad: u16,
+    /// Number of ids in `backend_ids` (all backends, weight 0 included).
+    pub _reserved: u32,
+}
+
+impl Default for ServiceMeta {
+    fn default() -> Self {
+        ServiceMeta {
+            name: [0; SERVICE_NAME_LEN],
+            vip: [0; 4],
+            vip_family: 0,
+            _pad: 0,
+            _reserved: 0,
+        }
+    }
+}
+
+/// Value of the single-entry `svclb_layout` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LayoutValue {
+    pub version: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Slot {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ServiceMeta {}
+    unsafe impl aya::Pod for LayoutValue {}
+
+    /// 16 bytes in network order as four words, the way the kernel's
+    /// `user_ip6` and these maps hold them.
+    pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let o = v6.octets();
+        core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    }
+
+    /// The inverse of [`addr_words`]: IPv4-mapped addresses come back as IPv4.
+    pub fn words_addr(words: [u32; 4]) -> IpAddr {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = Ipv6Addr::from(o);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
+    pub fn family_of(ip: IpAddr) -> u16 {
+        match ip {
+            IpAddr::V4(_) => FAMILY_INET,
+            IpAddr::V6(_) => FAMILY_INET6,
+        }
+    }
+
+    impl VipKey {
+        pub fn from_ip(ip: IpAddr) -> Self {
+            VipKey { addr: addr_words(ip) }
+        }
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr)
+        }
+    }
+
+    impl From<Ipv4Addr> for VipKey {
+        fn from(ip: Ipv4Addr) -> Self {
+            VipKey::from_ip(IpAddr::V4(ip))
+        }
+    }
+
+    impl ServiceMeta {
+        pub fn new(name: &str, vip: IpAddr) -> Self {
+            let mut meta = ServiceMeta {
+                vip: addr_words(vip),
+                vip_family: family_of(vip),
+                ..Default::default()
+            };
+            let bytes = name.as_bytes();
+            let n = bytes.len().min(SERVICE_NAME_LEN);
+            meta.name[..n].copy_from_slice(&bytes[..n]);
+            meta
+        }
+        pub fn name(&self) -> String {
+            let end = self.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+            String::from_utf8_lossy(&self.name[..end]).into_owned()
+        }
+        pub fn vip(&self) -> IpAddr {
+            words_addr(self.vip)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ipv4_key_matches_the_kernel_view() {
+            // The kernel hands connect4 the address in network order; the key
+            // built there must equal the one userspace writes.
+            let ip = Ipv4Addr::new(172, 50, 0, 37);
+            let be = u32::from_ne_bytes(ip.octets());
+            assert_eq!(VipKey::from_ipv4_be(be), VipKey::from(ip));
+        }
+
+        #[test]
+        fn mapped_v6_is_the_same_key_as_v4() {
+            let v4 = Ipv4Addr::new(172, 50, 0, 37);
+            let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+            assert_eq!(VipKey::from_ip(mapped), VipKey::from(v4));
+        }
+
+        #[test]
+        fn words_round_trip() {
+            for ip in ["172.50.0.40", "fd00::1", "::1", "0.0.0.0"] {
+                let ip: IpAddr = ip.parse().unwrap();
+                assert_eq!(words_addr(addr_words(ip)), ip);
+            }
+        }
+
+        #[test]
+        fn meta_name_round_trip_and_truncation() {
+            let m = ServiceMeta::new("api", "172.50.0.37".parse().unwrap());
+            assert_eq!(m.name(), "api");
+            let long = "x".repeat(100);
+            assert_eq!(ServiceMeta::new(&long, m.vip()).name().len(), SERVICE_NAME_LEN);
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{addr_words, family_of, words_addr};

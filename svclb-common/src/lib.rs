@@ -1,0 +1,24 @@
+//! Map layout shared by the eBPF programs and userspace.
+//!
+//! The maps mirror the chain that Docker Swarm builds with iptables and IPVS:
+//!
+//! ```text
+//! VIPS      VipKey  -> VipValue      (iptables: -d VIP -j MARK --set-mark M)
+//! SERVICES  mark    -> ServiceValue  (IPVS: FWM M rr, how many backends, scheduler)
+//! SLOTS     (mark, slot) -> Slot     (IPVS: -> task:0, the schedule the program picks from)
+//! BACKENDS  backend id   -> BackendInfo (every backend, weight 0 included, for listing)
+//! STATS     backend id   -> BackendStats (per CPU: Conns, In/Out packets and bytes)
+//! ```
+//!
+//! Every address is kept as 16 bytes; an IPv4 address is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one key type serves both families and a dual-stack
+//! socket dialling `::ffff:VIP` finds the IPv4 service.
+//!
+//! This crate is `no_std` for the BPF target; the `user` feature adds what
+//! userspace needs (aya's `Pod`, conversions from `std::net`).
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod layout;
+pub mod schedule;
+
+pub use layout::*;
