@@ -78,6 +78,17 @@ impl Scheduler {
         }
     }
 
+    /// Parses the name used in config files and on the command line.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "random" => Some(Scheduler::Random),
+            _ => None,
+        }
+    }
+
+    /// Every scheduler name accepted, for error messages.
+    pub const NAMES: &'static [&'static str] = &["random"];
+
     /// The name `ipvsadm` would print.
     pub const fn name(self) -> &'static str {
         match self {
@@ -173,7 +184,6 @@ pub struct ServiceMeta {
     pub vip: [u32; 4],
     pub vip_family: u16,
     pub _pad: u16,
-    /// Number of ids in `backend_ids` (all backends, weight 0 included).
     pub _reserved: u32,
 }
 
