@@ -145,10 +145,10 @@ pub struct BackendInfo {
     pub addr: [u32; 4],
     pub port_be: u16,
     pub family: u16,
+    /// The service (fwmark) this backend belongs to.
     pub mark: u32,
+    /// IPVS weight; 0 is quiescent: listed, but given no new connections.
     pub weight: u32,
-    /// Non-zero while this id is in use.
-    pub in_use: u32,
 }
 
 /// IPVS's per-destination counters. Per CPU in the map; userspace sums them.
@@ -230,7 +230,9 @@ mod user {
             IpAddr::V6(v6) => v6,
         };
         let o = v6.octets();
-        core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
     }
 
     /// The inverse of [`addr_words`]: IPv4-mapped addresses come back as IPv4.
@@ -255,7 +257,9 @@ mod user {
 
     impl VipKey {
         pub fn from_ip(ip: IpAddr) -> Self {
-            VipKey { addr: addr_words(ip) }
+            VipKey {
+                addr: addr_words(ip),
+            }
         }
         pub fn ip(&self) -> IpAddr {
             words_addr(self.addr)
@@ -281,7 +285,11 @@ mod user {
             meta
         }
         pub fn name(&self) -> String {
-            let end = self.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+            let end = self
+                .name
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(SERVICE_NAME_LEN);
             String::from_utf8_lossy(&self.name[..end]).into_owned()
         }
         pub fn vip(&self) -> IpAddr {
@@ -322,7 +330,10 @@ mod user {
             let m = ServiceMeta::new("api", "172.50.0.37".parse().unwrap());
             assert_eq!(m.name(), "api");
             let long = "x".repeat(100);
-            assert_eq!(ServiceMeta::new(&long, m.vip()).name().len(), SERVICE_NAME_LEN);
+            assert_eq!(
+                ServiceMeta::new(&long, m.vip()).name().len(),
+                SERVICE_NAME_LEN
+            );
         }
     }
 }

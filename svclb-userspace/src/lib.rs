@@ -1,1 +1,30 @@
+//! svclb's userspace: loading and pinning the eBPF data plane, attaching it
+//! to cgroups, keeping its maps equal to the desired state, and reading its
+//! counters back the way `ipvsadm` shows IPVS's.
+//!
+//! Module map:
+//! - [`config`]: the desired state, as a TOML file.
+//! - [`pins`]: the bpffs directory where maps and links are pinned.
+//! - [`cgroup`]: finding cgroup v2 and naming cgroups.
+//! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
+//! - [`reconcile`]: turning a desired state into map writes, all or nothing.
+//! - [`loader`]: loading the programs and attaching them to cgroups.
+//! - [`stats`]: ipvsadm-style listings and JSON.
+//! - [`notify`]: telling systemd (or a test) that svclbd is ready.
 
+pub mod cgroup;
+pub mod config;
+pub mod dataplane;
+pub mod loader;
+pub mod notify;
+pub mod pins;
+pub mod reconcile;
+pub mod stats;
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
+pub fn ebpf_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/svclb.bpf.o"))
+}
+
+/// Default directory under bpffs where svclb pins its maps and links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/svclb";

@@ -1,0 +1,241 @@
+//! The pinned maps, opened with their types, and a snapshot of the services
+//! they hold.
+
+use std::{collections::BTreeMap, mem::size_of, net::IpAddr};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use svclb_common::{
+    map_names, words_addr, BackendInfo, BackendStats, LayoutValue, Scheduler, ServiceMeta,
+    ServiceValue, Slot, SlotKey, VipKey, VipValue, LAYOUT_VERSION,
+};
+
+use crate::pins::PinDir;
+
+/// Key and value sizes of every pinned map, to check before adopting pins
+/// left by another svclb version.
+pub const EXPECTED_LAYOUT: [(&str, usize, usize); 7] = [
+    (map_names::VIPS, size_of::<VipKey>(), size_of::<VipValue>()),
+    (
+        map_names::SERVICES,
+        size_of::<u32>(),
+        size_of::<ServiceValue>(),
+    ),
+    (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>()),
+    (
+        map_names::BACKENDS,
+        size_of::<u32>(),
+        size_of::<BackendInfo>(),
+    ),
+    (
+        map_names::STATS,
+        size_of::<u32>(),
+        size_of::<BackendStats>(),
+    ),
+    (map_names::META, size_of::<u32>(), size_of::<ServiceMeta>()),
+    (
+        map_names::LAYOUT,
+        size_of::<u32>(),
+        size_of::<LayoutValue>(),
+    ),
+];
+
+/// Refuses pinned maps whose layout differs from this binary's.
+pub fn check_pinned_layout(pins: &PinDir) -> Result<()> {
+    for (name, key, value) in EXPECTED_LAYOUT {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            bail!(
+                "pinned map {} has key/value sizes {}/{} but this svclb expects {}/{}: \
+                 it was pinned by an incompatible svclb version; remove it with `svclb-ctl teardown` \
+                 (balancing stops until svclbd starts again)",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                key,
+                value
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Capacities of the maps, as they were created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+/// The pinned maps, typed.
+pub struct Dataplane {
+    pub vips: HashMap<MapData, VipKey, VipValue>,
+    pub services: HashMap<MapData, u32, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, Slot>,
+    pub backends: HashMap<MapData, u32, BackendInfo>,
+    pub stats: PerCpuArray<MapData, BackendStats>,
+    pub meta: HashMap<MapData, u32, ServiceMeta>,
+    pub capacity: Capacity,
+}
+
+fn open_map(pins: &PinDir, name: &str) -> Result<(Map, u32)> {
+    let path = pins.map(name);
+    if !path.exists() {
+        bail!(
+            "no svclb data plane is pinned at {} (missing {}): start svclbd first, or pass --pin-dir",
+            pins.root().display(),
+            path.display()
+        );
+    }
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let max = data.info()?.max_entries();
+    let map = Map::from_map_data(data)?;
+    Ok((map, max))
+}
+
+impl Dataplane {
+    /// Opens the maps pinned under `pins`, checking their layout.
+    pub fn open(pins: &PinDir) -> Result<Self> {
+        check_pinned_layout(pins)?;
+        let (layout, _) = open_map(pins, map_names::LAYOUT)?;
+        let layout: Array<MapData, LayoutValue> = layout.try_into()?;
+        let version = layout.get(&0, 0)?.version;
+        if version != LAYOUT_VERSION {
+            bail!(
+                "the maps pinned at {} have layout version {version}, this svclb reads version {LAYOUT_VERSION}",
+                pins.root().display()
+            );
+        }
+        let (vips, services_max) = open_map(pins, map_names::VIPS)?;
+        let (services, _) = open_map(pins, map_names::SERVICES)?;
+        let (slots, slots_max) = open_map(pins, map_names::SLOTS)?;
+        let (backends, backends_max) = open_map(pins, map_names::BACKENDS)?;
+        let (stats, _) = open_map(pins, map_names::STATS)?;
+        let (meta, _) = open_map(pins, map_names::META)?;
+        Ok(Dataplane {
+            vips: vips.try_into()?,
+            services: services.try_into()?,
+            slots: slots.try_into()?,
+            backends: backends.try_into()?,
+            stats: stats.try_into()?,
+            meta: meta.try_into()?,
+            capacity: Capacity {
+                services: services_max,
+                backends: backends_max,
+                slots: slots_max,
+            },
+        })
+    }
+
+    /// Sums one backend's per-CPU counters.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let per_cpu = self.stats.get(&id, 0)?;
+        let mut total = BackendStats::default();
+        for s in per_cpu.iter() {
+            total.add(s);
+        }
+        Ok(total)
+    }
+
+    /// Zeroes a backend's counters, before its id is given to a new backend.
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let zeros = PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
+        self.stats.set(id, zeros, 0)?;
+        Ok(())
+    }
+
+    /// Reads every service, its backends and its active schedule.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut services: BTreeMap<u32, ServiceState> = BTreeMap::new();
+        for entry in self.meta.iter() {
+            let (mark, meta) = entry?;
+            let value = self.services.get(&mark, 0).unwrap_or_default();
+            let mut slots = Vec::with_capacity(value.count as usize);
+            for k in 0..value.count {
+                let key = SlotKey {
+                    mark,
+                    slot: value.slot_base.wrapping_add(k),
+                };
+                slots.push(self.slots.get(&key, 0).with_context(|| {
+                    format!("service FWM {mark}: slot {} is missing", key.slot)
+                })?);
+            }
+            services.insert(
+                mark,
+                ServiceState {
+                    mark,
+                    name: meta.name(),
+                    vip: meta.vip(),
+                    scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::Random),
+                    value,
+                    slots,
+                    backends: Vec::new(),
+                },
+            );
+        }
+        for entry in self.backends.iter() {
+            let (id, info) = entry?;
+            if let Some(svc) = services.get_mut(&info.mark) {
+                svc.backends.push(BackendState::from_info(id, &info));
+            }
+        }
+        let mut vips = BTreeMap::new();
+        for entry in self.vips.iter() {
+            let (key, value) = entry?;
+            vips.insert(key.ip(), value.mark);
+        }
+        for svc in services.values_mut() {
+            svc.backends.sort_by_key(|b| (b.addr, b.port));
+        }
+        Ok(Snapshot { services, vips })
+    }
+}
+
+/// What the maps hold, read at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: BTreeMap<u32, ServiceState>,
+    /// VIP -> mark, as the VIP map holds it.
+    pub vips: BTreeMap<IpAddr, u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceState {
+    pub mark: u32,
+    pub name: String,
+    pub vip: IpAddr,
+    pub scheduler: Scheduler,
+    pub value: ServiceValue,
+    /// The active generation's slots, in slot order.
+    pub slots: Vec<Slot>,
+    /// Every backend, weight 0 included, sorted by address.
+    pub backends: Vec<BackendState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendState {
+    pub id: u32,
+    pub addr: IpAddr,
+    /// None keeps the client's destination port.
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+impl BackendState {
+    pub fn from_info(id: u32, info: &BackendInfo) -> Self {
+        BackendState {
+            id,
+            addr: words_addr(info.addr),
+            port: (info.port_be != 0).then(|| u16::from_be(info.port_be)),
+            weight: info.weight,
+        }
+    }
+}

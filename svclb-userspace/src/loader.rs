@@ -1,0 +1,210 @@
+//! Loading the eBPF object with its maps pinned, and attaching its programs
+//! to cgroups through pinned links.
+//!
+//! Links are pinned, never held: the pin is the only reference, so the
+//! data plane outlives svclbd (restarts and upgrades lose no connection) and
+//! removing the pin (`svclb-ctl detach`) detaches at once.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, MapData},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+    Ebpf, EbpfLoader,
+};
+use svclb_common::{map_names, program_names, LayoutValue, LAYOUT_VERSION};
+
+use crate::{cgroup::CgroupPath, dataplane::check_pinned_layout, pins::PinDir};
+
+/// Map capacities for maps that are created (pinned maps keep theirs).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacities {
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            max_services: svclb_common::DEFAULT_MAX_SERVICES,
+            max_backends: svclb_common::DEFAULT_MAX_BACKENDS,
+        }
+    }
+}
+
+/// The programs svclb attaches to every cgroup.
+pub const PROGRAMS: [&str; 1] = [program_names::CONNECT4];
+
+/// A loaded object whose maps are the pinned ones.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+/// Fails with a clear message when not privileged enough to load programs.
+pub fn require_root() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("svclb must run as root (it loads eBPF programs, pins them in bpffs and attaches them to cgroups)");
+    }
+    Ok(())
+}
+
+/// Loads the programs, creating and pinning the maps or adopting the
+/// pinned ones after checking their layout.
+pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
+    require_root()?;
+    let object = crate::ebpf_object();
+    if object.is_empty() {
+        bail!("this binary was built without its eBPF object: build it with `cargo xtask build`");
+    }
+    pins.prepare()?;
+    check_pinned_layout(pins)?;
+    let map_paths: Vec<(&str, PathBuf)> =
+        map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries(map_names::VIPS, caps.max_services)
+        .map_max_entries(map_names::SERVICES, caps.max_services)
+        .map_max_entries(map_names::META, caps.max_services)
+        .map_max_entries(map_names::BACKENDS, caps.max_backends)
+        .map_max_entries(map_names::STATS, caps.max_backends)
+        // Two generations of schedules, with room for weights.
+        .map_max_entries(map_names::SLOTS, caps.max_backends.saturating_mul(4));
+    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+
+    let mut layout: Array<&mut MapData, LayoutValue> = ebpf
+        .map_mut(map_names::LAYOUT)
+        .context("the eBPF object has no layout map")?
+        .try_into()?;
+    let current = layout.get(&0, 0)?.version;
+    if current != 0 && current != LAYOUT_VERSION {
+        bail!(
+            "the maps pinned at {} have layout version {current}, this svclb writes version {LAYOUT_VERSION}: \
+             remove them with `svclb-ctl teardown`",
+            pins.root().display()
+        );
+    }
+    layout.set(
+        0,
+        LayoutValue {
+            version: LAYOUT_VERSION,
+            _pad: 0,
+        },
+        0,
+    )?;
+
+    for name in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading program {name} (the verifier said no)"))?;
+    }
+    Ok(Loaded {
+        ebpf,
+        pins: pins.clone(),
+    })
+}
+
+impl Loaded {
+    /// Attaches every program to `cgroup`. An existing attachment is
+    /// replaced without a gap: the new link is attached and pinned beside
+    /// the old one, then renamed over it, which detaches the old one.
+    pub fn attach(&mut self, cgroup: &CgroupPath) -> Result<()> {
+        let dir = self.pins.links().join(cgroup.pin_name());
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            let file = fs::File::open(&cgroup.absolute)
+                .with_context(|| format!("opening cgroup {}", cgroup.absolute.display()))?;
+            let id = prog
+                .attach(file, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.absolute.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let fresh = dir.join(format!("{name}.new"));
+            let _ = fs::remove_file(&fresh);
+            let pinned = link
+                .pin(&fresh)
+                .with_context(|| format!("pinning {}", fresh.display()))?;
+            let path = dir.join(name);
+            fs::rename(&fresh, &path)
+                .with_context(|| format!("renaming the new link to {}", path.display()))?;
+            // Dropping our fd leaves the pin as the link's only reference.
+            drop(pinned);
+        }
+        Ok(())
+    }
+}
+
+/// An attachment found in the pin directory.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    /// The cgroup, relative to the cgroup2 mount.
+    pub cgroup: String,
+    pub programs: Vec<String>,
+}
+
+/// Lists the cgroups that have svclb links pinned.
+pub fn attachments(pins: &PinDir) -> Result<Vec<Attachment>> {
+    let mut out = Vec::new();
+    let dir = pins.links();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for entry in entries {
+        let entry = entry?;
+        let mut programs: Vec<String> = fs::read_dir(entry.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        programs.sort();
+        out.push(Attachment {
+            cgroup: crate::cgroup::unescape(&entry.file_name().to_string_lossy()),
+            programs,
+        });
+    }
+    out.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+    Ok(out)
+}
+
+/// Detaches svclb from `cgroup` by removing its pinned links.
+pub fn detach(pins: &PinDir, cgroup: &CgroupPath) -> Result<bool> {
+    let dir = pins.links().join(cgroup.pin_name());
+    if !dir.exists() {
+        return Ok(false);
+    }
+    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(true)
+}
+
+/// Removes every attachment and pinned map: the data plane is gone.
+pub fn teardown(pins: &PinDir) -> Result<()> {
+    let links = pins.links();
+    if links.exists() {
+        fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for name in map_names::ALL {
+        let path = pins.map(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    remove_dir_if_empty(pins.root());
+    Ok(())
+}
+
+fn remove_dir_if_empty(path: &Path) {
+    let _ = fs::remove_dir(path);
+}

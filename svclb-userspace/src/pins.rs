@@ -1,0 +1,101 @@
+//! The pin directory: maps at `<dir>/<map name>`, links at
+//! `<dir>/links/<escaped cgroup path>/<program name>`.
+//!
+//! Everything that must outlive svclbd lives here, so a restart or an
+//! upgrade finds the data plane as it was and nothing stops balancing.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use svclb_common::map_names;
+
+/// bpffs's magic number, as statfs(2) reports it.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PinDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Whether any svclb map is pinned here.
+    pub fn has_maps(&self) -> bool {
+        map_names::ALL.iter().any(|name| self.map(name).exists())
+    }
+
+    /// Makes sure the directory exists on a bpffs, mounting bpffs at
+    /// /sys/fs/bpf when the directory is meant to be there and it is missing.
+    pub fn prepare(&self) -> Result<()> {
+        let parent = self
+            .root
+            .parent()
+            .with_context(|| format!("pin directory {} has no parent", self.root.display()))?;
+        if !is_bpffs(parent)? {
+            if parent == Path::new("/sys/fs/bpf") {
+                mount_bpffs(parent)?;
+            } else {
+                bail!(
+                    "{} is not on a bpf filesystem; mount one (mount -t bpf bpf {}) or choose a pin directory under /sys/fs/bpf",
+                    parent.display(),
+                    parent.display()
+                );
+            }
+        }
+        fs::create_dir_all(self.links())
+            .with_context(|| format!("creating pin directory {}", self.links().display()))
+    }
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::NotFound {
+            return Ok(false);
+        }
+        return Err(err).with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {} (needs root)", at.display()));
+    }
+    tracing::info!(path = %at.display(), "mounted bpffs");
+    Ok(())
+}

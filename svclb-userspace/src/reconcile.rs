@@ -1,0 +1,495 @@
+//! Desired state -> map writes.
+//!
+//! [`plan`] is pure: it compares a [`Snapshot`] of the maps with the desired
+//! services and decides every write, checking capacities first, so a state
+//! that cannot be applied is refused before anything changes. [`execute`]
+//! then writes in an order that keeps every connect() consistent:
+//!
+//! 1. new backends (their counters zeroed) and new weights;
+//! 2. per service: the new schedule into the inactive generation, then the
+//!    service value (one map update switches generations), then its VIP;
+//! 3. the old generation's slots;
+//! 4. VIPs, services and backends that are gone, VIPs first, so no VIP ever
+//!    points at a missing service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
+};
+
+use anyhow::{bail, Context, Result};
+use svclb_common::{
+    addr_words, family_of,
+    schedule::{other_generation, weighted_slots},
+    BackendInfo, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue,
+    MAX_SLOTS_PER_SERVICE,
+};
+
+use crate::{
+    config::DesiredState,
+    dataplane::{Capacity, Dataplane, Snapshot},
+};
+
+/// Docker's firewall-mark counter starts at 256; so do marks svclb picks.
+pub const FIRST_AUTO_MARK: u32 = 256;
+
+/// One line of a diff, printed the way `ipvsadm -S` writes rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddService {
+        mark: u32,
+        name: String,
+        vip: IpAddr,
+        scheduler: Scheduler,
+    },
+    EditService {
+        mark: u32,
+        name: String,
+        vip: IpAddr,
+        scheduler: Scheduler,
+    },
+    RemoveService {
+        mark: u32,
+        name: String,
+        vip: IpAddr,
+    },
+    AddBackend {
+        mark: u32,
+        addr: IpAddr,
+        port: Option<u16>,
+        weight: u32,
+    },
+    EditBackend {
+        mark: u32,
+        addr: IpAddr,
+        port: Option<u16>,
+        old_weight: u32,
+        weight: u32,
+    },
+    RemoveBackend {
+        mark: u32,
+        addr: IpAddr,
+        port: Option<u16>,
+    },
+}
+
+fn real(addr: IpAddr, port: Option<u16>) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{}", port.unwrap_or(0)),
+        IpAddr::V6(a) => format!("[{a}]:{}", port.unwrap_or(0)),
+    }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::AddService {
+                mark,
+                name,
+                vip,
+                scheduler,
+            } => {
+                write!(
+                    f,
+                    "+ -A -f {mark} -s {}    # {name} {vip}",
+                    scheduler.name()
+                )
+            }
+            Change::EditService {
+                mark,
+                name,
+                vip,
+                scheduler,
+            } => {
+                write!(
+                    f,
+                    "~ -E -f {mark} -s {}    # {name} {vip}",
+                    scheduler.name()
+                )
+            }
+            Change::RemoveService { mark, name, vip } => {
+                write!(f, "- -D -f {mark}    # {name} {vip}")
+            }
+            Change::AddBackend {
+                mark,
+                addr,
+                port,
+                weight,
+            } => {
+                write!(f, "+ -a -f {mark} -r {} -m -w {weight}", real(*addr, *port))
+            }
+            Change::EditBackend {
+                mark,
+                addr,
+                port,
+                old_weight,
+                weight,
+            } => write!(
+                f,
+                "~ -e -f {mark} -r {} -m -w {weight}    # weight was {old_weight}",
+                real(*addr, *port)
+            ),
+            Change::RemoveBackend { mark, addr, port } => {
+                write!(f, "- -d -f {mark} -r {}", real(*addr, *port))
+            }
+        }
+    }
+}
+
+/// Everything [`execute`] will write, decided up front.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// Marks given to services that had none in the config, by name.
+    pub marks: BTreeMap<String, u32>,
+    new_backends: Vec<(u32, BackendInfo)>,
+    edited_backends: Vec<(u32, BackendInfo)>,
+    services: Vec<ServiceWrite>,
+    removed_vips: Vec<IpAddr>,
+    removed_services: Vec<(u32, Generation)>,
+    removed_backends: Vec<u32>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// A range of slot numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Generation {
+    base: u32,
+    count: u32,
+}
+
+#[derive(Debug)]
+struct ServiceWrite {
+    mark: u32,
+    meta: ServiceMeta,
+    vip: IpAddr,
+    value: ServiceValue,
+    /// The new schedule, written at `value.slot_base`; None when unchanged.
+    new_slots: Option<Vec<Slot>>,
+    /// The generation to delete once the new one is active.
+    retired: Option<Generation>,
+    write_vip: bool,
+}
+
+/// Decides how to bring the maps from `current` to `desired`.
+pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> Result<Plan> {
+    let mut plan = Plan::default();
+    let marks = assign_marks(current, desired)?;
+
+    if desired.services.len() as u64 > u64::from(capacity.services) {
+        bail!(
+            "{} services exceed the capacity of {} (raise svclbd --max-services)",
+            desired.services.len(),
+            capacity.services
+        );
+    }
+
+    // Backend ids: a backend keeps its id (and so its counters) while its
+    // service keeps its mark; new ones take ids free before this apply.
+    let mut existing_ids: HashMap<(u32, IpAddr, Option<u16>), (u32, u32)> = HashMap::new();
+    let mut used_ids = BTreeSet::new();
+    for svc in current.services.values() {
+        for b in &svc.backends {
+            existing_ids.insert((svc.mark, b.addr, b.port), (b.id, b.weight));
+            used_ids.insert(b.id);
+        }
+    }
+    let mut free_ids = (0..capacity.backends).filter(|id| !used_ids.contains(id));
+    let mut kept_ids = BTreeSet::new();
+
+    let mut peak_slots: u64 = current
+        .services
+        .values()
+        .map(|s| u64::from(s.value.count))
+        .sum();
+
+    for (spec, &mark) in desired.services.iter().zip(&marks) {
+        let old = current.services.get(&mark);
+        if spec.mark.is_none() {
+            plan.marks.insert(spec.name.clone(), mark);
+        }
+        let mut slot_targets = Vec::with_capacity(spec.backends.len());
+        let mut weights = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let info = BackendInfo {
+                addr: addr_words(b.addr),
+                port_be: b.port.map_or(0, u16::to_be),
+                family: family_of(b.addr),
+                mark,
+                weight: b.weight,
+            };
+            let id = match existing_ids.get(&(mark, b.addr, b.port)) {
+                Some(&(id, old_weight)) => {
+                    if old_weight != b.weight {
+                        plan.edited_backends.push((id, info));
+                        plan.changes.push(Change::EditBackend {
+                            mark,
+                            addr: b.addr,
+                            port: b.port,
+                            old_weight,
+                            weight: b.weight,
+                        });
+                    }
+                    id
+                }
+                None => {
+                    let id = free_ids.next().with_context(|| {
+                        format!(
+                            "no free backend id for {} of service {}: the capacity is {} backends (raise svclbd --max-backends)",
+                            b.addr, spec.name, capacity.backends
+                        )
+                    })?;
+                    plan.new_backends.push((id, info));
+                    plan.changes.push(Change::AddBackend {
+                        mark,
+                        addr: b.addr,
+                        port: b.port,
+                        weight: b.weight,
+                    });
+                    id
+                }
+            };
+            kept_ids.insert(id);
+            weights.push(b.weight);
+            slot_targets.push(Slot {
+                addr: info.addr,
+                port_be: info.port_be,
+                family: info.family,
+                backend_id: id,
+            });
+        }
+        let picks = weighted_slots(&weights, MAX_SLOTS_PER_SERVICE).with_context(|| {
+            format!(
+                "service {}: its weights need more than {MAX_SLOTS_PER_SERVICE} schedule slots; use smaller weights",
+                spec.name
+            )
+        })?;
+        let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
+        let meta = ServiceMeta::new(&spec.name, spec.vip);
+
+        let (value, new_slots, retired) = match old {
+            Some(old) if old.slots == slots && old.scheduler == spec.scheduler => {
+                (old.value, None, None)
+            }
+            _ => {
+                let active = old
+                    .map(|o| o.value.slot_base)
+                    .unwrap_or(MAX_SLOTS_PER_SERVICE);
+                let value = ServiceValue {
+                    count: slots.len() as u32,
+                    slot_base: other_generation(active),
+                    scheduler: spec.scheduler as u32,
+                    flags: 0,
+                };
+                peak_slots += slots.len() as u64;
+                let retired = old.map(|o| Generation {
+                    base: o.value.slot_base,
+                    count: o.value.count,
+                });
+                (value, Some(slots), retired)
+            }
+        };
+        let meta_changed = old.is_none_or(|o| o.name != spec.name || o.vip != spec.vip);
+        let write_vip = current.vips.get(&spec.vip) != Some(&mark);
+        match old {
+            None => plan.changes.insert(
+                0,
+                Change::AddService {
+                    mark,
+                    name: spec.name.clone(),
+                    vip: spec.vip,
+                    scheduler: spec.scheduler,
+                },
+            ),
+            Some(o) if meta_changed || o.scheduler != spec.scheduler => {
+                plan.changes.push(Change::EditService {
+                    mark,
+                    name: spec.name.clone(),
+                    vip: spec.vip,
+                    scheduler: spec.scheduler,
+                })
+            }
+            Some(_) => {}
+        }
+        if new_slots.is_some() || meta_changed || write_vip {
+            plan.services.push(ServiceWrite {
+                mark,
+                meta,
+                vip: spec.vip,
+                value,
+                new_slots,
+                retired,
+                write_vip,
+            });
+        }
+    }
+
+    if peak_slots > u64::from(capacity.slots) {
+        bail!(
+            "the schedules need {peak_slots} slots while switching, more than the capacity of {} (raise svclbd --max-backends)",
+            capacity.slots
+        );
+    }
+
+    let desired_marks: BTreeSet<u32> = marks.iter().copied().collect();
+    let desired_vips: BTreeSet<IpAddr> = desired.services.iter().map(|s| s.vip).collect();
+    plan.removed_vips = current
+        .vips
+        .keys()
+        .filter(|v| !desired_vips.contains(v))
+        .copied()
+        .collect();
+    for svc in current.services.values() {
+        if !desired_marks.contains(&svc.mark) {
+            plan.removed_services.push((
+                svc.mark,
+                Generation {
+                    base: svc.value.slot_base,
+                    count: svc.value.count,
+                },
+            ));
+            plan.changes.push(Change::RemoveService {
+                mark: svc.mark,
+                name: svc.name.clone(),
+                vip: svc.vip,
+            });
+        }
+        for b in &svc.backends {
+            if !kept_ids.contains(&b.id) {
+                plan.removed_backends.push(b.id);
+                plan.changes.push(Change::RemoveBackend {
+                    mark: svc.mark,
+                    addr: b.addr,
+                    port: b.port,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Marks in the order of `desired.services`: the configured one, else the
+/// one the VIP already has (so a restart or reload keeps FWM numbers), else
+/// the lowest free one from 256.
+fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> {
+    let explicit: BTreeSet<u32> = desired.services.iter().filter_map(|s| s.mark).collect();
+    let mut taken = explicit.clone();
+    let mut marks = vec![0; desired.services.len()];
+    let mut pending = Vec::new();
+    for (i, spec) in desired.services.iter().enumerate() {
+        match spec.mark {
+            Some(m) => marks[i] = m,
+            None => match current.vips.get(&spec.vip) {
+                Some(&m) if !taken.contains(&m) => {
+                    taken.insert(m);
+                    marks[i] = m;
+                }
+                _ => pending.push(i),
+            },
+        }
+    }
+    let mut next = FIRST_AUTO_MARK;
+    for i in pending {
+        while taken.contains(&next) {
+            next = next.checked_add(1).context("no free firewall mark left")?;
+        }
+        taken.insert(next);
+        marks[i] = next;
+    }
+    Ok(marks)
+}
+
+/// Writes `plan` into the maps, in the order described in the module docs.
+pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
+    for (id, info) in &plan.new_backends {
+        dp.reset_backend_stats(*id)?;
+        dp.backends
+            .insert(id, info, 0)
+            .context("writing a backend")?;
+    }
+    for (id, info) in &plan.edited_backends {
+        dp.backends
+            .insert(id, info, 0)
+            .context("writing a backend weight")?;
+    }
+    for w in &plan.services {
+        if let Some(slots) = &w.new_slots {
+            for (k, slot) in slots.iter().enumerate() {
+                let key = SlotKey {
+                    mark: w.mark,
+                    slot: w.value.slot_base + k as u32,
+                };
+                dp.slots
+                    .insert(key, slot, 0)
+                    .context("writing a schedule slot")?;
+            }
+        }
+        dp.services
+            .insert(w.mark, w.value, 0)
+            .context("writing a service")?;
+        dp.meta
+            .insert(w.mark, w.meta, 0)
+            .context("writing service metadata")?;
+        if w.write_vip {
+            dp.vips
+                .insert(
+                    VipKey::from_ip(w.vip),
+                    VipValue {
+                        mark: w.mark,
+                        flags: 0,
+                    },
+                    0,
+                )
+                .context("writing a VIP")?;
+        }
+    }
+    for w in &plan.services {
+        if let Some(old) = w.retired {
+            remove_slots(dp, w.mark, old)?;
+        }
+    }
+    for vip in &plan.removed_vips {
+        remove_missing_ok(dp.vips.remove(&VipKey::from_ip(*vip)))?;
+    }
+    for (mark, generation) in &plan.removed_services {
+        remove_missing_ok(dp.services.remove(mark))?;
+        remove_missing_ok(dp.meta.remove(mark))?;
+        remove_slots(dp, *mark, *generation)?;
+    }
+    for id in &plan.removed_backends {
+        remove_missing_ok(dp.backends.remove(id))?;
+    }
+    Ok(())
+}
+
+fn remove_slots(dp: &mut Dataplane, mark: u32, generation: Generation) -> Result<()> {
+    for k in 0..generation.count {
+        let key = SlotKey {
+            mark,
+            slot: generation.base + k,
+        };
+        remove_missing_ok(dp.slots.remove(&key))?;
+    }
+    Ok(())
+}
+
+fn remove_missing_ok(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Plans and applies in one step; returns the plan for reporting.
+pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
+    let snapshot = dp.snapshot()?;
+    let plan = plan(&snapshot, desired, dp.capacity)?;
+    execute(dp, &plan)?;
+    Ok(plan)
+}
