@@ -101,13 +101,23 @@ impl CgroupPath {
     }
 }
 
-/// Escapes a relative cgroup path into one file name: `/` becomes `%2F`,
-/// `%` becomes `%25`; the root cgroup (empty path) is `%`.
+/// Escapes a relative cgroup path into one bpffs file name: `%`, `/` and
+/// `.` (which bpffs refuses in names) become `%25`, `%2F` and `%2E`; the
+/// root cgroup (empty path) is `%`.
 pub fn escape(relative: &str) -> String {
     if relative.is_empty() {
         return "%".to_string();
     }
-    relative.replace('%', "%25").replace('/', "%2F")
+    let mut out = String::with_capacity(relative.len());
+    for c in relative.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '.' => out.push_str("%2E"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The inverse of [`escape`].
@@ -115,7 +125,25 @@ pub fn unescape(name: &str) -> String {
     if name == "%" {
         return String::new();
     }
-    name.replace("%2F", "/").replace("%25", "%")
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3).unwrap_or("");
+        match code {
+            "25" => out.push('%'),
+            "2F" => out.push('/'),
+            "2E" => out.push('.'),
+            _ => {
+                out.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -126,7 +154,7 @@ mod tests {
     fn escape_round_trips() {
         for p in ["", "a", "system.slice/docker-ab%12.scope", "x/y/z"] {
             let e = escape(p);
-            assert!(!e.contains('/'), "{e}");
+            assert!(!e.contains('/') && !e.contains('.'), "{e}");
             assert_eq!(unescape(&e), p);
         }
     }

@@ -133,7 +133,8 @@ impl Loaded {
                 .attach(file, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.absolute.display()))?;
             let link: FdLink = prog.take_link(id)?.try_into()?;
-            let fresh = dir.join(format!("{name}.new"));
+            // bpffs refuses dots in names.
+            let fresh = dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&fresh);
             let pinned = link
                 .pin(&fresh)

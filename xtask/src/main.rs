@@ -1,1 +1,76 @@
-fn main() {}
+//! `cargo xtask`: the project's build, setup and CI entry point.
+//!
+//! The eBPF crate needs a different compiler (Debian's rustc with a prebuilt
+//! BPF `core`) from the host crates (rustup), so plain `cargo build` cannot
+//! build everything; these commands encode the recipe in docs/TOOLCHAIN.md.
+
+mod build;
+mod cmd;
+mod demo;
+mod ebpf;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "svclb build, setup and test tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what a fresh Debian 12 machine needs to build and test (idempotent).
+    Setup {
+        /// Only what building needs; skip the integration test tools.
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Build the eBPF object with Debian's toolchain and bpf-linker.
+    BuildEbpf,
+    /// Build the eBPF object, then the host crates.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Everything CI runs: setup, fmt, clippy, build, unit and integration tests (as root).
+    Test {
+        /// Passed to the integration test run (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the demo (as root).
+    Demo,
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup { build_only } => setup::run(!build_only).map(|()| ExitCode::SUCCESS),
+        Command::BuildEbpf => ebpf::setup_and_build().map(|()| ExitCode::SUCCESS),
+        Command::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
+        Command::Test { args } => test::run(&args),
+        Command::Demo => demo::run(),
+        Command::Bench => {
+            eprintln!("cargo xtask bench: not implemented yet");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
