@@ -21,13 +21,13 @@ pub static SERVICES: HashMap<u32, ServiceValue> =
 pub static SLOTS: HashMap<SlotKey, Slot> = HashMap::with_max_entries(DEFAULT_MAX_SLOTS, 0);
 
 #[map(name = "svclb_stats")]
-pub static STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 // Read by userspace only; declared here so that one object carries the
 // whole pinned layout.
 #[map(name = "svclb_backends")]
-pub static BACKENDS: HashMap<u32, BackendInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: HashMap<u32, BackendInfo> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "svclb_meta")]
 pub static META: HashMap<u32, ServiceMeta> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod daemon;
 pub mod netns;
 pub mod sandbox;
 pub mod servers;
@@ -15,6 +16,7 @@ pub mod util;
 
 pub use cgroup::CgroupGuard;
 pub use client::{tcp_echo, tcp_identity, udp_identity};
+pub use daemon::{ctl, parse_stats, PinDir, StatsRow, Svclbd};
 pub use netns::netns_path;
 pub use sandbox::Sandbox;
 pub use servers::{TcpIdServer, UdpIdServer};
