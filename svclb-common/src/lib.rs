@@ -18,6 +18,7 @@
 //! userspace needs (aya's `Pod`, conversions from `std::net`).
 #![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod hash;
 pub mod layout;
 pub mod schedule;
 
