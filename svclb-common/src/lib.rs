@@ -20,6 +20,7 @@
 
 pub mod hash;
 pub mod layout;
+pub mod maglev;
 pub mod schedule;
 
 pub use layout::*;
