@@ -1,0 +1,21 @@
+//! svclb's benchmark (`cargo xtask bench`, issue 6): svclb side by side with
+//! a direct connection, kube-proxy-style iptables (nft and legacy back ends)
+//! and nftables DNAT, and haproxy, at 1 to 100,000 installed services.
+//!
+//! - [`load`]: the load generator (`svclb-load`): CRR, RR, STREAM, UDP.
+//! - [`server`]: echo servers in the sandbox's backends namespace.
+//! - [`modes`]: each mode set up fresh in its own sandbox.
+//! - [`sweep`]: the interleaved, repeated sweep and its statistics.
+//! - [`control`]: control-plane figures (apply time, change latency, map memory).
+//! - [`report`]: docs/BENCHMARKS.md and docs/benchmarks.json.
+//!
+//! All traffic stays in the namespaces the sandbox creates, or loopback.
+
+pub mod control;
+pub mod hist;
+pub mod load;
+pub mod machine;
+pub mod modes;
+pub mod report;
+pub mod server;
+pub mod sweep;

@@ -1,0 +1,639 @@
+//! The modes compared, and a [`Cell`]: one mode set up fresh in a new
+//! sandbox with N services installed, ready to run workloads.
+//!
+//! Addresses (all inside the sandbox; the client namespace has no default
+//! route, so nothing can leave it):
+//! - the measured service: VIP 172.50.0.200, port 80 (TCP and UDP), three
+//!   backends 172.50.0.10-12 with echo servers in the backends namespace;
+//! - the other N-1 services: VIPs 10.128.x.y, never connected to (svclb
+//!   rewrites a connect before any packet exists; DNAT modes only see packets
+//!   to the measured VIP), backends 172.50.0.100-199 without servers;
+//! - haproxy: in the client namespace on 127.0.0.1:8080 (a node-local
+//!   proxy, as kube-proxy's userspace mode was), connecting out to the three
+//!   backends over the veth.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use svclb_tests::{daemon, PinDir, Sandbox, Svclbd};
+
+use crate::load::{LoadResult, Workload};
+use crate::server::EchoServers;
+
+pub const PORT: u16 = 80;
+pub const VIP: Ipv4Addr = Ipv4Addr::new(172, 50, 0, 200);
+pub const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(172, 50, 0, 10),
+    Ipv4Addr::new(172, 50, 0, 11),
+    Ipv4Addr::new(172, 50, 0, 12),
+];
+/// The sandbox subnet, used as kube-proxy's cluster CIDR (no masquerade from inside).
+pub const CLUSTER_CIDR: &str = "172.50.0.0/24";
+pub const HAPROXY_PORT: u16 = 8080;
+/// svclbd capacities for the sweep (100,000 services of one backend each
+/// need > 65,536; the default).
+pub const MAX_SERVICES: u32 = 131_072;
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Echo workers per backend address (the most concurrent connections one
+/// backend can get: every client thread's, plus haproxy's).
+const TCP_WORKERS: usize = 8;
+const UDP_WORKERS: usize = 2;
+
+static NEXT_TEMP: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Mode {
+    #[serde(rename = "direct")]
+    Direct,
+    #[serde(rename = "svclb")]
+    Svclb,
+    #[serde(rename = "iptables-nft")]
+    IptablesNft,
+    #[serde(rename = "iptables-legacy")]
+    IptablesLegacy,
+    #[serde(rename = "nftables")]
+    Nftables,
+    #[serde(rename = "haproxy")]
+    Haproxy,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 6] = [
+        Mode::Direct,
+        Mode::Svclb,
+        Mode::IptablesNft,
+        Mode::IptablesLegacy,
+        Mode::Nftables,
+        Mode::Haproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Svclb => "svclb",
+            Mode::IptablesNft => "iptables-nft",
+            Mode::IptablesLegacy => "iptables-legacy",
+            Mode::Nftables => "nftables",
+            Mode::Haproxy => "haproxy",
+        }
+    }
+
+    /// haproxy does not proxy UDP.
+    pub fn supports(self, w: Workload) -> bool {
+        !(self == Mode::Haproxy && w == Workload::Udp)
+    }
+}
+
+/// The service set installed in a cell: `count` services, the measured one
+/// last, every other one with `background_backends` backends.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceSet {
+    pub count: usize,
+    pub background_backends: usize,
+}
+
+impl ServiceSet {
+    pub fn new(count: usize, background_backends: usize) -> ServiceSet {
+        ServiceSet {
+            count: count.max(1),
+            background_backends: background_backends.clamp(1, 100),
+        }
+    }
+
+    fn background(&self) -> impl Iterator<Item = (usize, Ipv4Addr, Vec<Ipv4Addr>)> + '_ {
+        (0..self.count - 1).map(|i| (i, background_vip(i), self.background_backends_of(i)))
+    }
+
+    fn background_backends_of(&self, i: usize) -> Vec<Ipv4Addr> {
+        (0..self.background_backends)
+            .map(|j| Ipv4Addr::new(172, 50, 0, 100 + ((i + j) % 100) as u8))
+            .collect()
+    }
+}
+
+/// VIP of background service `i`: 10.128.0.1 on, skipping .0 and .251-.255.
+pub fn background_vip(i: usize) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    let i = i as u32;
+    Ipv4Addr::from(base + (i / 250) * 256 + (i % 250) + 1)
+}
+
+/// svclbd's config: the background services, then `bench` (the measured one).
+pub fn svclb_config(set: &ServiceSet) -> String {
+    let mut out = String::with_capacity(set.count * 100);
+    for (i, vip, backends) in set.background() {
+        let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let _ = writeln!(
+            out,
+            "[[service]]\nname = \"bg{i}\"\nvip = \"{vip}\"\nbackends = [{}]\n",
+            list.join(", ")
+        );
+    }
+    let list: Vec<String> = BACKENDS.iter().map(|b| format!("\"{b}\"")).collect();
+    let _ = writeln!(
+        out,
+        "[[service]]\nname = \"bench\"\nvip = \"{VIP}\"\nbackends = [{}]",
+        list.join(", ")
+    );
+    out
+}
+
+fn chain_id(kind: &str, parts: &str) -> String {
+    // FNV-1a, printed like kube-proxy's hashed chain suffixes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in kind.bytes().chain(parts.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016X}")
+}
+
+/// One service port of the generated rule sets.
+struct Port<'a> {
+    name: String,
+    vip: Ipv4Addr,
+    proto: &'a str,
+    backends: Vec<Ipv4Addr>,
+}
+
+fn ports(set: &ServiceSet) -> impl Iterator<Item = Port<'static>> + '_ {
+    let background = set.background().map(|(i, vip, backends)| Port {
+        name: format!("bg{i}"),
+        vip,
+        proto: "tcp",
+        backends,
+    });
+    // The measured service last, as in a kube-proxy chain that grew over time.
+    let measured = ["tcp", "udp"].into_iter().map(|proto| Port {
+        name: "bench".into(),
+        vip: VIP,
+        proto,
+        backends: BACKENDS.to_vec(),
+    });
+    background.chain(measured)
+}
+
+/// kube-proxy's iptables mode, as iptables-restore input: KUBE-SERVICES
+/// holds one rule per service port (the measured one last), each jumping to
+/// a KUBE-SVC chain that picks a KUBE-SEP chain with `-m statistic --mode
+/// random`, which DNATs.
+pub fn iptables_rules(set: &ServiceSet) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for p in ports(set) {
+        let (name, vip, proto) = (&p.name, p.vip, p.proto);
+        let port_name = format!("bench/{name}:p{PORT}");
+        let svc = format!("KUBE-SVC-{}", chain_id("svc", &format!("{name}{proto}")));
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m comment --comment \"{port_name} cluster IP\" -m {proto} --dport {PORT} -j {svc}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p {proto} -m comment --comment \"{port_name} cluster IP\" -m {proto} --dport {PORT} -j KUBE-MARK-MASQ"
+        );
+        let k = p.backends.len();
+        for (j, b) in p.backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", chain_id("sep", &format!("{name}{proto}{b}")));
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let left = k - j;
+            if left > 1 {
+                let _ = writeln!(
+                    rules,
+                    "-A {svc} -m comment --comment \"{port_name} -> {b}:{PORT}\" -m statistic --mode random --probability {:.11} -j {sep}",
+                    1.0 / left as f64
+                );
+            } else {
+                let _ = writeln!(
+                    rules,
+                    "-A {svc} -m comment --comment \"{port_name} -> {b}:{PORT}\" -j {sep}"
+                );
+            }
+            let _ = writeln!(
+                rules,
+                "-A {sep} -s {b}/32 -m comment --comment \"{port_name}\" -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(
+                rules,
+                "-A {sep} -p {proto} -m comment --comment \"{port_name}\" -m {proto} -j DNAT --to-destination {b}:{PORT}"
+            );
+        }
+    }
+    let mut out = String::with_capacity(chains.len() + rules.len() + 1024);
+    out.push_str("*filter\n:KUBE-SERVICES - [0:0]\n");
+    out.push_str("-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    out.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    out.push_str(&chains);
+    out.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+    out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
+    out.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    out.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
+    out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    out.push_str(&rules);
+    out.push_str("COMMIT\n");
+    out
+}
+
+pub const NFT_TABLE: &str = "svclb-bench";
+
+/// kube-proxy's nftables mode, as an `nft -f` script: a verdict map on
+/// `ip daddr . meta l4proto . th dport` jumps to a per-service chain that
+/// picks an endpoint chain with `numgen random mod N vmap`, which DNATs.
+pub fn nft_script(set: &ServiceSet) -> String {
+    let mut out = String::with_capacity(set.count * 400);
+    let _ = write!(
+        out,
+        r#"table ip {NFT_TABLE} {{
+	map service-ips {{
+		type ipv4_addr . inet_proto . inet_service : verdict
+		comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
+	}}
+	map no-endpoint-services {{
+		type ipv4_addr . inet_proto . inet_service : verdict
+		comment "vmap to drop or reject packets to services with no endpoints"
+	}}
+	chain filter-output {{
+		type filter hook output priority -110; policy accept;
+		ct state new jump service-endpoints-check
+	}}
+	chain service-endpoints-check {{
+		ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+	}}
+	chain nat-output {{
+		type nat hook output priority -100; policy accept;
+		jump services
+	}}
+	chain nat-postrouting {{
+		type nat hook postrouting priority 100; policy accept;
+		jump masquerading
+	}}
+	chain mark-for-masquerade {{
+		meta mark set meta mark | 0x4000
+	}}
+	chain masquerading {{
+		meta mark & 0x4000 == 0 return
+		meta mark set meta mark ^ 0x4000
+		masquerade fully-random
+	}}
+	chain services {{
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}}
+}}
+"#
+    );
+    let mut elements = Vec::with_capacity(set.count + 1);
+    for p in ports(set) {
+        let (name, vip, proto) = (&p.name, p.vip, p.proto);
+        let id = chain_id("svc", &format!("{name}{proto}"));
+        let svc = format!("service-{id}-{name}-{proto}-p{PORT}");
+        let mut picks = Vec::new();
+        for (j, b) in p.backends.iter().enumerate() {
+            let ep = format!("endpoint-{id}-{j}");
+            picks.push(format!("{j} : goto {ep}"));
+            let _ = writeln!(
+                out,
+                "add chain ip {NFT_TABLE} {ep}\nadd rule ip {NFT_TABLE} {ep} ip saddr {b} jump mark-for-masquerade\nadd rule ip {NFT_TABLE} {ep} meta l4proto {proto} dnat to {b}:{PORT}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "add chain ip {NFT_TABLE} {svc}\nadd rule ip {NFT_TABLE} {svc} ip daddr {vip} {proto} dport {PORT} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\nadd rule ip {NFT_TABLE} {svc} numgen random mod {} vmap {{ {} }}",
+            p.backends.len(),
+            picks.join(", ")
+        );
+        elements.push(format!("{vip} . {proto} . {PORT} : goto {svc}"));
+    }
+    for chunk in elements.chunks(1000) {
+        let _ = writeln!(
+            out,
+            "add element ip {NFT_TABLE} service-ips {{ {} }}",
+            chunk.join(", ")
+        );
+    }
+    out
+}
+
+/// haproxy in tcp mode, one frontend on loopback, the three backends.
+pub fn haproxy_config() -> String {
+    let mut out = format!(
+        "global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n\
+         frontend bench\n    bind 127.0.0.1:{HAPROXY_PORT}\n    default_backend bench\n\nbackend bench\n    balance random\n"
+    );
+    for (i, b) in BACKENDS.iter().enumerate() {
+        let _ = writeln!(out, "    server b{i} {b}:{PORT}");
+    }
+    out
+}
+
+/// A scratch directory under the temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("svclb-bench-{}-{n}-{tag}", std::process::id()));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a mode keeps alive while a cell runs.
+enum Extra {
+    None,
+    Svclb {
+        daemon: Svclbd,
+        _pins: PinDir,
+        _dir: TempDir,
+    },
+    Haproxy {
+        _proc: KillOnDrop,
+        _dir: TempDir,
+    },
+}
+
+/// One mode, set up fresh in its own sandbox with a service set installed.
+/// Dropping it removes everything (fields drop in order: the mode's
+/// processes, the servers, then the namespaces and cgroup).
+pub struct Cell {
+    pub mode: Mode,
+    pub services: usize,
+    /// Wall time to install the service set (svclbd start to READY,
+    /// iptables-restore, nft -f, haproxy start).
+    pub setup_secs: f64,
+    targets: Vec<SocketAddrV4>,
+    join_cgroup: bool,
+    extra: Extra,
+    _servers: EchoServers,
+    sandbox: Sandbox,
+}
+
+/// Runs a command in the client namespace, with stdin from `input`.
+fn run_in_client(sandbox: &Sandbox, cmd: &mut Command, input: Option<&Path>) -> Result<()> {
+    sandbox.client_command(cmd, false)?;
+    if let Some(input) = input {
+        cmd.stdin(fs::File::open(input)?);
+    }
+    svclb_tests::run(cmd).map(drop)
+}
+
+/// Gives the client namespace room for CRR: TIME_WAIT ports may be reused
+/// and the ephemeral range is wide (both per namespace).
+fn tune_client(sandbox: &Sandbox) -> Result<()> {
+    run_in_client(
+        sandbox,
+        Command::new("sysctl").args([
+            "-q",
+            "-w",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=10000 65000",
+        ]),
+        None,
+    )
+}
+
+impl Cell {
+    pub fn new(mode: Mode, set: ServiceSet) -> Result<Cell> {
+        let sandbox = Sandbox::new()?;
+        tune_client(&sandbox)?;
+        let mut addrs = Vec::new();
+        for b in BACKENDS {
+            sandbox.add_backend_addr(b.into())?;
+            addrs.push(SocketAddrV4::new(b, PORT));
+        }
+        let servers = EchoServers::start(&sandbox, &addrs, TCP_WORKERS, UDP_WORKERS)?;
+        let vip = vec![SocketAddrV4::new(VIP, PORT)];
+        let t0 = Instant::now();
+        let (targets, join_cgroup, extra) = match mode {
+            Mode::Direct => (addrs.clone(), false, Extra::None),
+            Mode::Svclb => {
+                let dir = TempDir::new("svclb")?;
+                let config = dir.write("services.toml", &svclb_config(&set))?;
+                let pins = PinDir::new();
+                let daemon = start_svclbd(&pins, Some(&config), sandbox.cgroup_path())?;
+                (
+                    vip,
+                    true,
+                    Extra::Svclb {
+                        daemon,
+                        _pins: pins,
+                        _dir: dir,
+                    },
+                )
+            }
+            Mode::IptablesNft | Mode::IptablesLegacy => {
+                let dir = TempDir::new("iptables")?;
+                let rules = dir.write("rules", &iptables_rules(&set))?;
+                let tool = if mode == Mode::IptablesNft {
+                    "iptables-nft-restore"
+                } else {
+                    "iptables-legacy-restore"
+                };
+                run_in_client(&sandbox, Command::new(tool).arg("-w"), Some(&rules))?;
+                (vip, false, Extra::None)
+            }
+            Mode::Nftables => {
+                let dir = TempDir::new("nft")?;
+                let script = dir.write("rules.nft", &nft_script(&set))?;
+                run_in_client(&sandbox, Command::new("nft").arg("-f").arg(&script), None)?;
+                (vip, false, Extra::None)
+            }
+            Mode::Haproxy => {
+                let dir = TempDir::new("haproxy")?;
+                let (proc, addr) = start_haproxy(&sandbox, &dir)?;
+                (
+                    vec![addr],
+                    false,
+                    Extra::Haproxy {
+                        _proc: proc,
+                        _dir: dir,
+                    },
+                )
+            }
+        };
+        let setup_secs = t0.elapsed().as_secs_f64();
+        Ok(Cell {
+            mode,
+            services: set.count,
+            setup_secs,
+            targets,
+            join_cgroup,
+            extra,
+            _servers: servers,
+            sandbox,
+        })
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// svclbd's pid, in svclb mode.
+    pub fn svclbd_pid(&self) -> Option<u32> {
+        match &self.extra {
+            Extra::Svclb { daemon, .. } => Some(daemon.pid()),
+            _ => None,
+        }
+    }
+
+    /// Runs `svclb-load` in the client namespace (and the cgroup, for svclb).
+    pub fn run(
+        &self,
+        workload: Workload,
+        threads: usize,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Result<LoadResult> {
+        let mut cmd = Command::new(daemon::bin("svclb-load"));
+        cmd.args(["run", "--workload", workload.name()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--warmup-ms", &warmup.as_millis().to_string()])
+            .args(["--duration-ms", &duration.as_millis().to_string()])
+            .args(["--timeout-ms", "1000"]);
+        for t in &self.targets {
+            cmd.arg("--target").arg(t.to_string());
+        }
+        self.sandbox.client_command(&mut cmd, self.join_cgroup)?;
+        let limit = warmup + duration + Duration::from_secs(15);
+        let out = run_bounded(&mut cmd, limit)?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("svclb-load printed {:?}", out.trim()))
+    }
+}
+
+/// Starts svclbd with the sweep's capacities, attached to `cgroup`.
+pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Svclbd> {
+    start_svclbd_with(pins, config, cgroup, MAX_SERVICES, MAX_BACKENDS, "warn")
+}
+
+pub fn start_svclbd_with(
+    pins: &PinDir,
+    config: Option<&Path>,
+    cgroup: &Path,
+    max_services: u32,
+    max_backends: u32,
+    log: &str,
+) -> Result<Svclbd> {
+    let cgroup = cgroup.to_str().context("cgroup path")?.to_string();
+    let (ms, mb) = (max_services.to_string(), max_backends.to_string());
+    let mut args: Vec<&str> = vec![
+        "--cgroup",
+        &cgroup,
+        "--max-services",
+        &ms,
+        "--max-backends",
+        &mb,
+        "--log",
+        log,
+    ];
+    let config_arg;
+    if let Some(config) = config {
+        config_arg = config.to_str().context("config path")?.to_string();
+        args.extend(["--config", &config_arg]);
+    }
+    Svclbd::start(pins, &args)
+}
+
+fn start_haproxy(sandbox: &Sandbox, dir: &TempDir) -> Result<(KillOnDrop, SocketAddrV4)> {
+    let config = dir.write("haproxy.cfg", &haproxy_config())?;
+    let log = dir.path().join("haproxy.log");
+    let mut cmd = Command::new("haproxy");
+    cmd.args(["-db", "-f"]).arg(&config);
+    sandbox.client_command(&mut cmd, false)?;
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(fs::File::create(&log)?);
+    let mut proc = KillOnDrop(cmd.spawn().context("starting haproxy")?);
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, HAPROXY_PORT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = sandbox.try_in_client(|| {
+            TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok((proc, addr));
+        }
+        if let Some(status) = proc.0.try_wait()? {
+            bail!(
+                "haproxy exited ({status}): {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "haproxy did not listen on {addr} within 10 s: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` (stdout and stderr captured) and kills it after `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let line = svclb_tests::util::command_line(cmd);
+    let mut child = KillOnDrop(cmd.spawn().with_context(|| format!("starting {line}"))?);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("`{line}` did not finish within {limit:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.0.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    if let Some(mut s) = child.0.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    if !status.success() {
+        return Err(anyhow!("`{line}` failed ({status}): {}", err.trim()));
+    }
+    Ok(out)
+}

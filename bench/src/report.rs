@@ -1,0 +1,600 @@
+//! docs/BENCHMARKS.md and docs/benchmarks.json from a sweep.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::control::ControlData;
+use crate::load::Workload;
+use crate::machine::Machine;
+use crate::modes::Mode;
+use crate::sweep::{human, Plan, Spread, Summary, SweepData};
+
+pub const NOTES_BEGIN: &str = "<!-- notes:begin -->";
+pub const NOTES_END: &str = "<!-- notes:end -->";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub generated_utc: String,
+    pub plan: Plan,
+    pub machine: Machine,
+    pub summaries: Vec<Summary>,
+    pub control: Option<ControlData>,
+    pub sweep: SweepData,
+}
+
+/// A target from the issue, evaluated on this sweep.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub target: String,
+    pub figure: String,
+    pub met: Option<bool>,
+}
+
+fn find(s: &[Summary], n: usize, mode: Mode, w: Workload, threads: usize) -> Option<&Summary> {
+    s.iter()
+        .find(|x| x.services == n && x.mode == mode && x.workload == w && x.threads == threads)
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+pub fn targets(r: &Report) -> Vec<Target> {
+    let s = &r.summaries;
+    let mut out = Vec::new();
+    let counts = &r.plan.service_counts;
+    let threads = &r.plan.threads;
+    for w in [Workload::Crr, Workload::Rr] {
+        let ratios: Vec<(usize, usize, f64)> = counts
+            .iter()
+            .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
+            .filter_map(|(n, t)| Some((n, t, find(s, n, Mode::Svclb, w, t)?.ratio?)))
+            .collect();
+        let worst = ratios.iter().min_by(|a, b| a.2.total_cmp(&b.2));
+        out.push(Target {
+            target: format!(
+                "svclb {} >= 0.95 x direct at every service count",
+                w.name().to_uppercase()
+            ),
+            figure: match worst {
+                Some((n, t, v)) => format!(
+                    "worst {v:.3}x ({} services, {t} thread{}); all: {}",
+                    thousands(*n),
+                    if *t == 1 { "" } else { "s" },
+                    ratios
+                        .iter()
+                        .map(|(_, _, v)| format!("{v:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                None => "-".into(),
+            },
+            met: worst.map(|w| w.2 >= 0.95),
+        });
+        let p99: Vec<(usize, usize, f64)> = counts
+            .iter()
+            .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
+            .filter_map(|(n, t)| Some((n, t, find(s, n, Mode::Svclb, w, t)?.p99_ratio?)))
+            .collect();
+        let worst = p99.iter().max_by(|a, b| a.2.total_cmp(&b.2));
+        out.push(Target {
+            target: format!(
+                "svclb {} p99 latency within 10% of direct",
+                w.name().to_uppercase()
+            ),
+            figure: match worst {
+                Some((n, t, v)) => format!(
+                    "worst {v:.3}x ({} services, {t} thread{})",
+                    thousands(*n),
+                    if *t == 1 { "" } else { "s" }
+                ),
+                None => "-".into(),
+            },
+            met: worst.map(|w| w.2 <= 1.10),
+        });
+    }
+    // Versus iptables (nft) and nftables at 10,000 services (or the largest count below).
+    let n10k = counts.iter().copied().filter(|&n| n <= 10_000).max();
+    for (other, factor) in [(Mode::IptablesNft, 2.0), (Mode::Nftables, 1.0)] {
+        let mut figs = Vec::new();
+        let mut met = None;
+        if let Some(n) = n10k {
+            for &t in threads {
+                let a = find(s, n, Mode::Svclb, Workload::Crr, t).and_then(|x| x.value);
+                let b = find(s, n, other, Workload::Crr, t).and_then(|x| x.value);
+                if let (Some(a), Some(b)) = (a, b) {
+                    let v = a.median / b.median;
+                    figs.push(format!(
+                        "{v:.2}x with {t} thread{}",
+                        if t == 1 { "" } else { "s" }
+                    ));
+                    met = Some(met.unwrap_or(true) && v >= factor);
+                }
+            }
+        }
+        out.push(Target {
+            target: format!(
+                "svclb CRR at 10,000 services >= {factor} x {}",
+                other.name()
+            ),
+            figure: format!(
+                "{}{}",
+                figs.join(", "),
+                match n10k {
+                    Some(10_000) | None => String::new(),
+                    Some(n) => format!(" (at {} services: this sweep stops there)", thousands(n)),
+                }
+            ),
+            met,
+        });
+    }
+    let mut figs = Vec::new();
+    let mut met = None;
+    for &n in &r.plan.haproxy_counts {
+        for &t in threads {
+            let a = find(s, n, Mode::Svclb, Workload::Rr, t).and_then(|x| x.value);
+            let b = find(s, n, Mode::Haproxy, Workload::Rr, t).and_then(|x| x.value);
+            if let (Some(a), Some(b)) = (a, b) {
+                let v = a.median / b.median;
+                figs.push(format!(
+                    "{v:.2}x with {t} thread{}",
+                    if t == 1 { "" } else { "s" }
+                ));
+                met = Some(met.unwrap_or(true) && v >= 4.0);
+            }
+        }
+    }
+    out.push(Target {
+        target: "svclb RR >= 4 x haproxy".into(),
+        figure: figs.join(", "),
+        met,
+    });
+    if let Some(c) = &r.control {
+        let apply = c
+            .apply
+            .iter()
+            .find(|a| a.what.starts_with("svclb-ctl apply"))
+            .and_then(|a| a.secs);
+        out.push(Target {
+            target: format!(
+                "{} services x {} backends applied in under 1 s",
+                thousands(c.plan.apply_services),
+                c.plan.apply_backends
+            ),
+            figure: apply
+                .map(|s| {
+                    format!(
+                        "svclb-ctl apply {:.3} s (min {:.3}, max {:.3})",
+                        s.median, s.min, s.max
+                    )
+                })
+                .unwrap_or_else(|| "-".into()),
+            met: apply.map(|s| s.median < 1.0),
+        });
+        let best = c
+            .change
+            .iter()
+            .filter_map(|f| f.ms.map(|m| (f.how.clone(), m)))
+            .min_by(|a, b| a.1.median.total_cmp(&b.1.median));
+        out.push(Target {
+            target: "one backend change visible to new connects in under 10 ms".into(),
+            figure: c
+                .change
+                .iter()
+                .filter_map(|f| Some(format!("{}: {:.2} ms", f.how, f.ms?.median)))
+                .collect::<Vec<_>>()
+                .join("; "),
+            met: best.map(|(_, m)| m.median < 10.0),
+        });
+    }
+    out
+}
+
+fn cell_value(w: Workload, x: &Summary) -> String {
+    let Some(v) = x.value else {
+        return "failed".into();
+    };
+    let fmt = |v: f64| {
+        if w == Workload::Stream {
+            format!("{:.2}", v / 1e9)
+        } else {
+            human(v)
+        }
+    };
+    let mut s = format!("{} ({}–{})", fmt(v.median), fmt(v.min), fmt(v.max));
+    if x.mode != Mode::Direct {
+        if let Some(r) = x.ratio {
+            let _ = write!(s, " **{r:.2}×**");
+        }
+    }
+    if x.errors > 0 || x.failed_runs > 0 {
+        let _ = write!(s, " ⚠{}err", x.errors + x.failed_runs as u64);
+    }
+    s
+}
+
+fn cell_latency(x: &Summary) -> String {
+    let f = |s: Option<Spread>| s.map_or("-".to_string(), |s| format!("{:.0}", s.median));
+    let mut s = format!("{} / {} / {}", f(x.p50_us), f(x.p99_us), f(x.p999_us));
+    if x.mode != Mode::Direct {
+        if let Some(r) = x.p99_ratio {
+            let _ = write!(s, " ({r:.2}×)");
+        }
+    }
+    s
+}
+
+fn workload_title(w: Workload) -> &'static str {
+    match w {
+        Workload::Crr => "CRR: connections/s (connect, 1-byte request, 1-byte reply, close)",
+        Workload::Rr => "RR: transactions/s (1-byte ping-pong on an established connection)",
+        Workload::Stream => {
+            "STREAM: Gbit/s (server to client, 64 KiB writes, one connection per thread)"
+        }
+        Workload::Udp => "UDP: transactions/s (1-byte request/response on a connected UDP socket)",
+    }
+}
+
+fn method_text(r: &Report) -> String {
+    let p = &r.plan;
+    format!(
+        r#"`cargo xtask bench` ({} sweep) builds the release binaries and runs `svclb-bench`
+as root. Everything happens in throwaway network namespaces that the test
+harness creates (a client namespace and a backends namespace joined by a veth
+pair, 172.50.0.0/24, no default route) and on loopback; nothing is sent
+anywhere else.
+
+- **Modes.** `direct`: the client connects to the three backends
+  (172.50.0.10-12:80) itself, picking one at random per connection.
+  `svclb`: the real `svclbd` (release build), attached to the sandbox's
+  cgroup, with the measured service (VIP 172.50.0.200, the three backends)
+  installed last; the load generator runs in that cgroup and connects to the
+  VIP. `iptables-nft` / `iptables-legacy`: kube-proxy's iptables mode
+  rebuilt in the client namespace with `iptables-nft-restore` /
+  `iptables-legacy-restore`: `OUTPUT -> KUBE-SERVICES`, one rule per service
+  port (the measured one last, as in a chain that grew), each jumping to a
+  `KUBE-SVC-*` chain (masquerade check, then `-m statistic --mode random`
+  over `KUBE-SEP-*` chains that DNAT), `KUBE-POSTROUTING` masquerade marks,
+  and the filter table's `--ctstate NEW -j KUBE-SERVICES`. `nftables`:
+  kube-proxy's nftables mode: one `ip daddr . meta l4proto . th dport vmap
+  @service-ips` lookup, a per-service chain with `numgen random mod N vmap`
+  over endpoint chains that DNAT, the `ct state new` endpoints check and the
+  masquerade chain. `haproxy`: haproxy {} in `mode tcp`, started by the
+  bench with its own config in a temp dir (never a system service), in the
+  client namespace on 127.0.0.1:8080 (a node-local proxy, the way
+  kube-proxy's old userspace mode sat on each node), connecting out to the
+  three backends over the veth; `balance random`. It has no UDP, and runs at
+  {} service(s) only: each service is its own listening socket, so the
+  number of others does not enter a connection's path.
+- **Services.** N = {} installed services: N-1 others (VIPs 10.128.x.y, one
+  backend each in 172.50.0.100-199; never connected to: svclb rewrites the
+  connect before any packet exists, and the DNAT modes only ever see packets
+  for the measured VIP), then the measured one (TCP and UDP port 80). svclbd
+  runs with `--max-services {} --max-backends {}`.
+- **Fresh cells.** Each (repetition, service count, mode) is a new sandbox:
+  new namespaces (so no conntrack or NAT state carries over), new cgroup, new
+  echo servers, the mode installed from nothing (the set-up time is
+  reported below), then every workload runs in it, CRR last (it leaves
+  TIME_WAIT sockets and conntrack entries behind). The client namespace sets
+  `net.ipv4.tcp_tw_reuse=1` and a 10000-65000 port range for CRR.
+- **Interleaving and repetition.** {} repetition(s); inside each, for each
+  service count, every mode once, in an order rotated every time. Each run:
+  {} ms warm-up, then {} ms measured. Figures are medians over the
+  repetitions with (min–max); **×** is the ratio of medians to `direct` at
+  the same service count and thread count in the same sweep (the per-
+  repetition paired ratios are in the JSON).
+- **Load generator.** `svclb-load` (bench/src/load.rs, Rust, raw
+  syscalls, blocking sockets, 1 s timeouts): CRR = socket, 2 x setsockopt,
+  connect, send 1 byte, receive 1 byte, close (client closes first); RR and
+  UDP = send 1 byte, receive 1 byte; STREAM = one connection per thread,
+  the server writes 64 KiB chunks. 1 and {} client threads. Latency is per
+  operation, in a log-linear histogram (1.6% buckets). Operations and time
+  are both bounded; errors are counted by kind (⚠ in a cell).
+- **Servers.** Echo servers in the backends namespace, inside the bench
+  process: per backend a pool of 8 threads blocked in accept() (no thread
+  spawn per connection), and 2 UDP threads.
+- **Noise.** The machine has {} CPUs shared by the client, the servers, the
+  proxy and the kernel; a difference smaller than the min–max spread is not a
+  difference.
+"#,
+        p.name,
+        r.machine.haproxy.split_whitespace().nth(2).unwrap_or(""),
+        p.haproxy_counts
+            .iter()
+            .map(|&n| thousands(n))
+            .collect::<Vec<_>>()
+            .join(", "),
+        p.service_counts
+            .iter()
+            .map(|&n| thousands(n))
+            .collect::<Vec<_>>()
+            .join(", "),
+        crate::modes::MAX_SERVICES,
+        crate::modes::MAX_BACKENDS,
+        p.repetitions,
+        p.warmup_ms,
+        p.duration_ms,
+        p.threads.iter().max().copied().unwrap_or(1),
+        r.machine.cpus,
+    )
+}
+
+/// The notes kept from an existing BENCHMARKS.md (between the markers).
+fn kept_notes(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let start = text.find(NOTES_BEGIN)? + NOTES_BEGIN.len();
+    let end = text[start..].find(NOTES_END)? + start;
+    Some(text[start..end].trim_matches('\n').to_string())
+}
+
+pub fn markdown(r: &Report, notes: Option<String>) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "<!-- Generated by `cargo xtask bench` (bench/src/report.rs); only the notes between the notes markers are kept when it runs again. -->\n"
+    );
+    let _ = writeln!(
+        md,
+        "svclb side by side with a direct connection, kube-proxy-style iptables (nft and legacy back ends) and nftables DNAT, and haproxy ({} sweep, {} UTC, {:.0} s). Raw data: [benchmarks.json](benchmarks.json).\n",
+        r.plan.name, r.generated_utc, r.sweep.wall_secs
+    );
+    let _ = writeln!(md, "## Machine\n\n| | |\n| --- | --- |");
+    for (k, v) in [
+        ("OS", m.os.clone()),
+        ("kernel", m.kernel.clone()),
+        ("CPU", format!("{} x {}", m.cpus, m.cpu)),
+        ("memory", format!("{} GiB", m.memory_gib)),
+        ("virtualization", m.virtualization.clone()),
+        ("svclb", m.svclb_commit.clone()),
+        ("rustc (host)", m.rustc.clone()),
+        (
+            "iptables",
+            format!("{}; {}", m.iptables_nft, m.iptables_legacy),
+        ),
+        ("nftables", m.nft.clone()),
+        ("haproxy", m.haproxy.clone()),
+        ("perf", m.perf.clone()),
+    ] {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(md, "\n## Targets (from issue 6; reported, not asserted)\n");
+    let _ = writeln!(md, "| target | this sweep | |\n| --- | --- | --- |");
+    for t in targets(r) {
+        let _ = writeln!(md, "| {} | {} | {} |", t.target, t.figure, verdict(t.met));
+    }
+    let _ = writeln!(md, "\n## Notes\n\n{NOTES_BEGIN}");
+    let _ = writeln!(md, "{}", notes.unwrap_or_else(|| "(none yet)".to_string()));
+    let _ = writeln!(md, "{NOTES_END}\n");
+    let _ = writeln!(md, "## Method\n\n{}", method_text(r));
+
+    let counts = &r.plan.service_counts;
+    let header = |md: &mut String| {
+        let _ = write!(md, "| mode |");
+        for &n in counts {
+            let _ = write!(
+                md,
+                " {} service{} |",
+                thousands(n),
+                if n == 1 { "" } else { "s" }
+            );
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in counts {
+            let _ = write!(md, " --- |");
+        }
+        md.push('\n');
+    };
+    let _ = writeln!(md, "## Data plane\n");
+    let _ = writeln!(
+        md,
+        "Each cell: median (min–max) over the repetitions, **ratio to direct**; latency cells: p50 / p99 / p999 in µs (medians), (p99 ratio to direct).\n"
+    );
+    for &w in &r.plan.workloads {
+        let _ = writeln!(md, "### {}\n", workload_title(w));
+        for &t in &r.plan.threads {
+            let _ = writeln!(
+                md,
+                "{} client thread{}:\n",
+                t,
+                if t == 1 { "" } else { "s" }
+            );
+            header(&mut md);
+            for &mode in &r.plan.modes {
+                if !mode.supports(w) {
+                    continue;
+                }
+                let _ = write!(md, "| {} |", mode.name());
+                for &n in counts {
+                    let cell = find(&r.summaries, n, mode, w, t)
+                        .map(|x| cell_value(w, x))
+                        .unwrap_or_else(|| "–".into());
+                    let _ = write!(md, " {cell} |");
+                }
+                md.push('\n');
+            }
+            md.push('\n');
+            if w != Workload::Stream {
+                let _ = writeln!(
+                    md,
+                    "Latency (µs), {t} client thread{}:\n",
+                    if t == 1 { "" } else { "s" }
+                );
+                header(&mut md);
+                for &mode in &r.plan.modes {
+                    if !mode.supports(w) {
+                        continue;
+                    }
+                    let _ = write!(md, "| {} |", mode.name());
+                    for &n in counts {
+                        let cell = find(&r.summaries, n, mode, w, t)
+                            .map(cell_latency)
+                            .unwrap_or_else(|| "–".into());
+                        let _ = write!(md, " {cell} |");
+                    }
+                    md.push('\n');
+                }
+                md.push('\n');
+            }
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "### Set-up time per cell (s): installing N services from nothing\n"
+    );
+    header(&mut md);
+    for &mode in &r.plan.modes {
+        let _ = write!(md, "| {} |", mode.name());
+        for &n in counts {
+            let v: Vec<f64> = r
+                .sweep
+                .setups
+                .iter()
+                .filter(|s| s.mode == mode && s.services == n)
+                .filter_map(|s| s.secs)
+                .collect();
+            let failed = r
+                .sweep
+                .setups
+                .iter()
+                .filter(|s| s.mode == mode && s.services == n && s.error.is_some())
+                .count();
+            let cell = match Spread::of(&v) {
+                Some(s) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
+                None if failed > 0 => "failed".into(),
+                None => "–".into(),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\n(svclb: svclbd start to READY, including program load and attach; direct: nothing to install; haproxy: start until it accepts.)\n"
+    );
+
+    if let Some(c) = &r.control {
+        let _ = writeln!(md, "## Control plane\n");
+        let _ = writeln!(
+            md,
+            "### Installing {} services x {} backends (plus the measured service) from nothing, {} repetition(s)\n",
+            thousands(c.plan.apply_services),
+            c.plan.apply_backends,
+            c.plan.repetitions
+        );
+        let _ = writeln!(md, "| what | seconds: median (min–max) |\n| --- | --- |");
+        for a in &c.apply {
+            let v = match (&a.secs, &a.error) {
+                (Some(s), _) => format!("{:.3} ({:.3}–{:.3})", s.median, s.min, s.max),
+                (None, Some(e)) => format!("failed: {e}"),
+                _ => "–".into(),
+            };
+            let _ = writeln!(md, "| {} | {v} |", a.what);
+        }
+        let _ = writeln!(
+            md,
+            "\n### One backend change, until a new connect reaches the new backend\n\nA probe in the attached cgroup connects to a VIP over and over (a TCP identity server per backend says which one answered); the figure runs from the start of the change to the end of the first connect that reached the new backend.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| how | ms until visible: median (min–max) | command wall time (ms) |\n| --- | --- | --- |"
+        );
+        for f in &c.change {
+            let v = match (&f.ms, &f.error) {
+                (Some(s), _) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
+                (None, Some(e)) => format!("failed: {e}"),
+                _ => "–".into(),
+            };
+            let cmd = f
+                .command_ms
+                .map(|s| format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(md, "| {} | {v} | {cmd} |", f.how);
+        }
+        let _ = writeln!(
+            md,
+            "\n### Kernel memory of svclb's maps (`memlock` of each pinned map's fdinfo)\n\nCapacities sized to the service count (next power of two; the hash maps are preallocated, so memory follows the capacity, not the number of entries).\n"
+        );
+        let mut names: Vec<String> = c
+            .memory
+            .iter()
+            .flat_map(|m| m.maps.iter().map(|x| x.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        let _ = write!(md, "| services | capacity (services / backends) | total |");
+        for n in &names {
+            let _ = write!(md, " {n} |");
+        }
+        let _ = write!(md, "\n| --- | --- | --- |");
+        for _ in &names {
+            let _ = write!(md, " --- |");
+        }
+        md.push('\n');
+        let mib = |b: u64| format!("{:.2} MiB", b as f64 / 1048576.0);
+        for m in &c.memory {
+            if let Some(e) = &m.error {
+                let _ = writeln!(md, "| {} | failed: {e} |", thousands(m.services));
+                continue;
+            }
+            let _ = write!(
+                md,
+                "| {} | {} / {} | {} |",
+                thousands(m.services),
+                m.max_services,
+                m.max_backends,
+                mib(m.total_bytes)
+            );
+            for n in &names {
+                let v = m
+                    .maps
+                    .iter()
+                    .find(|x| &x.name == n)
+                    .map(|x| mib(x.memlock))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(md, " {v} |");
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Writes `BENCHMARKS.md` and `benchmarks.json` into `dir`, keeping the
+/// notes of an existing BENCHMARKS.md there.
+pub fn write(dir: &Path, r: &Report) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md_path = dir.join("BENCHMARKS.md");
+    let notes = kept_notes(&md_path);
+    fs::write(&md_path, markdown(r, notes))
+        .with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = dir.join("benchmarks.json");
+    let mut json = serde_json::to_string_pretty(r)?;
+    json.push('\n');
+    fs::write(&json_path, json).with_context(|| format!("writing {}", json_path.display()))?;
+    println!("wrote {} and {}", md_path.display(), json_path.display());
+    Ok(())
+}
