@@ -328,7 +328,7 @@ pub fn nft_script(set: &ServiceSet) -> String {
 /// haproxy in tcp mode, one frontend on loopback, the three backends.
 pub fn haproxy_config() -> String {
     let mut out = format!(
-        "global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n\
+        "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n\
          frontend bench\n    bind 127.0.0.1:{HAPROXY_PORT}\n    default_backend bench\n\nbackend bench\n    balance random\n"
     );
     for (i, b) in BACKENDS.iter().enumerate() {

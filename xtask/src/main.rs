@@ -4,6 +4,7 @@
 //! BPF `core`) from the host crates (rustup), so plain `cargo build` cannot
 //! build everything; these commands encode the recipe in docs/TOOLCHAIN.md.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -11,6 +12,7 @@ mod ebpf;
 mod setup;
 mod test;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -49,8 +51,18 @@ enum Command {
     },
     /// Build, then run the demo (as root).
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Benchmark sweep (as root): installs the tools, builds release, writes docs/BENCHMARKS.md.
+    Bench {
+        /// The short sweep (under 2 minutes); writes to target/bench/ unless --out says otherwise.
+        #[arg(long)]
+        quick: bool,
+        /// Where BENCHMARKS.md and benchmarks.json go (default: docs/, or target/bench/ with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Passed to svclb-bench (e.g. `-- --services 1,1000 --modes svclb`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,10 +73,7 @@ fn main() -> ExitCode {
         Command::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
-        Command::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet");
-            return ExitCode::from(2);
-        }
+        Command::Bench { quick, out, args } => bench::run(quick, out, &args),
     };
     match result {
         Ok(code) => code,
