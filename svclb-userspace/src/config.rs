@@ -26,6 +26,32 @@
 //! `backends` may be omitted or empty: the service then refuses connections,
 //! as a Swarm service scaled to zero does.
 //!
+//! A service may instead be declared by name and discovered through DNS,
+//! the way a Swarm task sees it through Docker's embedded resolver:
+//!
+//! ```toml
+//! [[service]]
+//! name = "web"
+//! discover = "dns"        # VIP(s) from `web`, backends from `tasks.web`
+//!
+//! [[service]]
+//! name = "db"
+//! discover = "dns"
+//! vip = "172.50.0.20"     # a fixed VIP: only `tasks.db` is resolved
+//!
+//! [dns]                   # optional; every key has a default
+//! nameservers = ["127.0.0.11"]   # "IP" or "IP:PORT"; default: /etc/resolv.conf's
+//! min_refresh = "1s"      # re-resolve no sooner than this after an answer...
+//! max_refresh = "5s"      # ...and no later than this, whatever the TTL says
+//! stale_grace = "60s"     # how long NXDOMAIN/no records keeps the last good set
+//! timeout = "2s"          # per query
+//! ```
+//!
+//! A discovered service takes no `backends` (they come from DNS), and a
+//! `mark` only with a fixed `vip`. Durations are whole seconds (`5`) or
+//! strings with units (`"500ms"`, `"2m"`). What svclbd does with the
+//! answers is in [`crate::sync::dns`].
+//!
 //! No other keys are accepted, at any level. An empty file is valid and
 //! means zero services.
 //!
@@ -43,6 +69,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -58,6 +85,69 @@ pub const MAX_NAME_LEN: usize = 64;
 pub struct DesiredState {
     #[serde(rename = "service")]
     pub services: Vec<ServiceSpec>,
+}
+
+/// A config file: the services given in full, the services to discover
+/// through DNS, and how to ask DNS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Services with their VIP and backends written out, in file order.
+    pub services: Vec<ServiceSpec>,
+    /// Services declared by name (`discover = "dns"`), in file order.
+    pub discovered: Vec<DiscoveredSpec>,
+    pub dns: DnsSettings,
+}
+
+impl Config {
+    /// The services given in full, as a desired state of their own.
+    pub fn static_state(&self) -> DesiredState {
+        DesiredState {
+            services: self.services.clone(),
+        }
+    }
+}
+
+/// A service whose VIP(s) and backends come from DNS: `<name>` answers the
+/// VIP(s), `tasks.<name>` the backends (Docker Swarm's embedded DNS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredSpec {
+    pub name: String,
+    /// A fixed VIP; then only `tasks.<name>` is resolved.
+    pub vip: Option<IpAddr>,
+    /// Only with a fixed VIP. Discovered VIPs keep the mark they have in
+    /// the maps, else get the lowest free one.
+    pub mark: Option<u32>,
+    pub scheduler: Scheduler,
+}
+
+/// How svclbd asks DNS (the `[dns]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Empty: the system's resolvers (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    /// Shortest time between two queries for a name, whatever the TTL.
+    pub min_refresh: Duration,
+    /// Longest time between two queries for a name, whatever the TTL.
+    /// Docker answers with TTL 600 but changes its answers at once, so the
+    /// default is short.
+    pub max_refresh: Duration,
+    /// How long a name that answers NXDOMAIN (or no address) keeps its last
+    /// good addresses before the empty answer is applied.
+    pub stale_grace: Duration,
+    /// Per query, before the next nameserver or attempt.
+    pub timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            nameservers: Vec::new(),
+            min_refresh: Duration::from_secs(1),
+            max_refresh: Duration::from_secs(5),
+            stale_grace: Duration::from_secs(60),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// One service: VIP -> mark -> backends.
@@ -125,7 +215,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads and validates a config file.
-pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         origin: origin.clone(),
@@ -138,7 +228,7 @@ pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
 }
 
 /// Parses and validates config text; `origin` names it in error messages.
-pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
+pub fn parse_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let locate = |problem: Problem| {
         let (line, column) = match problem.span {
             Some(span) => {
@@ -275,17 +365,59 @@ fn field_at(text: &str, offset: usize) -> Option<String> {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
-    service: Vec<RawService>,
+    service: Vec<Spanned<RawService>>,
+    dns: Option<RawDns>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: Spanned<String>,
-    vip: Spanned<String>,
+    vip: Option<Spanned<String>>,
     mark: Option<Spanned<u32>>,
     scheduler: Option<Spanned<String>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    discover: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    nameservers: Option<Vec<Spanned<String>>>,
+    min_refresh: Option<Spanned<RawDuration>>,
+    max_refresh: Option<Spanned<RawDuration>>,
+    stale_grace: Option<Spanned<RawDuration>>,
+    timeout: Option<Spanned<RawDuration>>,
+}
+
+/// Whole seconds, or a string with units ("500ms", "2m").
+enum RawDuration {
+    Secs(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl<'de> Visitor<'de> for DurationVisitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a duration: whole seconds (5) or a string with units (\"500ms\", \"2m\")",
+                )
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Secs(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Secs(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
+    }
 }
 
 enum RawBackend {
@@ -359,11 +491,12 @@ impl Problems {
     }
 }
 
-fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
+fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
     // "line N" of an earlier occurrence, for "already used" messages.
     let line = |span: &Range<usize>| format!("line {}", line_column(text, span.start).0);
     let mut problems = Problems::default();
     let mut services = Vec::with_capacity(raw.service.len());
+    let mut discovered = Vec::new();
     // `service[i] "name"`, to refer to another service in messages.
     let mut labels: Vec<String> = Vec::with_capacity(raw.service.len());
     // Keyed by lowercase name: names become DNS names, which ignore case.
@@ -375,6 +508,22 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
 
     for (i, svc) in raw.service.into_iter().enumerate() {
         let at = |key: &str| format!("service[{i}].{key}");
+        let svc_span = svc.span();
+        let svc = svc.into_inner();
+
+        // `discover = "dns"`: the VIP (unless given) and the backends come
+        // from DNS. An unknown value still counts as discovery, so that the
+        // error reported is about `discover`, not about a missing `vip`.
+        let discover = svc.discover.is_some();
+        if let Some(d) = &svc.discover {
+            if d.get_ref() != "dns" {
+                problems.add(
+                    d.span(),
+                    at("discover"),
+                    format!("unknown discovery {:?}; accepted: \"dns\"", d.get_ref()),
+                );
+            }
+        }
 
         let name_span = svc.name.span();
         let name = svc.name.into_inner();
@@ -396,15 +545,28 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
             names.insert(name.to_ascii_lowercase(), (i, name_span));
         }
 
-        let vip_span = svc.vip.span();
-        let vip = match parse_ip(svc.vip.get_ref()).and_then(check_vip) {
-            Ok(vip) => Some(vip),
-            Err(message) => {
-                problems.add(vip_span.clone(), at("vip"), message);
+        let vip = match &svc.vip {
+            None => {
+                if !discover {
+                    problems.add(
+                        svc_span.clone(),
+                        format!("service[{i}]"),
+                        "missing field `vip`: give the service's virtual IP, or \
+                         `discover = \"dns\"` to resolve it (and its backends) from DNS"
+                            .to_owned(),
+                    );
+                }
                 None
             }
+            Some(v) => match parse_ip(v.get_ref()).and_then(check_vip) {
+                Ok(vip) => Some((vip, v.span())),
+                Err(message) => {
+                    problems.add(v.span(), at("vip"), message);
+                    None
+                }
+            },
         };
-        if let Some(vip) = vip {
+        if let Some((vip, vip_span)) = vip.clone() {
             if let Some((other, other_span)) = vips.get(&vip) {
                 problems.add(
                     vip_span,
@@ -419,10 +581,19 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
                 vips.insert(vip, (i, vip_span));
             }
         }
+        let vip = vip.map(|(vip, _)| vip);
 
         let mark = svc.mark.map(|m| (m.span(), m.into_inner()));
         if let Some((span, mark)) = &mark {
-            if *mark == 0 {
+            if discover && svc.vip.is_none() {
+                problems.add(
+                    span.clone(),
+                    at("mark"),
+                    "a discovered VIP keeps the mark it has in the maps or gets a free one; \
+                     `mark` needs a fixed `vip`"
+                        .to_owned(),
+                );
+            } else if *mark == 0 {
                 problems.add(
                     span.clone(),
                     at("mark"),
@@ -468,6 +639,16 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
             Some(b) => (Some(b.span()), b.into_inner()),
             None => (None, Vec::new()),
         };
+        if let (true, Some(span)) = (discover, &backends_span) {
+            problems.add(
+                span.clone(),
+                at("backends"),
+                format!(
+                    "a discovered service takes its backends from DNS (tasks.{name}); remove \
+                     `backends`, or `discover` to list them here"
+                ),
+            );
+        }
         let mut backends: Vec<BackendSpec> = Vec::with_capacity(raw_backends.len());
         let mut seen: HashMap<(IpAddr, Option<u16>), (usize, Range<usize>)> = HashMap::new();
         for (j, b) in raw_backends.into_iter().enumerate() {
@@ -555,7 +736,16 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
         }
 
         // A service with a problem is dropped; the problem is reported below.
-        if let (Some(vip), Some(scheduler)) = (vip, scheduler) {
+        if discover {
+            if let Some(scheduler) = scheduler {
+                discovered.push(DiscoveredSpec {
+                    name,
+                    vip,
+                    mark: mark.map(|(_, m)| m),
+                    scheduler,
+                });
+            }
+        } else if let (Some(vip), Some(scheduler)) = (vip, scheduler) {
             services.push(ServiceSpec {
                 name,
                 vip,
@@ -582,13 +772,108 @@ fn validate(raw: RawFile, text: &str) -> Result<DesiredState, Problem> {
         }
     }
 
+    let dns = validate_dns(raw.dns, &mut problems);
+
     match problems.first() {
         Some(problem) => Err(problem),
-        None => Ok(DesiredState { services }),
+        None => Ok(Config {
+            services,
+            discovered,
+            dns,
+        }),
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn validate_dns(raw: Option<RawDns>, problems: &mut Problems) -> DnsSettings {
+    let mut dns = DnsSettings::default();
+    let Some(raw) = raw else {
+        return dns;
+    };
+    for (k, ns) in raw.nameservers.unwrap_or_default().into_iter().enumerate() {
+        match parse_nameserver(ns.get_ref()) {
+            Ok(addr) => dns.nameservers.push(addr),
+            Err(message) => problems.add(ns.span(), format!("dns.nameservers[{k}]"), message),
+        }
+    }
+    let mut duration = |value: Option<Spanned<RawDuration>>, key: &str, default: Duration| {
+        let Some(value) = value else {
+            return (default, None);
+        };
+        let span = value.span();
+        match parse_duration(value.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                problems.add(
+                    span.clone(),
+                    format!("dns.{key}"),
+                    "must be longer than zero".to_owned(),
+                );
+                (default, Some(span))
+            }
+            Ok(d) => (d, Some(span)),
+            Err(message) => {
+                problems.add(span.clone(), format!("dns.{key}"), message);
+                (default, Some(span))
+            }
+        }
+    };
+    let (min_refresh, min_span) = duration(raw.min_refresh, "min_refresh", dns.min_refresh);
+    let (max_refresh, max_span) = duration(raw.max_refresh, "max_refresh", dns.max_refresh);
+    dns.stale_grace = duration(raw.stale_grace, "stale_grace", dns.stale_grace).0;
+    dns.timeout = duration(raw.timeout, "timeout", dns.timeout).0;
+    if min_refresh > max_refresh {
+        let (span, key) = match (min_span, max_span) {
+            (Some(s), _) => (s, "min_refresh"),
+            (None, Some(s)) => (s, "max_refresh"),
+            (None, None) => (0..0, "min_refresh"),
+        };
+        problems.add(
+            span,
+            format!("dns.{key}"),
+            format!(
+                "min_refresh ({}) is longer than max_refresh ({})",
+                humantime::format_duration(min_refresh),
+                humantime::format_duration(max_refresh)
+            ),
+        );
+    }
+    dns.min_refresh = min_refresh;
+    dns.max_refresh = max_refresh;
+    dns
+}
+
+/// "IP" (port 53) or "IP:PORT" ("[IPv6]:PORT").
+fn parse_nameserver(text: &str) -> Result<SocketAddr, String> {
+    let addr = match text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => match text.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => {
+                return Err(format!(
+                    "{text:?} is not a nameserver address (\"IP\" or \"IP:PORT\")"
+                ))
+            }
+        },
+    };
+    if addr.port() == 0 {
+        return Err(format!("{text:?}: port 0 is invalid"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err(format!("{text:?} cannot be a nameserver"));
+    }
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+fn parse_duration(raw: &RawDuration) -> Result<Duration, String> {
+    match raw {
+        RawDuration::Secs(s) => u64::try_from(*s)
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s} is negative; a duration is whole seconds or \"500ms\"")),
+        RawDuration::Text(t) => humantime::parse_duration(t)
+            .map_err(|e| format!("{t:?} is not a duration ({e}); write e.g. 5, \"500ms\", \"2m\"")),
+    }
+}
+
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the service name is empty".to_owned());
     }
@@ -618,7 +903,7 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("{text:?} is not an IP address"))
 }
 
-fn check_vip(ip: IpAddr) -> Result<IpAddr, String> {
+pub(crate) fn check_vip(ip: IpAddr) -> Result<IpAddr, String> {
     if ip.is_unspecified() {
         Err(format!(
             "{ip} is the unspecified address and cannot be a VIP"
@@ -637,7 +922,7 @@ fn check_vip(ip: IpAddr) -> Result<IpAddr, String> {
 }
 
 // Connections can never be made to these, so a backend there is a typo.
-fn check_backend(ip: IpAddr) -> Result<IpAddr, String> {
+pub(crate) fn check_backend(ip: IpAddr) -> Result<IpAddr, String> {
     if ip.is_unspecified() {
         Err(format!(
             "{ip} is the unspecified address and cannot be a backend"
@@ -677,6 +962,10 @@ mod tests {
     }
 
     fn parse(text: &str) -> DesiredState {
+        parse_config(text).static_state()
+    }
+
+    fn parse_config(text: &str) -> Config {
         parse_str(text, "svclb.toml").unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -1229,5 +1518,164 @@ backends = [{ address = "172.50.0.21", weight = 2, port = 5432 }, "172.50.0.22"]
         let state = parse(text);
         let written = toml::to_string(&state).unwrap();
         assert_eq!(parse(&written), state, "{written}");
+    }
+
+    #[test]
+    fn discovered_services() {
+        let config = parse_config(
+            r#"
+[[service]]
+name = "web"
+discover = "dns"
+
+[[service]]
+name = "db"
+discover = "dns"
+vip = "172.50.0.20"
+mark = 0x128
+scheduler = "random"
+"#,
+        );
+        assert!(config.services.is_empty());
+        assert_eq!(
+            config.discovered,
+            vec![
+                DiscoveredSpec {
+                    name: "web".into(),
+                    vip: None,
+                    mark: None,
+                    scheduler: Scheduler::Random,
+                },
+                DiscoveredSpec {
+                    name: "db".into(),
+                    vip: Some(v4(172, 50, 0, 20)),
+                    mark: Some(0x128),
+                    scheduler: Scheduler::Random,
+                },
+            ]
+        );
+        assert_eq!(config.dns, DnsSettings::default());
+        // Static and discovered services share names and VIPs.
+        let mixed = parse_config(&format!(
+            "{API}[[service]]\nname = \"web\"\ndiscover = \"dns\"\n"
+        ));
+        assert_eq!((mixed.services.len(), mixed.discovered.len()), (1, 1));
+        rejects(
+            &format!("{API}[[service]]\nname = \"API\"\ndiscover = \"dns\"\n"),
+            7,
+            "service[1].name",
+            "ignoring case",
+        );
+        rejects(
+            &format!("{API}[[service]]\nname = \"b\"\ndiscover = \"dns\"\nvip = \"172.50.0.37\"\n"),
+            9,
+            "service[1].vip",
+            "already the VIP",
+        );
+    }
+
+    #[test]
+    fn discovered_service_errors() {
+        rejects(
+            "[[service]]\nname = \"web\"\ndiscover = \"consul\"\n",
+            3,
+            "service[0].discover",
+            "unknown discovery \"consul\"; accepted: \"dns\"",
+        );
+        rejects(
+            "[[service]]\nname = \"web\"\ndiscover = \"dns\"\nbackends = [\"10.0.0.2\"]\n",
+            4,
+            "service[0].backends",
+            "takes its backends from DNS (tasks.web)",
+        );
+        rejects(
+            "[[service]]\nname = \"web\"\ndiscover = \"dns\"\nmark = 5\n",
+            4,
+            "service[0].mark",
+            "`mark` needs a fixed `vip`",
+        );
+        rejects(
+            "[[service]]\nname = \"web\"\ndiscover = \"dns\"\nvip = \"127.0.0.1\"\n",
+            4,
+            "service[0].vip",
+            "loopback",
+        );
+        rejects(
+            "[[service]]\nname = \"web\"\n",
+            1,
+            "service[0]",
+            "or `discover = \"dns\"`",
+        );
+    }
+
+    #[test]
+    fn dns_settings() {
+        let config = parse_config(
+            r#"
+[dns]
+nameservers = ["127.0.0.11", "172.50.0.53:5353", "[fd00::53]:53"]
+min_refresh = "500ms"
+max_refresh = 30
+stale_grace = "2m"
+timeout = "1s 500ms"
+"#,
+        );
+        assert_eq!(
+            config.dns,
+            DnsSettings {
+                nameservers: vec![
+                    "127.0.0.11:53".parse().unwrap(),
+                    "172.50.0.53:5353".parse().unwrap(),
+                    "[fd00::53]:53".parse().unwrap(),
+                ],
+                min_refresh: Duration::from_millis(500),
+                max_refresh: Duration::from_secs(30),
+                stale_grace: Duration::from_secs(120),
+                timeout: Duration::from_millis(1500),
+            }
+        );
+    }
+
+    #[test]
+    fn dns_setting_errors() {
+        rejects(
+            "[dns]\nnameservers = [\"127.0.0.11\", \"dns.example\"]\n",
+            2,
+            "dns.nameservers[1]",
+            "\"dns.example\" is not a nameserver address",
+        );
+        rejects(
+            "[dns]\nnameservers = [\"127.0.0.11:0\"]\n",
+            2,
+            "dns.nameservers[0]",
+            "port 0",
+        );
+        rejects(
+            "[dns]\nmin_refresh = \"soon\"\n",
+            2,
+            "dns.min_refresh",
+            "\"soon\" is not a duration",
+        );
+        rejects("[dns]\ntimeout = -1\n", 2, "dns.timeout", "negative");
+        rejects("[dns]\ntimeout = 0\n", 2, "dns.timeout", "longer than zero");
+        rejects(
+            "[dns]\nmin_refresh = 10\nmax_refresh = \"5s\"\n",
+            2,
+            "dns.min_refresh",
+            "min_refresh (10s) is longer than max_refresh (5s)",
+        );
+        rejects(
+            "[dns]\nmax_refresh = \"500ms\"\n",
+            2,
+            "dns.max_refresh",
+            "min_refresh (1s) is longer than max_refresh (500ms)",
+        );
+        rejects("[dns]\nttl = 5\n", 2, "dns.ttl", "unknown field `ttl`");
+        rejects(
+            "[dns]\nstale_grace = true\n",
+            2,
+            "dns.stale_grace",
+            "expected a duration",
+        );
     }
 }

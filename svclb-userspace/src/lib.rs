@@ -4,6 +4,8 @@
 //!
 //! Module map:
 //! - [`config`]: the desired state, as a TOML file.
+//! - [`sync`]: the sources of the desired state (the file, watched; DNS
+//!   discovery) merged into one state to apply.
 //! - [`pins`]: the bpffs directory where maps and links are pinned.
 //! - [`cgroup`]: finding cgroup v2 and naming cgroups.
 //! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
@@ -11,15 +13,20 @@
 //! - [`loader`]: loading the programs and attaching them to cgroups.
 //! - [`stats`]: ipvsadm-style listings and JSON.
 //! - [`notify`]: telling systemd (or a test) that svclbd is ready.
+//! - [`target`]: what to attach to: a cgroup, a process's, a container's.
+//! - [`docker`]: asking the Docker Engine API for a container's PID.
 
 pub mod cgroup;
 pub mod config;
 pub mod dataplane;
+pub mod docker;
 pub mod loader;
 pub mod notify;
 pub mod pins;
 pub mod reconcile;
 pub mod stats;
+pub mod sync;
+pub mod target;
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
 pub fn ebpf_object() -> &'static [u8] {

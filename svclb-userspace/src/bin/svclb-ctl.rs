@@ -3,15 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use svclb::{
     cgroup::CgroupPath,
     config,
     dataplane::Dataplane,
     loader::{self, Capacities},
     pins::PinDir,
-    reconcile, stats,
+    reconcile, stats, sync,
+    target::{self, Target},
 };
 
 #[derive(Parser, Debug)]
@@ -42,20 +43,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Shows what applying FILE would change, as ipvsadm rules.
+    /// Shows what applying FILE would change, as ipvsadm rules (resolving
+    /// its discovered services once).
     Diff { file: PathBuf },
-    /// Applies FILE to the maps now (all or nothing).
+    /// Applies FILE to the maps now, all or nothing (resolving its
+    /// discovered services once).
     Apply { file: PathBuf },
     /// Attaches svclb to a cgroup (loads the programs against the pinned maps).
-    Attach {
-        #[arg(long, value_name = "PATH")]
-        cgroup: PathBuf,
-    },
+    Attach(TargetArg),
     /// Detaches svclb from a cgroup.
-    Detach {
-        #[arg(long, value_name = "PATH")]
-        cgroup: PathBuf,
-    },
+    Detach(TargetArg),
     /// Lists the cgroups svclb is attached to.
     Attachments {
         #[arg(long)]
@@ -63,6 +60,44 @@ enum Command {
     },
     /// Detaches everything and removes every pinned map: balancing stops.
     Teardown,
+}
+
+/// What to attach to or detach from.
+#[derive(ClapArgs, Debug)]
+struct TargetArg {
+    #[command(flatten)]
+    which: Which,
+    /// The Docker engine, for --container: unix://PATH.
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    docker_host: Option<String>,
+}
+
+/// Exactly one of --cgroup, --pid, --container.
+#[derive(ClapArgs, Debug)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// A cgroup v2 directory (absolute, or relative to the cgroup2 mount).
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// The cgroup of this process.
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// The cgroup of this Docker container's process (ID or name), asked of the engine.
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
+}
+
+impl TargetArg {
+    fn resolve(&self) -> Result<CgroupPath> {
+        let w = &self.which;
+        let t = match (&w.cgroup, w.pid, &w.container) {
+            (Some(c), _, _) => Target::Cgroup(c.clone()),
+            (_, Some(p), _) => Target::Pid(p),
+            (_, _, Some(id)) => Target::Container(id.clone()),
+            _ => anyhow::bail!("give --cgroup, --pid or --container"),
+        };
+        Ok(target::resolve_all(&[t], self.docker_host.as_deref())?.remove(0))
+    }
 }
 
 fn main() {
@@ -93,30 +128,33 @@ fn run(args: Args) -> Result<()> {
             }
         }
         Command::Diff { file } => {
-            let desired = config::load_file(&file)?;
+            let config = config::load_file(&file)?;
             let dp = Dataplane::open(&pins)?;
-            let plan = reconcile::plan(&dp.snapshot()?, &desired, dp.capacity)?;
+            let snapshot = dp.snapshot()?;
+            let desired = desired_now(&config, &snapshot)?;
+            let plan = reconcile::plan(&snapshot, &desired, dp.capacity)?;
             for change in &plan.changes {
                 println!("{change}");
             }
         }
         Command::Apply { file } => {
-            let desired = config::load_file(&file)?;
+            let config = config::load_file(&file)?;
             let mut dp = Dataplane::open(&pins)?;
+            let desired = desired_now(&config, &dp.snapshot()?)?;
             let plan = reconcile::apply(&mut dp, &desired)?;
             for change in &plan.changes {
                 println!("{change}");
             }
         }
-        Command::Attach { cgroup } => {
-            let cg = CgroupPath::resolve(&cgroup)?;
+        Command::Attach(target) => {
+            let cg = target.resolve()?;
             let mut loaded = loader::load(&pins, Capacities::default())?;
             loaded.attach(&cg)?;
             println!("attached to {}", cg.absolute.display());
         }
-        Command::Detach { cgroup } => {
+        Command::Detach(target) => {
             loader::require_root()?;
-            let cg = CgroupPath::resolve(&cgroup)?;
+            let cg = target.resolve()?;
             if loader::detach(&pins, &cg)? {
                 println!("detached from {}", cg.absolute.display());
             } else {
@@ -140,4 +178,25 @@ fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The file's services plus one round of DNS for its discovered ones
+/// (warnings about DNS go to stderr).
+fn desired_now(
+    config: &config::Config,
+    snapshot: &svclb::dataplane::Snapshot,
+) -> Result<config::DesiredState> {
+    if config.discovered.is_empty() {
+        return Ok(config.static_state());
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let (desired, _) = runtime.block_on(sync::desired_now(config, snapshot))?;
+    Ok(desired)
 }

@@ -1,18 +1,24 @@
 //! svclbd: loads svclb's programs, pins them, attaches them to cgroups and
-//! keeps the maps equal to the desired state.
+//! keeps the maps equal to the desired state: the config file (reloaded on
+//! SIGHUP and when it changes) merged with DNS discovery.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use svclb::{
-    cgroup::CgroupPath,
-    config,
+    config::{Config, DesiredState},
     dataplane::Dataplane,
     loader::{self, Capacities},
     notify,
     pins::PinDir,
     reconcile,
+    sync::{
+        self,
+        dns::{Discovery, Refresh},
+        file::{ConfigFile, FileWatch},
+    },
+    target,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -23,12 +29,24 @@ use tracing::{error, info, warn};
     about = "svclb daemon: socket-level load balancing for Docker Swarm services, in eBPF"
 )]
 struct Args {
-    /// Services to apply (TOML); re-read on SIGHUP.
+    /// Services to apply (TOML); re-read on SIGHUP and when it changes.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Do not watch the config file (reload on SIGHUP only).
+    #[arg(long)]
+    no_watch: bool,
     /// cgroup v2 directory to attach to (absolute, or relative to the cgroup2 mount); repeatable.
     #[arg(long = "cgroup", value_name = "PATH")]
     cgroups: Vec<PathBuf>,
+    /// Attach to the cgroup of this process; repeatable.
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Attach to the cgroup of this Docker container (ID or name); repeatable.
+    #[arg(long = "container", value_name = "ID")]
+    containers: Vec<String>,
+    /// The Docker engine, for --container: unix://PATH.
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    docker_host: Option<String>,
     /// Where maps and links are pinned (on bpffs).
     #[arg(long, default_value = svclb::DEFAULT_PIN_DIR, value_name = "DIR")]
     pin_dir: PathBuf,
@@ -63,15 +81,13 @@ fn main() {
 
 async fn run(args: Args) -> Result<()> {
     // Validate everything before touching the kernel.
-    let desired = match &args.config {
-        Some(path) => config::load_file(path)?,
-        None => config::DesiredState::default(),
+    let mut file = args.config.as_ref().map(ConfigFile::new);
+    let mut config = match &mut file {
+        Some(f) => f.load()?,
+        None => Config::default(),
     };
-    let cgroups = args
-        .cgroups
-        .iter()
-        .map(|c| CgroupPath::resolve(c))
-        .collect::<Result<Vec<_>>>()?;
+    let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
+    let cgroups = target::resolve_all(&targets, args.docker_host.as_deref())?;
 
     let pins = PinDir::new(&args.pin_dir);
     let mut loaded = loader::load(
@@ -82,35 +98,54 @@ async fn run(args: Args) -> Result<()> {
         },
     )?;
     let mut dp = Dataplane::open(&pins)?;
+    // Discovered services start from what the maps hold, so a restart
+    // while DNS is away changes nothing.
+    let (desired, mut discovery) = sync::desired_now(&config, &dp.snapshot()?).await?;
     apply(&mut dp, &desired, "startup")?;
     for cg in &cgroups {
         loaded.attach(cg)?;
         info!(cgroup = %cg.absolute.display(), "attached");
     }
-    info!(pin_dir = %pins.root().display(), services = desired.services.len(), "ready");
+    info!(
+        pin_dir = %pins.root().display(),
+        services = desired.services.len(),
+        discovered = config.discovered.len(),
+        "ready"
+    );
     notify::notify("READY=1").context("notifying readiness")?;
 
+    let mut watch = match (&file, args.no_watch) {
+        (Some(f), false) => Some(FileWatch::new(f.path())?),
+        _ => None,
+    };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     loop {
+        let due = discovery.next_due();
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                let Some(path) = &args.config else {
-                    warn!("SIGHUP: no --config to reload");
-                    continue;
-                };
-                match config::load_file(path) {
-                    Ok(desired) => {
-                        if let Err(e) = apply(&mut dp, &desired, "reload") {
-                            error!("reload failed, the maps keep the previous state: {e:#}");
-                        }
-                    }
-                    Err(e) => error!("reload refused, nothing changed: {e}"),
+            _ = sighup.recv() => match &mut file {
+                Some(f) => {
+                    let loaded = f.load();
+                    reload(&mut dp, &mut config, &mut discovery, loaded, "SIGHUP").await;
                 }
-            }
+                None => warn!("SIGHUP: no --config to reload"),
+            },
+            _ = changed(&mut watch) => {
+                if let Some(loaded) = file.as_mut().and_then(ConfigFile::load_if_changed) {
+                    reload(&mut dp, &mut config, &mut discovery, loaded, "file changed").await;
+                }
+            },
+            _ = sleep_until(due) => {
+                if discovery.refresh(Refresh::Due).await {
+                    let desired = discovery.compose(&config.static_state());
+                    if let Err(e) = apply(&mut dp, &desired, "dns") {
+                        error!("applying DNS answers failed, the maps keep the previous state: {e:#}");
+                    }
+                }
+            },
         }
     }
     // The pinned links and maps stay: balancing goes on while svclbd is down.
@@ -121,7 +156,56 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn apply(dp: &mut Dataplane, desired: &config::DesiredState, why: &str) -> Result<()> {
+/// Takes a newly read config: all of it, or (when it does not validate,
+/// or cannot be applied) none of it.
+async fn reload(
+    dp: &mut Dataplane,
+    config: &mut Config,
+    discovery: &mut Discovery,
+    loaded: Result<Config, svclb::config::ConfigError>,
+    why: &str,
+) {
+    let new = match loaded {
+        Ok(new) => new,
+        Err(e) => {
+            error!("{why}: reload refused, nothing changed: {e}");
+            return;
+        }
+    };
+    if let Err(e) = discovery.reconfigure(&new.discovered, &new.dns) {
+        error!("{why}: reload refused, nothing changed: {e:#}");
+        return;
+    }
+    // New names are due now; resolve them before applying.
+    discovery.refresh(Refresh::Due).await;
+    let desired = discovery.compose(&new.static_state());
+    match apply(dp, &desired, why) {
+        Ok(()) => *config = new,
+        Err(e) => {
+            error!("{why}: reload failed, the maps keep the previous state: {e:#}");
+            // Keep following DNS for the config that is still applied.
+            if let Err(e) = discovery.reconfigure(&config.discovered, &config.dns) {
+                error!("restoring the previous DNS settings: {e:#}");
+            }
+        }
+    }
+}
+
+async fn changed(watch: &mut Option<FileWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn apply(dp: &mut Dataplane, desired: &DesiredState, why: &str) -> Result<()> {
     let plan = reconcile::apply(dp, desired)?;
     for change in &plan.changes {
         info!(%change, "{why}");
