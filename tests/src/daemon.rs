@@ -12,6 +12,11 @@ use anyhow::{bail, Context, Result};
 
 static NEXT_PIN: AtomicU32 = AtomicU32::new(0);
 
+/// A number unique within this process, for temp names.
+pub fn unique() -> u32 {
+    NEXT_PIN.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Where the built binaries are: `$SVCLB_BIN_DIR`, else the directory above
 /// the running test executable (`target/debug/deps/..`).
 pub fn bin_dir() -> PathBuf {
@@ -112,6 +117,17 @@ impl Svclbd {
     /// Starts svclbd with `args` plus `--pin-dir`, and waits until it says
     /// READY=1 over the sd_notify socket (or fails with its log).
     pub fn start(pin_dir: &PinDir, args: &[&str]) -> Result<Svclbd> {
+        Self::start_with(pin_dir, args, |_| Ok(()))
+    }
+
+    /// Like [`Svclbd::start`], letting `configure` adjust the command first,
+    /// e.g. `|cmd| sandbox.client_command(cmd, false)` to run svclbd in the
+    /// client netns (where it can reach a DNS server in the sandbox).
+    pub fn start_with(
+        pin_dir: &PinDir,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command) -> Result<()>,
+    ) -> Result<Svclbd> {
         let id = NEXT_PIN.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}-{id}", std::process::id());
         let log = std::env::temp_dir().join(format!("svclbd-{tag}.log"));
@@ -119,17 +135,17 @@ impl Svclbd {
         let _ = fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).context("binding the notify socket")?;
         notify.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let child = Command::new(bin("svclbd"))
-            .arg("--pin-dir")
+        let mut cmd = Command::new(bin("svclbd"));
+        cmd.arg("--pin-dir")
             .arg(pin_dir.path())
             .args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("SVCLB_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("starting svclbd")?;
+            .stderr(fs::File::create(&log)?);
+        configure(&mut cmd)?;
+        let child = cmd.spawn().context("starting svclbd")?;
         let mut daemon = Svclbd { child, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut buf = [0u8; 256];
@@ -168,6 +184,27 @@ impl Svclbd {
     pub fn signal(&self, signal: i32) -> Result<()> {
         if unsafe { libc::kill(self.child.id() as i32, signal) } != 0 {
             return Err(std::io::Error::last_os_error()).context("kill(svclbd)");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, then waits: svclbd gets no chance to clean anything up.
+    pub fn kill(mut self) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGKILL)?;
+        Ok(self.child.wait()?)
+    }
+
+    /// Waits until svclbd's log contains `needle`, up to `within`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while !self.log_text().contains(needle) {
+            if Instant::now() > deadline {
+                bail!(
+                    "svclbd did not log {needle:?} within {within:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }

@@ -6,9 +6,12 @@
 //! only inside the namespaces a [`Sandbox`] creates; they have no default route
 //! and no route out.
 
+pub mod bpf;
 pub mod cgroup;
 pub mod client;
 pub mod daemon;
+pub mod dns;
+pub mod fake_docker;
 pub mod netns;
 pub mod sandbox;
 pub mod servers;

@@ -1,0 +1,899 @@
+//! Issue 5: the control plane. The config file (watched, SIGHUP, `apply`,
+//! `diff`), DNS discovery against a real dnsmasq in the sandbox, restarts
+//! and upgrades without a failed connect, foreign pins, teardown, and
+//! attaching by cgroup, PID and container. Run as root, serially
+//! (`cargo xtask test`).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use svclb_tests::bpf::{cgroup_prog_count, create_pinned_map, ATTACH_INET4_CONNECT, MAP_TYPE_HASH};
+use svclb_tests::daemon::write_temp;
+use svclb_tests::dns::Dnsmasq;
+use svclb_tests::fake_docker::FakeDocker;
+use svclb_tests::{PinDir, Sandbox, Svclbd, TcpIdServer};
+
+/// One service as `svclb-ctl list --json` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Listed {
+    name: String,
+    vip: String,
+    mark: u64,
+    /// "addr weight"
+    backends: BTreeSet<String>,
+}
+
+fn listed(pins: &PinDir) -> Vec<Listed> {
+    let text = pins.ctl(&["list", "--json"]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| Listed {
+            name: s["name"].as_str().unwrap().to_owned(),
+            vip: s["vip"].as_str().unwrap().to_owned(),
+            mark: s["mark"].as_u64().unwrap(),
+            backends: s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| format!("{} {}", b["address"].as_str().unwrap(), b["weight"]))
+                .collect(),
+        })
+        .collect()
+}
+
+/// The backends of the service named `name` (with weights), or None.
+fn backends_of(pins: &PinDir, name: &str) -> Option<BTreeSet<String>> {
+    listed(pins)
+        .into_iter()
+        .find(|s| s.name == name)
+        .map(|s| s.backends)
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Polls until `check` holds; returns how long it took, or panics with
+/// `what` and the last value after `within`.
+#[track_caller]
+fn eventually<T: std::fmt::Debug>(
+    within: Duration,
+    what: &str,
+    mut read: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let value = read();
+        if check(&value) {
+            return start.elapsed();
+        }
+        if start.elapsed() > within {
+            panic!("{what}: not within {within:?}; last seen {value:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sandbox with TCP identity servers on `tasks` (port 8080).
+fn sandbox_with(tasks: &[&str]) -> (Sandbox, Vec<TcpIdServer>) {
+    let sandbox = Sandbox::new().expect("sandbox");
+    let servers = tasks
+        .iter()
+        .map(|t| {
+            sandbox.add_backend_addr(t.parse().unwrap()).unwrap();
+            TcpIdServer::start(&sandbox, addr(t, PORT)).unwrap()
+        })
+        .collect();
+    (sandbox, servers)
+}
+
+fn cgroup_arg(sandbox: &Sandbox) -> String {
+    sandbox.cgroup_path().to_str().unwrap().to_owned()
+}
+
+/// `n` TCP connects to the VIP from the sandbox cgroup; who answered.
+fn spread(sandbox: &Sandbox, n: usize) -> BTreeMap<String, usize> {
+    let _guard = sandbox.enter_cgroup().unwrap();
+    sandbox.in_client(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let who = svclb_tests::tcp_identity(addr(VIP, PORT), TIMEOUT)
+                .unwrap_or_else(|e| panic!("connect #{i} to the VIP failed: {e}"));
+            *seen.entry(who).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+fn conns(pins: &PinDir, row: &str) -> u64 {
+    svclb_tests::parse_stats(&pins.ctl(&["stats", "--exact"]).unwrap())
+        .unwrap()
+        .iter()
+        .find(|r| r.name == row)
+        .unwrap_or_else(|| panic!("no row {row}"))
+        .conns
+}
+
+// ---- 1. The declarative file. ----
+
+const API_40: &str = r#"
+[[service]]
+name = "api"
+vip = "172.50.0.37"
+mark = 0x13d
+backends = ["172.50.0.40"]
+"#;
+
+#[test]
+fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
+    let (sandbox, _servers) = sandbox_with(&TASKS);
+    let pins = PinDir::new();
+    let dir = std::env::temp_dir().join(format!("svclb-watch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("svclb.toml");
+    std::fs::write(&path, API_CONFIG).unwrap();
+    let daemon = Svclbd::start(
+        &pins,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--cgroup",
+            &cgroup_arg(&sandbox),
+        ],
+    )
+    .unwrap();
+    let both = set(&["172.50.0.40 1", "172.50.0.41 1"]);
+    assert_eq!(backends_of(&pins, "api"), Some(both.clone()));
+    let within = Duration::from_secs(3);
+
+    // Written in place.
+    std::fs::write(&path, API_40).unwrap();
+    eventually(
+        within,
+        "an in-place write is applied",
+        || backends_of(&pins, "api"),
+        |b| *b == Some(set(&["172.50.0.40 1"])),
+    );
+    assert_eq!(spread(&sandbox, 20).get(TASKS[0]), Some(&20));
+
+    // Replaced the way editors do: a new file renamed over the old one.
+    let tmp = dir.join(".svclb.toml.tmp");
+    std::fs::write(
+        &tmp,
+        API_CONFIG.replace(
+            "\"172.50.0.41\"",
+            "{ address = \"172.50.0.41\", weight = 3 }",
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually(
+        within,
+        "a rename over the file is applied",
+        || backends_of(&pins, "api"),
+        |b| *b == Some(set(&["172.50.0.40 1", "172.50.0.41 3"])),
+    );
+
+    // A file that does not validate changes nothing, and says why, naming
+    // the file, line and field.
+    let before = pins.ctl(&["list", "--json"]).unwrap();
+    std::fs::write(&path, API_CONFIG.replace("172.50.0.37", "172.50.0.370")).unwrap();
+    daemon
+        .wait_for_log("reload refused, nothing changed", within)
+        .unwrap();
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!("{}:4:", path.display())) && log.contains("service[0].vip"),
+        "{log}"
+    );
+    daemon.signal(libc::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        daemon.log_text().matches("reload refused").count(),
+        2,
+        "SIGHUP re-reads it"
+    );
+    assert_eq!(pins.ctl(&["list", "--json"]).unwrap(), before);
+
+    // Removing the file changes nothing either; writing it back applies it.
+    std::fs::remove_file(&path).unwrap();
+    daemon.wait_for_log("cannot read the file", within).unwrap();
+    assert_eq!(pins.ctl(&["list", "--json"]).unwrap(), before);
+    std::fs::write(&path, API_40).unwrap();
+    eventually(
+        within,
+        "the file written back is applied",
+        || backends_of(&pins, "api"),
+        |b| *b == Some(set(&["172.50.0.40 1"])),
+    );
+    drop(daemon);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn svclb_ctl_diff_shows_and_apply_applies() {
+    let fx = ApiFixture::start();
+    let before = pins_list(&fx.pins);
+    let next = write_temp(
+        "next.toml",
+        r#"
+[[service]]
+name = "api"
+vip = "172.50.0.37"
+mark = 0x13d
+backends = [{ address = "172.50.0.40", weight = 2 }, "172.50.0.42"]
+
+[[service]]
+name = "db"
+vip = "172.50.0.20"
+mark = 0x128
+backends = ["172.50.0.21"]
+"#,
+    )
+    .unwrap();
+    let next = next.to_str().unwrap();
+    let diff = fx.pins.ctl(&["diff", next]).unwrap();
+    let lines: BTreeSet<&str> = diff.lines().collect();
+    for expected in [
+        "+ -A -f 296 -s random    # db 172.50.0.20",
+        "+ -a -f 296 -r 172.50.0.21:0 -m -w 1",
+        "~ -e -f 317 -r 172.50.0.40:0 -m -w 2    # weight was 1",
+        "+ -a -f 317 -r 172.50.0.42:0 -m -w 1",
+        "- -d -f 317 -r 172.50.0.41:0",
+    ] {
+        assert!(lines.contains(expected), "diff lacks {expected:?}:\n{diff}");
+    }
+    assert_eq!(lines.len(), 5, "{diff}");
+    assert_eq!(pins_list(&fx.pins), before, "diff changes nothing");
+
+    let applied = fx.pins.ctl(&["apply", next]).unwrap();
+    assert_eq!(applied, diff, "apply prints what it did, as diff predicted");
+    assert_eq!(
+        backends_of(&fx.pins, "api"),
+        Some(set(&["172.50.0.40 2", "172.50.0.42 1"]))
+    );
+    assert_eq!(backends_of(&fx.pins, "db"), Some(set(&["172.50.0.21 1"])));
+    assert_eq!(
+        fx.pins.ctl(&["diff", next]).unwrap(),
+        "",
+        "nothing left to do"
+    );
+}
+
+fn pins_list(pins: &PinDir) -> String {
+    pins.ctl(&["list", "--json"]).unwrap()
+}
+
+// ---- 2. DNS discovery against dnsmasq. ----
+
+const NAMESERVER: &str = "172.50.0.53";
+/// dnsmasq's answers' TTL, seconds.
+const TTL: u64 = 1;
+
+fn hosts(vip: Option<&str>, tasks: &[&str]) -> String {
+    let mut text = String::new();
+    if let Some(vip) = vip {
+        text.push_str(&format!("{vip} api\n"));
+    }
+    for t in tasks {
+        text.push_str(&format!("{t} tasks.api\n"));
+    }
+    text
+}
+
+fn dns_config(stale_grace: &str) -> String {
+    format!(
+        r#"
+[[service]]
+name = "api"
+discover = "dns"
+
+[dns]
+nameservers = ["{NAMESERVER}"]
+min_refresh = "200ms"
+max_refresh = "30s"
+stale_grace = "{stale_grace}"
+timeout = "500ms"
+"#
+    )
+}
+
+/// svclbd in the client netns (where 172.50.0.53 is reachable), attached
+/// to the sandbox cgroup.
+fn svclbd_in_client(sandbox: &Sandbox, pins: &PinDir, config: &str) -> Svclbd {
+    let config = write_temp("dns.toml", config).unwrap();
+    Svclbd::start_with(
+        pins,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            &cgroup_arg(sandbox),
+        ],
+        |cmd| sandbox.client_command(cmd, false),
+    )
+    .expect("svclbd starts")
+}
+
+#[test]
+fn dns_discovery_follows_the_server_and_survives_its_loss() {
+    let tasks = [
+        "172.50.0.40",
+        "172.50.0.41",
+        "172.50.0.42",
+        "172.50.0.43",
+        "172.50.0.44",
+    ];
+    let (sandbox, servers) = sandbox_with(&tasks);
+    let mut dns = Dnsmasq::start(
+        &sandbox,
+        NAMESERVER.parse().unwrap(),
+        TTL as u32,
+        &hosts(Some(VIP), &tasks[..2]),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let daemon = svclbd_in_client(&sandbox, &pins, &dns_config("60s"));
+
+    // Resolved before READY: `api` -> the VIP, `tasks.api` -> the backends.
+    let first = listed(&pins);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        (first[0].name.as_str(), first[0].vip.as_str()),
+        ("api", VIP)
+    );
+    assert_eq!(first[0].backends, set(&["172.50.0.40 1", "172.50.0.41 1"]));
+    let mark = first[0].mark;
+    let seen = spread(&sandbox, 40);
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        &tasks[..2]
+    );
+
+    let within = Duration::from_secs(TTL + 1);
+    let changes: [(&str, &[&str]); 3] = [
+        ("adding a task", &tasks[..3]),
+        ("removing a task", &tasks[1..3]),
+        ("replacing the tasks", &tasks[3..5]),
+    ];
+    for (what, now) in changes {
+        dns.set_hosts(&hosts(Some(VIP), now)).unwrap();
+        let expected: BTreeSet<String> = now.iter().map(|t| format!("{t} 1")).collect();
+        let took = eventually(
+            within,
+            what,
+            || backends_of(&pins, "api"),
+            |b| b.as_ref() == Some(&expected),
+        );
+        eprintln!("{what}: in the maps after {took:?}");
+        assert_eq!(listed(&pins)[0].mark, mark, "{what}: the mark stays");
+    }
+    let seen = spread(&sandbox, 40);
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        &tasks[3..5]
+    );
+    assert_eq!(servers[3].accepted() + servers[4].accepted(), 40);
+
+    // The server goes away: nothing changes, connects keep working.
+    let before = pins_list(&pins);
+    dns.kill();
+    daemon
+        .wait_for_log(
+            "keeping the last good 2 address(es)",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3 * TTL + 1));
+    assert_eq!(pins_list(&pins), before, "the maps keep the last good set");
+    let seen = spread(&sandbox, 40);
+    assert_eq!(seen.values().sum::<usize>(), 40);
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        &tasks[3..5]
+    );
+    drop(daemon);
+}
+
+#[test]
+fn dns_nxdomain_keeps_the_last_good_set_for_the_grace_period_then_applies() {
+    let tasks = ["172.50.0.40", "172.50.0.41"];
+    let (sandbox, _servers) = sandbox_with(&tasks);
+    let dns = Dnsmasq::start(
+        &sandbox,
+        NAMESERVER.parse().unwrap(),
+        TTL as u32,
+        &hosts(Some(VIP), &tasks),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let grace = Duration::from_secs(3);
+    let daemon = svclbd_in_client(&sandbox, &pins, &dns_config("3s"));
+    let both = set(&["172.50.0.40 1", "172.50.0.41 1"]);
+    assert_eq!(backends_of(&pins, "api"), Some(both.clone()));
+
+    // The service scales to zero: tasks.api answers NXDOMAIN.
+    dns.set_hosts(&hosts(Some(VIP), &[])).unwrap();
+    let start = Instant::now();
+    daemon
+        .wait_for_log(
+            "DNS answers NXDOMAIN: keeping the last good 2",
+            Duration::from_secs(TTL + 1),
+        )
+        .unwrap();
+    assert_eq!(
+        backends_of(&pins, "api"),
+        Some(both.clone()),
+        "kept during the grace period"
+    );
+    assert_eq!(spread(&sandbox, 10).values().sum::<usize>(), 10);
+    let took = eventually(
+        grace + Duration::from_secs(TTL + 1),
+        "NXDOMAIN applied after the grace period",
+        || backends_of(&pins, "api"),
+        |b| *b == Some(BTreeSet::new()),
+    );
+    assert!(
+        start.elapsed() >= grace,
+        "applied after {took:?}, before the grace period ended"
+    );
+    let refused = {
+        let _guard = sandbox.enter_cgroup().unwrap();
+        sandbox.in_client(|| {
+            std::net::TcpStream::connect_timeout(&addr(VIP, PORT), TIMEOUT)
+                .unwrap_err()
+                .kind()
+        })
+    };
+    assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
+
+    // Tasks come back at once (no grace for good news).
+    dns.set_hosts(&hosts(Some(VIP), &tasks[..1])).unwrap();
+    eventually(
+        Duration::from_secs(TTL + 1),
+        "tasks back",
+        || backends_of(&pins, "api"),
+        |b| *b == Some(set(&["172.50.0.40 1"])),
+    );
+
+    // The service is removed: `api` answers NXDOMAIN too; after the grace
+    // period the service is gone from the maps.
+    dns.set_hosts("").unwrap();
+    std::thread::sleep(Duration::from_secs(TTL + 1));
+    assert_eq!(listed(&pins).len(), 1, "kept during the grace period");
+    eventually(
+        grace + Duration::from_secs(TTL + 1),
+        "service removed",
+        || listed(&pins),
+        |l| l.is_empty(),
+    );
+    drop(daemon);
+}
+
+#[test]
+fn a_restart_while_dns_is_down_keeps_the_discovered_services() {
+    let tasks = ["172.50.0.40", "172.50.0.41"];
+    let (sandbox, _servers) = sandbox_with(&tasks);
+    let mut dns = Dnsmasq::start(
+        &sandbox,
+        NAMESERVER.parse().unwrap(),
+        TTL as u32,
+        &hosts(Some(VIP), &tasks),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let config = dns_config("60s");
+    let daemon = svclbd_in_client(&sandbox, &pins, &config);
+    let before = pins_list(&pins);
+    assert_eq!(listed(&pins).len(), 1);
+    daemon.kill().unwrap();
+    dns.kill();
+    let daemon = svclbd_in_client(&sandbox, &pins, &config);
+    assert!(
+        daemon.log_text().contains("starting from the pinned maps"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        pins_list(&pins),
+        before,
+        "DNS down at startup: the pinned set stays"
+    );
+    assert_eq!(spread(&sandbox, 20).values().sum::<usize>(), 20);
+}
+
+// ---- 3. Restarts, upgrades, foreign pins, teardown. ----
+
+/// Connects to the VIP in a loop from the sandbox cgroup until stopped
+/// (at most `max` connects or 60 s); counts successes and failures.
+struct ConnectLoop {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+    _guard: svclb_tests::CgroupGuard,
+}
+
+impl ConnectLoop {
+    fn start(sandbox: &Sandbox, max: u64) -> ConnectLoop {
+        let guard = sandbox.enter_cgroup().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let thread = sandbox
+            .spawn_in_client("connect-loop", move || {
+                let start = Instant::now();
+                while !s.load(Ordering::Relaxed)
+                    && o.load(Ordering::Relaxed) + f.load(Ordering::Relaxed) < max
+                    && start.elapsed() < Duration::from_secs(60)
+                {
+                    match svclb_tests::tcp_identity(addr(VIP, PORT), TIMEOUT) {
+                        Ok(who) if who != VIP => o.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) | Err(_) => f.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+            .unwrap();
+        // Make sure it runs before the caller disturbs anything.
+        while ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < 20 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ConnectLoop {
+            stop,
+            ok,
+            failed,
+            thread,
+            _guard: guard,
+        }
+    }
+
+    fn made(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Lets it run for `d`, checking that it makes progress.
+    fn run_for(&self, d: Duration) {
+        let before = self.made();
+        std::thread::sleep(d);
+        assert!(self.made() > before, "the connect loop is stuck");
+    }
+
+    /// (ok, failed)
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[test]
+fn sigkill_and_restart_lose_no_connect_and_no_counter() {
+    let mut fx = ApiFixture::start();
+    let args_config = write_temp("svclb.toml", API_CONFIG).unwrap();
+    let cgroup = cgroup_arg(&fx.sandbox);
+    let args = [
+        "--config",
+        args_config.to_str().unwrap(),
+        "--cgroup",
+        &cgroup,
+    ];
+    let loop_ = ConnectLoop::start(&fx.sandbox, 200_000);
+    loop_.run_for(Duration::from_millis(300));
+    fx.daemon.take().unwrap().kill().unwrap();
+    let at_kill = loop_.made();
+    loop_.run_for(Duration::from_millis(500));
+    let restarted = Svclbd::start(&fx.pins, &args).unwrap();
+    let at_restart = loop_.made();
+    loop_.run_for(Duration::from_millis(500));
+    drop(restarted);
+    let (ok, failed) = loop_.finish();
+    assert_eq!(
+        failed, 0,
+        "connects failed across the kill/restart ({ok} succeeded)"
+    );
+    assert!(
+        at_restart - at_kill >= 10,
+        "connects went on while svclbd was dead: {}",
+        at_restart - at_kill
+    );
+    // Conns continuous: every connect made, before, during and after, counted once.
+    assert_eq!(conns(&fx.pins, "FWM  317"), ok);
+    let accepted: u64 = fx.tcp.iter().map(|s| s.accepted()).sum();
+    assert_eq!(accepted, ok);
+}
+
+#[test]
+fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
+    let mut fx = ApiFixture::start();
+    let config = write_temp("svclb.toml", API_CONFIG).unwrap();
+    let cgroup = cgroup_arg(&fx.sandbox);
+    let args = ["--config", config.to_str().unwrap(), "--cgroup", &cgroup];
+    let cg = fx.sandbox.cgroup_path().to_path_buf();
+    assert_eq!(cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(), 1);
+
+    let loop_ = ConnectLoop::start(&fx.sandbox, 200_000);
+    // The new svclbd starts while the old one still runs, then the old one
+    // stops (the way a package upgrade or a rolling restart goes)...
+    let new = Svclbd::start(&fx.pins, &args).unwrap();
+    loop_.run_for(Duration::from_millis(300));
+    assert!(fx.daemon.take().unwrap().stop().unwrap().success());
+    loop_.run_for(Duration::from_millis(300));
+    // ...and attaching again by hand replaces the link again.
+    for _ in 0..3 {
+        fx.pins.ctl(&["attach", "--cgroup", &cgroup]).unwrap();
+        loop_.run_for(Duration::from_millis(100));
+    }
+    let (ok, failed) = loop_.finish();
+    assert_eq!(
+        failed, 0,
+        "connects failed during the upgrade ({ok} succeeded)"
+    );
+    assert_eq!(
+        cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(),
+        1,
+        "exactly one connect4 program stays attached"
+    );
+    let links = fx
+        .pins
+        .path()
+        .join("links")
+        .join(svclb_pin_name(&fx.sandbox));
+    let names: Vec<String> = std::fs::read_dir(&links)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with("_new")),
+        "leftover link pins: {names:?}"
+    );
+    assert!(names.contains(&"svclb_connect4".to_owned()), "{names:?}");
+    assert_eq!(conns(&fx.pins, "FWM  317"), ok);
+    drop(new);
+}
+
+/// The pin directory name of the sandbox cgroup (`svclb-<id>`: no escapes needed).
+fn svclb_pin_name(sandbox: &Sandbox) -> String {
+    let rel = sandbox
+        .cgroup_path()
+        .strip_prefix(sandbox.cgroup_root())
+        .unwrap();
+    rel.to_str()
+        .unwrap()
+        .replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('.', "%2E")
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused_with_a_clear_message() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(pins.path()).unwrap();
+    // A map named like svclb's VIP map, with other key and value sizes.
+    let foreign = pins.path().join("svclb_vips");
+    create_pinned_map(&foreign, "svclb_vips", MAP_TYPE_HASH, 4, 4, 16).unwrap();
+    let err = Svclbd::start(&pins, &[])
+        .expect_err("svclbd must refuse")
+        .to_string();
+    assert!(
+        err.contains(&foreign.display().to_string()),
+        "names the map: {err}"
+    );
+    assert!(err.contains("4/4"), "says what it found: {err}");
+    assert!(err.contains("svclb-ctl teardown"), "says what to do: {err}");
+    // Nothing was attached or pinned beside it.
+    let names: Vec<String> = std::fs::read_dir(pins.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n == "svclb_vips" || n == "links"),
+        "{names:?}"
+    );
+    let err = pins
+        .ctl(&["list"])
+        .expect_err("svclb-ctl refuses too")
+        .to_string();
+    assert!(err.contains("svclb-ctl teardown"), "{err}");
+    // Teardown removes it, and svclbd starts.
+    pins.ctl(&["teardown"]).unwrap();
+    let daemon = Svclbd::start(&pins, &[]).unwrap();
+    drop(daemon);
+}
+
+#[test]
+fn teardown_removes_every_pin_and_attachment() {
+    let mut fx = ApiFixture::start();
+    fx.add_vip_sink();
+    let cg = fx.sandbox.cgroup_path().to_path_buf();
+    assert!(!spread(&fx.sandbox, 5).contains_key(VIP));
+    fx.daemon.take().unwrap().stop().unwrap();
+    assert_eq!(cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(), 1);
+    let out = fx.pins.ctl(&["teardown"]).unwrap();
+    assert!(out.contains("removed every svclb pin"), "{out}");
+    assert!(!fx.pins.path().exists(), "the pin directory is gone");
+    assert_eq!(
+        cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(),
+        0,
+        "detached"
+    );
+    assert_eq!(
+        spread(&fx.sandbox, 5).get(VIP),
+        Some(&5),
+        "connects are plain again"
+    );
+    let err = fx.pins.ctl(&["list"]).unwrap_err().to_string();
+    assert!(err.contains("no svclb data plane is pinned"), "{err}");
+}
+
+// ---- 4. Attaching to containers. ----
+
+/// A `sleep` in the sandbox cgroup: the "container" process.
+struct Task(std::process::Child);
+
+impl Task {
+    fn start(sandbox: &Sandbox) -> Task {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("120");
+        sandbox.client_command(&mut cmd, true).unwrap();
+        Task(cmd.spawn().unwrap())
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn attachments(pins: &PinDir) -> String {
+    pins.ctl(&["attachments"]).unwrap()
+}
+
+fn sandbox_cgroup_name(sandbox: &Sandbox) -> String {
+    format!(
+        "/{}",
+        sandbox
+            .cgroup_path()
+            .strip_prefix(sandbox.cgroup_root())
+            .unwrap()
+            .display()
+    )
+}
+
+#[test]
+fn attach_and_detach_by_pid_and_by_container() {
+    let mut fx = ApiFixture::start_with(API_CONFIG);
+    fx.add_vip_sink();
+    let cgroup = cgroup_arg(&fx.sandbox);
+    fx.pins.ctl(&["detach", "--cgroup", &cgroup]).unwrap();
+    assert_eq!(attachments(&fx.pins).trim(), "");
+    let task = Task::start(&fx.sandbox);
+    let pid = task.pid().to_string();
+    let name = sandbox_cgroup_name(&fx.sandbox);
+
+    // By PID.
+    let out = fx.pins.ctl(&["attach", "--pid", &pid]).unwrap();
+    assert!(out.contains(&cgroup), "{out}");
+    assert!(
+        attachments(&fx.pins).starts_with(&format!("{name}\t")),
+        "{}",
+        attachments(&fx.pins)
+    );
+    assert!(!spread(&fx.sandbox, 10).contains_key(VIP));
+    fx.pins.ctl(&["detach", "--pid", &pid]).unwrap();
+    assert_eq!(attachments(&fx.pins).trim(), "");
+    assert_eq!(spread(&fx.sandbox, 10).get(VIP), Some(&10));
+
+    // By container, through a fake engine that says the container runs as `task`.
+    let engine = FakeDocker::start(BTreeMap::from([("api.1.xyz".to_owned(), task.pid())])).unwrap();
+    let host = engine.host();
+    let out = fx
+        .pins
+        .ctl(&["attach", "--container", "api.1.xyz", "--docker-host", &host])
+        .unwrap();
+    assert!(out.contains(&cgroup), "{out}");
+    assert_eq!(engine.requests(), ["/containers/api.1.xyz/json"]);
+    assert!(attachments(&fx.pins).starts_with(&format!("{name}\t")));
+    assert!(!spread(&fx.sandbox, 10).contains_key(VIP));
+    // DOCKER_HOST works as well as --docker-host.
+    let out = Command::new(svclb_tests::daemon::bin("svclb-ctl"))
+        .args([
+            "--pin-dir",
+            fx.pins.path().to_str().unwrap(),
+            "detach",
+            "--container",
+            "api.1.xyz",
+        ])
+        .env("DOCKER_HOST", &host)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(attachments(&fx.pins).trim(), "");
+    let err = fx
+        .pins
+        .ctl(&["attach", "--container", "gone", "--docker-host", &host])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no such container \"gone\""), "{err}");
+
+    // svclbd takes --pid and --container too.
+    let pins = PinDir::new();
+    let config = write_temp("svclb.toml", API_CONFIG).unwrap();
+    let other = Svclbd::start(
+        &pins,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--container",
+            "api.1.xyz",
+            "--docker-host",
+            &host,
+            "--pid",
+            &pid,
+        ],
+    )
+    .unwrap();
+    assert!(
+        attachments(&pins).starts_with(&format!("{name}\t")),
+        "{}",
+        attachments(&pins)
+    );
+    assert_eq!(attachments(&pins).lines().count(), 1);
+    assert!(!spread(&fx.sandbox, 10).contains_key(VIP));
+    drop(other);
+}
+
+#[test]
+fn attach_by_container_against_a_real_docker_engine() {
+    let socket = Path::new("/var/run/docker.sock");
+    if !socket.exists() {
+        eprintln!(
+            "\n==== SKIPPED attach_by_container_against_a_real_docker_engine: no Docker engine \
+             on this machine ({} does not exist). The --container path is tested against a \
+             fake engine in attach_and_detach_by_pid_and_by_container. ====\n",
+            socket.display()
+        );
+        return;
+    }
+    // Read-only: find a running container and check that svclb resolves it
+    // to the cgroup its process is in, without attaching anything.
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--no-trunc"])
+        .output();
+    let ids = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let Some(id) = ids.lines().next() else {
+        eprintln!("\n==== SKIPPED attach_by_container_against_a_real_docker_engine: the engine runs no container to resolve ====\n");
+        return;
+    };
+    let pid = svclb::docker::container_pid(socket, id).unwrap();
+    let by_container = svclb::target::Target::Container(id.to_owned())
+        .resolve(socket)
+        .unwrap();
+    let by_pid = svclb::cgroup::CgroupPath::of_pid(pid).unwrap();
+    assert_eq!(by_container, by_pid);
+}
