@@ -5,34 +5,59 @@
 //! read.
 
 /// Version of the pinned map layout, written into the `svclb_layout` map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as the eBPF object declares them and as they are pinned.
 /// Kernel object names are limited to 15 characters.
 pub mod map_names {
     pub const VIPS: &str = "svclb_vips";
+    pub const PORTS: &str = "svclb_ports";
     pub const SERVICES: &str = "svclb_services";
     pub const SLOTS: &str = "svclb_slots";
     pub const BACKENDS: &str = "svclb_backends";
     pub const STATS: &str = "svclb_stats";
+    pub const CONNS: &str = "svclb_conns";
     pub const META: &str = "svclb_meta";
     pub const LAYOUT: &str = "svclb_layout";
+    pub const SOCKS: &str = "svclb_socks";
+    pub const RR: &str = "svclb_rr";
+    pub const AFFINITY: &str = "svclb_affinity";
+    pub const SCOPES: &str = "svclb_scopes";
     /// Every map that svclb pins.
-    pub const ALL: [&str; 7] = [VIPS, SERVICES, SLOTS, BACKENDS, STATS, META, LAYOUT];
+    pub const ALL: [&str; 13] = [
+        VIPS, PORTS, SERVICES, SLOTS, BACKENDS, STATS, CONNS, META, LAYOUT, SOCKS, RR, AFFINITY,
+        SCOPES,
+    ];
 }
 
 /// Program names in the eBPF object.
 pub mod program_names {
     pub const CONNECT4: &str = "svclb_connect4";
+    pub const CONNECT6: &str = "svclb_connect6";
+    pub const SENDMSG4: &str = "svclb_sendmsg4";
+    pub const SENDMSG6: &str = "svclb_sendmsg6";
+    pub const RECVMSG4: &str = "svclb_recvmsg4";
+    pub const RECVMSG6: &str = "svclb_recvmsg6";
+    pub const GETPEERNAME4: &str = "svclb_peer4";
+    pub const GETPEERNAME6: &str = "svclb_peer6";
+    pub const SKB_EGRESS: &str = "svclb_egress";
+    pub const SKB_INGRESS: &str = "svclb_ingress";
+    pub const SOCK_OPS: &str = "svclb_sockops";
+    pub const SOCK_RELEASE: &str = "svclb_release";
 }
+
+/// IP protocol numbers, as sockets and config name them.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Default capacities; svclbd can raise them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Backends across all services (each has a stats slot).
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// Schedule slots across all services. Each service uses two generations of
-/// slots (see [`crate::schedule`]), so this is twice the scheduled backends.
-pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+/// slots while it switches (see [`crate::schedule`]); an `mh` service uses a
+/// whole Maglev table. The map is not preallocated: memory follows use.
+pub const DEFAULT_MAX_SLOTS: u32 = 1 << 22;
 
 /// Highest number of slots one generation of one service may use.
 pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;
@@ -58,44 +83,99 @@ impl VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipValue {
+    /// The all-ports (FWM-style) service; 0 when the VIP has only per-port services.
     pub mark: u32,
     pub flags: u32,
 }
 
+/// [`VipValue::flags`]: the VIP has per-port services in the ports map.
+pub const VIP_F_PORTS: u32 = 1;
+
+/// A per-port service: VIP, destination port and protocol, the way a
+/// Kubernetes Service port is matched. It wins over the VIP's all-ports one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    pub addr: [u32; 4],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
 /// Scheduler of a service, as IPVS names them.
+///
+/// How each one uses the slots is described in `svclb_userspace::schedule`;
+/// the eBPF side only picks a slot index.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheduler {
-    /// Uniform random choice over the slots.
+    /// Uniform random choice over weighted slots.
     Random = 0,
+    /// Round robin, per CPU, over one slot per backend.
+    Rr = 1,
+    /// Weighted round robin, per CPU, over a smooth weighted slot order.
+    Wrr = 2,
+    /// Maglev consistent hashing: the slots are the lookup table.
+    Mh = 3,
+    /// Source hashing over weighted slots.
+    Sh = 4,
+    /// Least connection: fewest active*256 + inactive.
+    Lc = 5,
+    /// Weighted least connection: lc divided by weight.
+    Wlc = 6,
 }
 
 impl Scheduler {
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Scheduler::Random),
+            1 => Some(Scheduler::Rr),
+            2 => Some(Scheduler::Wrr),
+            3 => Some(Scheduler::Mh),
+            4 => Some(Scheduler::Sh),
+            5 => Some(Scheduler::Lc),
+            6 => Some(Scheduler::Wlc),
             _ => None,
         }
     }
 
     /// Parses the name used in config files and on the command line.
     pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "random" => Some(Scheduler::Random),
-            _ => None,
-        }
+        Self::ALL.iter().copied().find(|s| s.name() == name)
     }
 
+    pub const ALL: [Scheduler; 7] = [
+        Scheduler::Random,
+        Scheduler::Rr,
+        Scheduler::Wrr,
+        Scheduler::Mh,
+        Scheduler::Sh,
+        Scheduler::Lc,
+        Scheduler::Wlc,
+    ];
+
     /// Every scheduler name accepted, for error messages.
-    pub const NAMES: &'static [&'static str] = &["random"];
+    pub const NAMES: &'static [&'static str] = &["random", "rr", "wrr", "mh", "sh", "lc", "wlc"];
 
     /// The name `ipvsadm` would print.
     pub const fn name(self) -> &'static str {
         match self {
             Scheduler::Random => "random",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Mh => "mh",
+            Scheduler::Sh => "sh",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
         }
     }
 }
+
+/// How many backends a least-connection pick compares. Services with more
+/// compare this many consecutive slots from a random start (sampled lc):
+/// the verifier needs a small bound on the loop.
+pub const MAX_LC_BACKENDS: u32 = 16;
 
 /// An IPVS FWM service: how many slots the program chooses from, and where
 /// they start (the generation, see [`crate::schedule`]).
@@ -108,8 +188,20 @@ pub struct ServiceValue {
     pub slot_base: u32,
     /// A [`Scheduler`] value.
     pub scheduler: u32,
+    /// `SVC_F_*` bits.
     pub flags: u32,
+    /// Changes whenever the schedule changes, so that per-socket and
+    /// affinity choices made under an older schedule are checked again.
+    pub generation: u32,
+    /// Affinity timeout in seconds, with [`SVC_F_AFFINITY`].
+    pub affinity_secs: u32,
+    /// Networks (bits of the scopes map) that see this service; 0: all.
+    pub scope: u64,
 }
+
+/// [`ServiceValue::flags`]: the same client gets the same backend for
+/// `affinity_secs` (IPVS persistence, kube-proxy ClientIP affinity).
+pub const SVC_F_AFFINITY: u32 = 1;
 
 /// Key of one schedule slot of a service.
 #[repr(C)]
@@ -134,8 +226,10 @@ pub struct Slot {
     /// like an FWM real server `-> 172.50.0.40:0`.
     pub port_be: u16,
     pub family: u16,
-    /// Index into the stats map.
+    /// Index into the stats and conns maps.
     pub backend_id: u32,
+    /// The backend's weight (used by wlc).
+    pub weight: u32,
 }
 
 /// Every backend that svclb knows, whether it is scheduled or not (weight 0).
@@ -160,6 +254,63 @@ pub struct BackendStats {
     pub out_pkts: u64,
     pub in_bytes: u64,
     pub out_bytes: u64,
+}
+
+/// Live connections of a backend, shared by all CPUs (updated atomically):
+/// ActiveConn and InActConn, and what lc/wlc choose by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnGauge {
+    pub active: i64,
+    pub inactive: i64,
+}
+
+/// What svclb remembers of a translated socket, in socket-local storage so
+/// that it is freed with the socket: where it was really going (the VIP) and
+/// where it was sent (the backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    pub vip: [u32; 4],
+    pub backend: [u32; 4],
+    pub vip_port_be: u16,
+    pub backend_port_be: u16,
+    pub backend_id: u32,
+    pub mark: u32,
+    /// The service generation the backend was chosen under.
+    pub generation: u32,
+    /// `CONN_*`: how this socket is counted in [`ConnGauge`].
+    pub conn: u32,
+    /// `SOCK_F_*` bits.
+    pub flags: u32,
+}
+
+/// [`SockState::conn`] values.
+pub const CONN_NONE: u32 = 0;
+pub const CONN_INACTIVE: u32 = 1;
+pub const CONN_ACTIVE: u32 = 2;
+
+/// [`SockState::flags`]: an unconnected UDP socket (sendmsg): only packets
+/// to or from `backend` belong to it.
+pub const SOCK_F_UNCONNECTED: u32 = 1;
+
+/// Affinity is per client: svclb's clients are local, so a client is a
+/// network namespace (its cookie), i.e. a container.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub mark: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub slot: Slot,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last connection that used it.
+    pub last_ns: u64,
 }
 
 impl BackendStats {
@@ -221,6 +372,11 @@ mod user {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceMeta {}
     unsafe impl aya::Pod for LayoutValue {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for ConnGauge {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 
     /// 16 bytes in network order as four words, the way the kernel's
     /// `user_ip6` and these maps hold them.

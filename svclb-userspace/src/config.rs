@@ -1338,10 +1338,10 @@ backends = ["::ffff:172.50.0.40", { address = "::FFFF:ac32:0029" }]
     #[test]
     fn unknown_scheduler() {
         rejects(
-            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nscheduler = \"rr\"\n",
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nscheduler = \"fifo\"\n",
             4,
             "service[0].scheduler",
-            "unknown scheduler \"rr\"; accepted: random",
+            "unknown scheduler \"fifo\"; accepted: random, rr, wrr, mh, sh, lc, wlc",
         );
     }
 
@@ -1676,6 +1676,18 @@ timeout = "1s 500ms"
             2,
             "dns.stale_grace",
             "expected a duration",
+        );
+    }
+
+    #[test]
+    fn the_deploy_example_is_valid() {
+        let config = parse_str(include_str!("../../deploy/svclb.toml"), "deploy/svclb.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.discovered.len(), 3);
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(
+            config.dns.nameservers,
+            vec!["127.0.0.11:53".parse().unwrap()]
         );
     }
 }

@@ -4,18 +4,29 @@
 use std::{collections::BTreeMap, mem::size_of, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use svclb_common::{
-    map_names, words_addr, BackendInfo, BackendStats, LayoutValue, Scheduler, ServiceMeta,
-    ServiceValue, Slot, SlotKey, VipKey, VipValue, LAYOUT_VERSION,
+    map_names, words_addr, AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge,
+    LayoutValue, PortKey, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey,
+    VipValue, LAYOUT_VERSION,
 };
 
 use crate::pins::PinDir;
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 7] = [
+pub const EXPECTED_LAYOUT: [(&str, usize, usize); 13] = [
     (map_names::VIPS, size_of::<VipKey>(), size_of::<VipValue>()),
+    (map_names::PORTS, size_of::<PortKey>(), size_of::<u32>()),
+    (map_names::CONNS, size_of::<u32>(), size_of::<ConnGauge>()),
+    (map_names::SOCKS, size_of::<i32>(), size_of::<SockState>()),
+    (map_names::RR, size_of::<u32>(), size_of::<u32>()),
+    (
+        map_names::AFFINITY,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
+    (map_names::SCOPES, size_of::<u64>(), size_of::<u64>()),
     (
         map_names::SERVICES,
         size_of::<u32>(),
@@ -76,6 +87,10 @@ pub struct Capacity {
 /// The pinned maps, typed.
 pub struct Dataplane {
     pub vips: HashMap<MapData, VipKey, VipValue>,
+    pub ports: HashMap<MapData, PortKey, u32>,
+    pub conns: Array<MapData, ConnGauge>,
+    pub rr: PerCpuHashMap<MapData, u32, u32>,
+    pub scopes: HashMap<MapData, u64, u64>,
     pub services: HashMap<MapData, u32, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, Slot>,
     pub backends: HashMap<MapData, u32, BackendInfo>,
@@ -119,8 +134,16 @@ impl Dataplane {
         let (backends, backends_max) = open_map(pins, map_names::BACKENDS)?;
         let (stats, _) = open_map(pins, map_names::STATS)?;
         let (meta, _) = open_map(pins, map_names::META)?;
+        let (ports, _) = open_map(pins, map_names::PORTS)?;
+        let (conns, _) = open_map(pins, map_names::CONNS)?;
+        let (rr, _) = open_map(pins, map_names::RR)?;
+        let (scopes, _) = open_map(pins, map_names::SCOPES)?;
         Ok(Dataplane {
             vips: vips.try_into()?,
+            ports: ports.try_into()?,
+            conns: conns.try_into()?,
+            rr: rr.try_into()?,
+            scopes: scopes.try_into()?,
             services: services.try_into()?,
             slots: slots.try_into()?,
             backends: backends.try_into()?,
@@ -144,11 +167,24 @@ impl Dataplane {
         Ok(total)
     }
 
+    /// A backend's live connections (ActiveConn, InActConn).
+    pub fn backend_conns(&self, id: u32) -> Result<ConnGauge> {
+        Ok(self.conns.get(&id, 0)?)
+    }
+
     /// Zeroes a backend's counters, before its id is given to a new backend.
     pub fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let zeros = PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
+        let zeros = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
         self.stats.set(id, zeros, 0)?;
+        self.conns.set(id, ConnGauge::default(), 0)?;
+        Ok(())
+    }
+
+    /// Creates a service's round-robin positions (per CPU, all 0), so the
+    /// program only ever updates them in place.
+    pub fn init_rr(&mut self, mark: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![0u32; nr_cpus()?])?;
+        self.rr.insert(mark, zeros, 0)?;
         Ok(())
     }
 
@@ -197,6 +233,10 @@ impl Dataplane {
         }
         Ok(Snapshot { services, vips })
     }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
 }
 
 /// What the maps hold, read at one moment.

@@ -11,6 +11,7 @@
 //! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
 //! - [`reconcile`]: turning a desired state into map writes, all or nothing.
 //! - [`loader`]: loading the programs and attaching them to cgroups.
+//! - [`schedule`]: the slot table each scheduler picks from.
 //! - [`stats`]: ipvsadm-style listings and JSON.
 //! - [`notify`]: telling systemd (or a test) that svclbd is ready.
 //! - [`target`]: what to attach to: a cgroup, a process's, a container's.
@@ -24,6 +25,7 @@ pub mod loader;
 pub mod notify;
 pub mod pins;
 pub mod reconcile;
+pub mod schedule;
 pub mod stats;
 pub mod sync;
 pub mod target;

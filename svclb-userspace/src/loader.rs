@@ -13,7 +13,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, MapData},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use svclb_common::{map_names, program_names, LayoutValue, LAYOUT_VERSION};
@@ -36,8 +39,43 @@ impl Default for Capacities {
     }
 }
 
-/// The programs svclb attaches to every cgroup.
-pub const PROGRAMS: [&str; 1] = [program_names::CONNECT4];
+/// How a program is attached to a cgroup.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    SockAddr,
+    Skb(CgroupSkbAttachType),
+    SockOps,
+    Sock,
+}
+
+/// The programs svclb attaches to every cgroup, in attach order: the
+/// counters and reverse translations before the translations, so that no
+/// translated socket misses its first packet or its state callback.
+const PROGRAMS: [(&str, Hook); 12] = [
+    (
+        program_names::SKB_EGRESS,
+        Hook::Skb(CgroupSkbAttachType::Egress),
+    ),
+    (
+        program_names::SKB_INGRESS,
+        Hook::Skb(CgroupSkbAttachType::Ingress),
+    ),
+    (program_names::SOCK_OPS, Hook::SockOps),
+    (program_names::SOCK_RELEASE, Hook::Sock),
+    (program_names::RECVMSG4, Hook::SockAddr),
+    (program_names::RECVMSG6, Hook::SockAddr),
+    (program_names::GETPEERNAME4, Hook::SockAddr),
+    (program_names::GETPEERNAME6, Hook::SockAddr),
+    (program_names::CONNECT4, Hook::SockAddr),
+    (program_names::CONNECT6, Hook::SockAddr),
+    (program_names::SENDMSG4, Hook::SockAddr),
+    (program_names::SENDMSG6, Hook::SockAddr),
+];
+
+/// Names of the programs attached to every cgroup.
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.iter().map(|(name, _)| *name)
+}
 
 /// A loaded object whose maps are the pinned ones.
 pub struct Loaded {
@@ -73,10 +111,18 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         .map_max_entries(map_names::VIPS, caps.max_services)
         .map_max_entries(map_names::SERVICES, caps.max_services)
         .map_max_entries(map_names::META, caps.max_services)
+        .map_max_entries(map_names::PORTS, caps.max_services)
+        .map_max_entries(map_names::RR, caps.max_services)
+        .map_max_entries(map_names::CONNS, caps.max_backends)
         .map_max_entries(map_names::BACKENDS, caps.max_backends)
         .map_max_entries(map_names::STATS, caps.max_backends)
-        // Two generations of schedules, with room for weights.
-        .map_max_entries(map_names::SLOTS, caps.max_backends.saturating_mul(4));
+        // Not preallocated: the capacity costs nothing until it is used.
+        .map_max_entries(
+            map_names::SLOTS,
+            caps.max_backends
+                .saturating_mul(4)
+                .max(svclb_common::DEFAULT_MAX_SLOTS),
+        );
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
 
     let mut layout: Array<&mut MapData, LayoutValue> = ebpf
@@ -100,13 +146,17 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         0,
     )?;
 
-    for name in PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
+    for (name, hook) in PROGRAMS {
+        let prog = ebpf
             .program_mut(name)
-            .with_context(|| format!("the eBPF object has no program {name}"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading program {name} (the verifier said no)"))?;
+            .with_context(|| format!("the eBPF object has no program {name}"))?;
+        let loaded = match hook {
+            Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
+            Hook::Skb(_) => <&mut CgroupSkb>::try_from(prog)?.load(),
+            Hook::SockOps => <&mut SockOps>::try_from(prog)?.load(),
+            Hook::Sock => <&mut CgroupSock>::try_from(prog)?.load(),
+        };
+        loaded.with_context(|| format!("loading program {name} (the verifier refused it)"))?;
     }
     Ok(Loaded {
         ebpf,
@@ -121,18 +171,37 @@ impl Loaded {
     pub fn attach(&mut self, cgroup: &CgroupPath) -> Result<()> {
         let dir = self.pins.links().join(cgroup.pin_name());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
+        for (name, hook) in PROGRAMS {
+            let prog = self
                 .ebpf
                 .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
+                .with_context(|| format!("no program {name}"))?;
             let file = fs::File::open(&cgroup.absolute)
                 .with_context(|| format!("opening cgroup {}", cgroup.absolute.display()))?;
-            let id = prog
-                .attach(file, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.absolute.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let mode = CgroupAttachMode::Single;
+            let context = || format!("attaching {name} to {}", cgroup.absolute.display());
+            let link: FdLink = match hook {
+                Hook::SockAddr => {
+                    let p = <&mut CgroupSockAddr>::try_from(prog)?;
+                    let id = p.attach(file, mode).with_context(context)?;
+                    p.take_link(id)?.try_into()?
+                }
+                Hook::Skb(direction) => {
+                    let p = <&mut CgroupSkb>::try_from(prog)?;
+                    let id = p.attach(file, direction, mode).with_context(context)?;
+                    p.take_link(id)?.try_into()?
+                }
+                Hook::SockOps => {
+                    let p = <&mut SockOps>::try_from(prog)?;
+                    let id = p.attach(file, mode).with_context(context)?;
+                    p.take_link(id)?.try_into()?
+                }
+                Hook::Sock => {
+                    let p = <&mut CgroupSock>::try_from(prog)?;
+                    let id = p.attach(file, mode).with_context(context)?;
+                    p.take_link(id)?.try_into()?
+                }
+            };
             // bpffs refuses dots in names.
             let fresh = dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&fresh);

@@ -20,11 +20,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use svclb_common::{
-    addr_words, family_of,
-    schedule::{other_generation, weighted_slots},
-    BackendInfo, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue,
-    MAX_SLOTS_PER_SERVICE,
+    addr_words, family_of, schedule::other_generation, BackendInfo, Scheduler, ServiceMeta,
+    ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
 };
+
+use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
     config::DesiredState,
@@ -262,14 +262,20 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                 port_be: info.port_be,
                 family: info.family,
                 backend_id: id,
+                weight: b.weight,
             });
         }
-        let picks = weighted_slots(&weights, MAX_SLOTS_PER_SERVICE).with_context(|| {
-            format!(
-                "service {}: its weights need more than {MAX_SLOTS_PER_SERVICE} schedule slots; use smaller weights",
-                spec.name
-            )
-        })?;
+        let planned: Vec<PlannedBackend> = spec
+            .backends
+            .iter()
+            .map(|b| PlannedBackend {
+                addr: b.addr,
+                port: b.port,
+                weight: b.weight,
+            })
+            .collect();
+        let picks = plan_slots(spec.scheduler, &planned)
+            .with_context(|| format!("service {}", spec.name))?;
         let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
         let meta = ServiceMeta::new(&spec.name, spec.vip);
 
@@ -286,6 +292,10 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     slot_base: other_generation(active),
                     scheduler: spec.scheduler as u32,
                     flags: 0,
+                    // Choices remembered under the old schedule get checked again.
+                    generation: old.map_or(1, |o| o.value.generation.wrapping_add(1)),
+                    affinity_secs: 0,
+                    scope: 0,
                 };
                 peak_slots += slots.len() as u64;
                 let retired = old.map(|o| Generation {
@@ -430,6 +440,10 @@ pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
                     .context("writing a schedule slot")?;
             }
         }
+        if w.new_slots.is_some() {
+            // Round-robin positions exist before any program can read them.
+            dp.init_rr(w.mark)?;
+        }
         dp.services
             .insert(w.mark, w.value, 0)
             .context("writing a service")?;
@@ -460,6 +474,7 @@ pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
     for (mark, generation) in &plan.removed_services {
         remove_missing_ok(dp.services.remove(mark))?;
         remove_missing_ok(dp.meta.remove(mark))?;
+        remove_missing_ok(dp.rr.remove(mark))?;
         remove_slots(dp, *mark, *generation)?;
     }
     for id in &plan.removed_backends {

@@ -112,15 +112,16 @@ async fn run(args: Args) -> Result<()> {
         discovered = config.discovered.len(),
         "ready"
     );
+    // Handlers first: a SIGTERM right after READY must not kill svclbd.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     notify::notify("READY=1").context("notifying readiness")?;
 
     let mut watch = match (&file, args.no_watch) {
         (Some(f), false) => Some(FileWatch::new(f.path())?),
         _ => None,
     };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     loop {
         let due = discovery.next_due();
         tokio::select! {

@@ -1,0 +1,151 @@
+//! IPVS's per-backend counters for translated sockets: packets and bytes
+//! (cgroup_skb, In = client to backend, Out = backend to client, bytes are
+//! L3 lengths) and ActiveConn/InActConn (sock_ops TCP state changes,
+//! sock_release). A socket that svclb did not translate has no socket
+//! storage and costs one lookup per packet.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED,
+    },
+    helpers::{bpf_sk_fullsock, bpf_sk_storage_get},
+    macros::{cgroup_skb, cgroup_sock, sock_ops},
+    programs::{SkBuffContext, SockContext, SockOpsContext},
+};
+use svclb_common::{
+    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_UNCONNECTED,
+};
+
+use crate::{maps::{SOCKS, STATS}, service::set_conn_state};
+
+/// [`SockState::flags`] bit (eBPF only): the TCP state callback is on, so
+/// the socket's gauges are settled by its transition to CLOSE.
+const SOCK_F_STATE_CB: u32 = 1 << 16;
+
+#[inline(always)]
+fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = ptr::from_ref(&SOCKS).cast_mut().cast();
+    let state = unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) } as *mut SockState;
+    unsafe { state.as_mut() }
+}
+
+const ETH_P_IP_BE: u32 = 0x0008;
+
+/// For unconnected UDP: whether the packet's peer address (destination on
+/// egress, source on ingress) is the socket's backend.
+#[inline(always)]
+fn peer_is_backend(ctx: &SkBuffContext, state: &SockState, egress: bool) -> bool {
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    if protocol == ETH_P_IP_BE {
+        let off = if egress { 16 } else { 12 };
+        matches!(ctx.load::<u32>(off), Ok(a) if a == state.backend[3])
+    } else {
+        let off = if egress { 24 } else { 8 };
+        let mut addr = [0u32; 4];
+        for (i, w) in addr.iter_mut().enumerate() {
+            match ctx.load::<u32>(off + 4 * i) {
+                Ok(v) => *w = v,
+                Err(_) => return false,
+            }
+        }
+        addr == state.backend
+    }
+}
+
+#[inline(always)]
+fn count(ctx: &SkBuffContext, egress: bool) {
+    let skb = ctx.skb.skb;
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    let Some(state) = sock_state(sk) else {
+        return;
+    };
+    if state.mark == 0 {
+        return;
+    }
+    if state.flags & SOCK_F_UNCONNECTED != 0 && !peer_is_backend(ctx, state, egress) {
+        return;
+    }
+    let len = u64::from(unsafe { (*skb).len });
+    if let Some(stats) = STATS.get_ptr_mut(state.backend_id) {
+        let stats = unsafe { &mut *stats };
+        if egress {
+            stats.in_pkts = stats.in_pkts.wrapping_add(1);
+            stats.in_bytes = stats.in_bytes.wrapping_add(len);
+        } else {
+            stats.out_pkts = stats.out_pkts.wrapping_add(1);
+            stats.out_bytes = stats.out_bytes.wrapping_add(len);
+        }
+    }
+}
+
+#[cgroup_skb(egress)]
+pub fn svclb_egress(ctx: SkBuffContext) -> i32 {
+    count(&ctx, true);
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn svclb_ingress(ctx: SkBuffContext) -> i32 {
+    count(&ctx, false);
+    1
+}
+
+/// TCP state changes of translated sockets: ESTABLISHED is active, the
+/// other states inactive, CLOSE leaves the gauges.
+#[sock_ops]
+pub fn svclb_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return 1;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(state) = sock_state(sk) else {
+        return 1;
+    };
+    if state.mark == 0 {
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_ok() {
+            state.flags |= SOCK_F_STATE_CB;
+        }
+        return 1;
+    }
+    let new_state = ctx.arg(1);
+    let to = if new_state == BPF_TCP_ESTABLISHED {
+        CONN_ACTIVE
+    } else if new_state == BPF_TCP_CLOSE {
+        CONN_NONE
+    } else if state.conn == CONN_NONE {
+        CONN_NONE
+    } else {
+        CONN_INACTIVE
+    };
+    set_conn_state(state, to);
+    1
+}
+
+/// A socket closed by its process: UDP sockets (and TCP sockets whose
+/// state is not followed) leave the gauges here.
+#[cgroup_sock(sock_release)]
+pub fn svclb_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let Some(state) = sock_state(sk) else {
+        return 1;
+    };
+    let tcp = unsafe { (*sk).protocol } == u32::from(IPPROTO_TCP);
+    if !(tcp && state.flags & SOCK_F_STATE_CB != 0) {
+        set_conn_state(state, CONN_NONE);
+    }
+    1
+}

@@ -1,0 +1,271 @@
+//! The socket hooks: connect() and sendmsg() to a VIP are rewritten to a
+//! backend; recvmsg() and getpeername() show the VIP again, so the
+//! application cannot tell.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use svclb_common::{
+    SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_UNCONNECTED,
+};
+
+use crate::{
+    maps::SOCKS,
+    service::{count_new_connection, pick, release_conn, resolve, set_conn_state, Dest},
+};
+
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// The destination a hook sees, as 16 bytes (IPv4 mapped) and a port.
+struct Target {
+    key: VipKey,
+    port_be: u16,
+}
+
+#[inline(always)]
+fn read4(sa: *mut bpf_sock_addr) -> Target {
+    unsafe {
+        Target {
+            key: VipKey::from_ipv4_be((*sa).user_ip4),
+            // user_port may be read narrowly only on newer kernels; a
+            // volatile 4-byte read keeps LLVM from narrowing it.
+            port_be: core::ptr::read_volatile(&(*sa).user_port) as u16,
+        }
+    }
+}
+
+#[inline(always)]
+fn read6(sa: *mut bpf_sock_addr) -> Target {
+    // Element by element: a whole-array copy of user_ip6 is a "modified
+    // ctx ptr" dereference to the verifier.
+    unsafe {
+        Target {
+            key: VipKey {
+                addr: [
+                    (*sa).user_ip6[0],
+                    (*sa).user_ip6[1],
+                    (*sa).user_ip6[2],
+                    (*sa).user_ip6[3],
+                ],
+            },
+            port_be: core::ptr::read_volatile(&(*sa).user_port) as u16,
+        }
+    }
+}
+
+#[inline(always)]
+fn write4(sa: *mut bpf_sock_addr, addr: &[u32; 4], port_be: u16) {
+    unsafe {
+        (*sa).user_ip4 = addr[3];
+        (*sa).user_port = u32::from(port_be);
+    }
+}
+
+#[inline(always)]
+fn write6(sa: *mut bpf_sock_addr, addr: &[u32; 4], port_be: u16) {
+    unsafe {
+        (*sa).user_ip6[0] = addr[0];
+        (*sa).user_ip6[1] = addr[1];
+        (*sa).user_ip6[2] = addr[2];
+        (*sa).user_ip6[3] = addr[3];
+        (*sa).user_port = u32::from(port_be);
+    }
+}
+
+/// What IPVS does when a service has no destination: the client sees
+/// ECONNREFUSED at once (for connect() and for sendmsg()), not EPERM and
+/// not a timeout.
+#[inline(always)]
+fn refuse() -> i32 {
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+#[inline(always)]
+fn socket_proto(ctx: &SockAddrContext) -> Option<u8> {
+    let proto = unsafe { (*ctx.sock_addr).protocol };
+    if proto == u32::from(IPPROTO_TCP) || proto == u32::from(IPPROTO_UDP) {
+        Some(proto as u8)
+    } else {
+        None
+    }
+}
+
+/// connect(): picks a backend for the socket and remembers it.
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4], u16)>, ()> {
+    let Some(proto) = socket_proto(ctx) else {
+        return Ok(None);
+    };
+    let (mark, svc) = match resolve(&target.key, target.port_be, proto) {
+        Dest::Plain => return Ok(None),
+        Dest::Refuse => return Err(()),
+        Dest::Service(mark, svc) => (mark, svc),
+    };
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let slot = pick(mark, &svc, cookie).ok_or(())?;
+    let port_be = if slot.port_be != 0 { slot.port_be } else { target.port_be };
+    let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
+    if let Some(state) = unsafe { state.as_mut() } {
+        // A UDP socket may be connected again: undo what it counted before.
+        release_conn(state);
+        *state = SockState {
+            vip: target.key.addr,
+            backend: slot.addr,
+            vip_port_be: target.port_be,
+            backend_port_be: port_be,
+            backend_id: slot.backend_id,
+            mark,
+            generation: svc.generation,
+            conn: 0,
+            flags: 0,
+        };
+        set_conn_state(state, CONN_INACTIVE);
+    }
+    count_new_connection(slot.backend_id);
+    Ok(Some((slot.addr, port_be)))
+}
+
+/// sendmsg() on an unconnected UDP socket: each datagram to a VIP goes to
+/// the backend this socket was given, chosen again only when the schedule
+/// has changed since, so a request and its retries reach the same task.
+#[inline(always)]
+fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4], u16)>, ()> {
+    let (mark, svc) = match resolve(&target.key, target.port_be, IPPROTO_UDP) {
+        Dest::Plain => return Ok(None),
+        Dest::Refuse => return Err(()),
+        Dest::Service(mark, svc) => (mark, svc),
+    };
+    if svc.count == 0 {
+        return Err(());
+    }
+    let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
+    let state = unsafe { state.as_mut() };
+    if let Some(state) = &state {
+        if state.mark == mark
+            && state.generation == svc.generation
+            && state.vip == target.key.addr
+            && state.vip_port_be == target.port_be
+        {
+            return Ok(Some((state.backend, state.backend_port_be)));
+        }
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let slot = pick(mark, &svc, cookie).ok_or(())?;
+    let port_be = if slot.port_be != 0 { slot.port_be } else { target.port_be };
+    count_new_connection(slot.backend_id);
+    // Without socket storage (memory pressure) it is balanced, unremembered.
+    let Some(state) = state else {
+        return Ok(Some((slot.addr, port_be)));
+    };
+    release_conn(state);
+    *state = SockState {
+        vip: target.key.addr,
+        backend: slot.addr,
+        vip_port_be: target.port_be,
+        backend_port_be: port_be,
+        backend_id: slot.backend_id,
+        mark,
+        generation: svc.generation,
+        conn: 0,
+        flags: SOCK_F_UNCONNECTED,
+    };
+    set_conn_state(state, CONN_INACTIVE);
+    Ok(Some((slot.addr, port_be)))
+}
+
+/// recvmsg()/getpeername(): a peer that is this socket's backend is shown
+/// as the VIP the application asked for.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, peer: &Target) -> Option<([u32; 4], u16)> {
+    let state = unsafe { SOCKS.get_ptr_mut(ctx) };
+    let state = unsafe { state.as_ref() }?;
+    if state.mark != 0 && state.backend == peer.key.addr && state.backend_port_be == peer.port_be {
+        Some((state.vip, state.vip_port_be))
+    } else {
+        None
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
+    let target = read4(ctx.sock_addr);
+    match on_connect(&ctx, &target) {
+        Ok(Some((addr, port))) => write4(ctx.sock_addr, &addr, port),
+        Ok(None) => {}
+        Err(()) => return refuse(),
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
+    let target = read6(ctx.sock_addr);
+    match on_connect(&ctx, &target) {
+        Ok(Some((addr, port))) => write6(ctx.sock_addr, &addr, port),
+        Ok(None) => {}
+        Err(()) => return refuse(),
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let target = read4(ctx.sock_addr);
+    match on_sendmsg(&ctx, &target) {
+        Ok(Some((addr, port))) => write4(ctx.sock_addr, &addr, port),
+        Ok(None) => {}
+        Err(()) => return refuse(),
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let target = read6(ctx.sock_addr);
+    match on_sendmsg(&ctx, &target) {
+        Ok(Some((addr, port))) => write6(ctx.sock_addr, &addr, port),
+        Ok(None) => {}
+        Err(()) => return refuse(),
+    }
+    ALLOW
+}
+
+// recvmsg and getpeername programs must return exactly 1.
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn svclb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some((addr, port)) = reverse(&ctx, &read4(ctx.sock_addr)) {
+        write4(ctx.sock_addr, &addr, port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn svclb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some((addr, port)) = reverse(&ctx, &read6(ctx.sock_addr)) {
+        write6(ctx.sock_addr, &addr, port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn svclb_peer4(ctx: SockAddrContext) -> i32 {
+    if let Some((addr, port)) = reverse(&ctx, &read4(ctx.sock_addr)) {
+        write4(ctx.sock_addr, &addr, port);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn svclb_peer6(ctx: SockAddrContext) -> i32 {
+    if let Some((addr, port)) = reverse(&ctx, &read6(ctx.sock_addr)) {
+        write6(ctx.sock_addr, &addr, port);
+    }
+    ALLOW
+}
