@@ -80,11 +80,22 @@ fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
+    // Handled from the start: a SIGTERM during startup ends svclbd cleanly
+    // once it is ready, instead of killing it half-way.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
     // Validate everything before touching the kernel.
     let mut file = args.config.as_ref().map(ConfigFile::new);
     let mut config = match &mut file {
         Some(f) => f.load()?,
         None => Config::default(),
+    };
+    // Watching from now on, so no change made during startup is missed.
+    let mut watch = match (&file, args.no_watch) {
+        (Some(f), false) => Some(FileWatch::new(f.path())?),
+        _ => None,
     };
     let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
     let cgroups = target::resolve_all(&targets, args.docker_host.as_deref())?;
@@ -112,16 +123,8 @@ async fn run(args: Args) -> Result<()> {
         discovered = config.discovered.len(),
         "ready"
     );
-    // Handlers first: a SIGTERM right after READY must not kill svclbd.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     notify::notify("READY=1").context("notifying readiness")?;
 
-    let mut watch = match (&file, args.no_watch) {
-        (Some(f), false) => Some(FileWatch::new(f.path())?),
-        _ => None,
-    };
     loop {
         let due = discovery.next_due();
         tokio::select! {

@@ -18,11 +18,11 @@
 //!   unreachable resolver is not news about the tasks, and dropping working
 //!   backends would turn a DNS outage into a service outage. Past
 //!   `stale_grace` this is logged as an error.
-//! - the server answers NXDOMAIN or no address: that is news, but dockerd
-//!   answers so for a moment when it restarts, so the last good addresses
-//!   stay for `stale_grace` (stale meanwhile); if the answer still holds
-//!   then, it is applied: no tasks means no backends (connects are refused),
-//!   no VIP means no service.
+//! - the server answers NXDOMAIN or no address: that is news, but a resolver
+//!   that is still starting (dockerd restarting) may answer so for a moment,
+//!   so the last good addresses stay for `stale_grace` (stale meanwhile); if
+//!   the answer still holds then, it is applied: no tasks means no backends
+//!   (connects are refused), no VIP means no service.
 //! - an answer that does not make a valid service (a VIP that is also a
 //!   task, as a `dnsrr` service answers; a VIP that another service has; a
 //!   loopback VIP...) is refused: the service keeps the last set that was
