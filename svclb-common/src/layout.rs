@@ -23,10 +23,12 @@ pub mod map_names {
     pub const RR: &str = "svclb_rr";
     pub const AFFINITY: &str = "svclb_affinity";
     pub const SCOPES: &str = "svclb_scopes";
+    pub const NETWORKS: &str = "svclb_networks";
+    pub const RATES: &str = "svclb_rates";
     /// Every map that svclb pins.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         VIPS, PORTS, SERVICES, SLOTS, BACKENDS, STATS, CONNS, META, LAYOUT, SOCKS, RR, AFFINITY,
-        SCOPES,
+        SCOPES, NETWORKS, RATES,
     ];
 }
 
@@ -350,6 +352,30 @@ impl Default for ServiceMeta {
     }
 }
 
+/// The rate estimator of one backend (userspace only), pinned so that
+/// `svclb-ctl rate` reads what svclbd estimates and a restart continues it.
+/// Same arithmetic as IPVS's ip_vs_est.c; see svclb's `rates` module.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateState {
+    /// Counters at the last sample: conns, in_pkts, out_pkts, in_bytes, out_bytes.
+    pub last: [u64; 5],
+    /// Scaled averages, as IPVS keeps them (<<10 for conns and packets, <<5 for bytes).
+    pub avg: [u64; 5],
+    /// CLOCK_MONOTONIC nanoseconds of the last sample.
+    pub sampled_ns: u64,
+}
+
+/// A network name in the networks registry (NUL padded).
+pub const NETWORK_NAME_LEN: usize = 32;
+
+/// Key of the networks registry: network name -> scope bit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetworkName {
+    pub name: [u8; NETWORK_NAME_LEN],
+}
+
 /// Value of the single-entry `svclb_layout` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -377,6 +403,31 @@ mod user {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for NetworkName {}
+
+    impl NetworkName {
+        /// None when the name is longer than [`NETWORK_NAME_LEN`].
+        pub fn new(name: &str) -> Option<Self> {
+            let bytes = name.as_bytes();
+            if bytes.len() > NETWORK_NAME_LEN {
+                return None;
+            }
+            let mut n = NetworkName {
+                name: [0; NETWORK_NAME_LEN],
+            };
+            n.name[..bytes.len()].copy_from_slice(bytes);
+            Some(n)
+        }
+        pub fn as_string(&self) -> String {
+            let end = self
+                .name
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(NETWORK_NAME_LEN);
+            String::from_utf8_lossy(&self.name[..end]).into_owned()
+        }
+    }
 
     /// 16 bytes in network order as four words, the way the kernel's
     /// `user_ip6` and these maps hold them.

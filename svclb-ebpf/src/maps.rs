@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use svclb_common::{
     AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge, LayoutValue, PortKey,
-    ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey, VipValue, DEFAULT_MAX_BACKENDS,
+    NetworkName, RateState, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey, VipValue, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
 };
 
@@ -56,6 +56,12 @@ pub static BACKENDS: HashMap<u32, BackendInfo> =
 
 #[map(name = "svclb_meta")]
 pub static META: HashMap<u32, ServiceMeta> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "svclb_networks")]
+pub static NETWORKS: HashMap<NetworkName, u32> = HashMap::with_max_entries(64, 0);
+
+#[map(name = "svclb_rates")]
+pub static RATES: HashMap<u32, RateState> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "svclb_layout")]
 pub static LAYOUT: Array<LayoutValue> = Array::with_max_entries(1, 0);

@@ -7,15 +7,21 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use svclb_common::{
     map_names, words_addr, AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge,
-    LayoutValue, PortKey, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey,
-    VipValue, LAYOUT_VERSION,
+    LayoutValue, NetworkName, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot,
+    SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
 };
 
 use crate::pins::PinDir;
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 13] = [
+pub const EXPECTED_LAYOUT: [(&str, usize, usize); 15] = [
+    (
+        map_names::NETWORKS,
+        size_of::<NetworkName>(),
+        size_of::<u32>(),
+    ),
+    (map_names::RATES, size_of::<u32>(), size_of::<RateState>()),
     (map_names::VIPS, size_of::<VipKey>(), size_of::<VipValue>()),
     (map_names::PORTS, size_of::<PortKey>(), size_of::<u32>()),
     (map_names::CONNS, size_of::<u32>(), size_of::<ConnGauge>()),
@@ -91,6 +97,8 @@ pub struct Dataplane {
     pub conns: Array<MapData, ConnGauge>,
     pub rr: PerCpuHashMap<MapData, u32, u32>,
     pub scopes: HashMap<MapData, u64, u64>,
+    pub networks: HashMap<MapData, NetworkName, u32>,
+    pub rates: HashMap<MapData, u32, RateState>,
     pub services: HashMap<MapData, u32, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, Slot>,
     pub backends: HashMap<MapData, u32, BackendInfo>,
@@ -138,12 +146,16 @@ impl Dataplane {
         let (conns, _) = open_map(pins, map_names::CONNS)?;
         let (rr, _) = open_map(pins, map_names::RR)?;
         let (scopes, _) = open_map(pins, map_names::SCOPES)?;
+        let (networks, _) = open_map(pins, map_names::NETWORKS)?;
+        let (rates, _) = open_map(pins, map_names::RATES)?;
         Ok(Dataplane {
             vips: vips.try_into()?,
             ports: ports.try_into()?,
             conns: conns.try_into()?,
             rr: rr.try_into()?,
             scopes: scopes.try_into()?,
+            networks: networks.try_into()?,
+            rates: rates.try_into()?,
             services: services.try_into()?,
             slots: slots.try_into()?,
             backends: backends.try_into()?,

@@ -11,8 +11,10 @@
 //! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
 //! - [`reconcile`]: turning a desired state into map writes, all or nothing.
 //! - [`loader`]: loading the programs and attaching them to cgroups.
+//! - [`rates`]: IPVS's rate estimator (CPS, PPS, BPS).
 //! - [`schedule`]: the slot table each scheduler picks from.
 //! - [`stats`]: ipvsadm-style listings and JSON.
+//! - [`metrics`]: the Prometheus endpoint and the rate sampler.
 //! - [`notify`]: telling systemd (or a test) that svclbd is ready.
 //! - [`target`]: what to attach to: a cgroup, a process's, a container's.
 //! - [`docker`]: asking the Docker Engine API for a container's PID.
@@ -22,8 +24,10 @@ pub mod config;
 pub mod dataplane;
 pub mod docker;
 pub mod loader;
+pub mod metrics;
 pub mod notify;
 pub mod pins;
+pub mod rates;
 pub mod reconcile;
 pub mod schedule;
 pub mod stats;

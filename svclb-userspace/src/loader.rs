@@ -114,6 +114,7 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         .map_max_entries(map_names::PORTS, caps.max_services)
         .map_max_entries(map_names::RR, caps.max_services)
         .map_max_entries(map_names::CONNS, caps.max_backends)
+        .map_max_entries(map_names::RATES, caps.max_backends)
         .map_max_entries(map_names::BACKENDS, caps.max_backends)
         .map_max_entries(map_names::STATS, caps.max_backends)
         // Not preallocated: the capacity costs nothing until it is used.

@@ -8,7 +8,10 @@ use anyhow::Result;
 use serde::Serialize;
 use svclb_common::BackendStats;
 
-use crate::dataplane::{Dataplane, Snapshot};
+use crate::{
+    dataplane::{Dataplane, Snapshot},
+    rates::{self, Rates},
+};
 
 /// Counters of one service or backend, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -48,7 +51,13 @@ pub struct BackendReport {
     /// Absent: the client's destination port is kept (ipvsadm shows `:0`).
     pub port: Option<u16>,
     pub weight: u32,
+    /// TCP connections in ESTABLISHED (IPVS's ActiveConn).
+    pub active_conns: u64,
+    /// Other live connections: TCP being set up or torn down, UDP sockets (InActConn).
+    pub inactive_conns: u64,
     pub stats: Counters,
+    /// svclbd's estimate; zero when it has not sampled yet.
+    pub rates: Rates,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,6 +67,7 @@ pub struct ServiceReport {
     pub mark: u32,
     pub scheduler: &'static str,
     pub stats: Counters,
+    pub rates: Rates,
     pub backends: Vec<BackendReport>,
 }
 
@@ -70,15 +80,22 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
     let mut out = Vec::new();
     for svc in snapshot.services.values() {
         let mut total = Counters::default();
+        let mut estimators = Vec::new();
         let mut backends = Vec::new();
         for b in &svc.backends {
             let stats = Counters::from(dp.backend_stats(b.id)?);
             total.add(&stats);
+            let gauge = dp.backend_conns(b.id)?;
+            let estimator = dp.rates.get(&b.id, 0).unwrap_or_default();
+            estimators.push(estimator);
             backends.push(BackendReport {
                 address: b.addr,
                 port: b.port,
                 weight: b.weight,
+                active_conns: gauge.active.max(0) as u64,
+                inactive_conns: gauge.inactive.max(0) as u64,
                 stats,
+                rates: rates::rates(&estimator),
             });
         }
         out.push(ServiceReport {
@@ -87,10 +104,28 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
             mark: svc.mark,
             scheduler: svc.scheduler.name(),
             stats: total,
+            rates: rates::rates(&rates::sum(&estimators)),
             backends,
         });
     }
     Ok(out)
+}
+
+/// How long ago svclbd last sampled the rates (None: never).
+pub fn rates_age(dp: &Dataplane) -> Result<Option<std::time::Duration>> {
+    let newest = dp
+        .rates
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|(_, st)| st.sampled_ns)
+        .max();
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    Ok(newest.map(|n| std::time::Duration::from_nanos(now.saturating_sub(n))))
 }
 
 /// ipvsadm's `print_largenum`: 9 columns, K/M/G/T past 10^8 unless exact.
@@ -145,8 +180,34 @@ pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
     s
 }
 
-/// `ipvsadm -L -n`. svclb has no connection table yet, so ActiveConn and
-/// InActConn read 0 until the statistics work fills them.
+/// `ipvsadm -L -n --rate`: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
+pub fn format_rate(services: &[ServiceReport]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{HEADER}");
+    let _ = writeln!(
+        s,
+        "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS"
+    );
+    let _ = writeln!(s, "  -> RemoteAddress:Port");
+    let row = |s: &mut String, r: &Rates| {
+        for v in [r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps] {
+            s.push_str(&large_num(v, false));
+        }
+        s.push('\n');
+    };
+    for svc in services {
+        let _ = write!(s, "{:<33}", format!("FWM  {}", svc.mark));
+        row(&mut s, &svc.rates);
+        for b in &svc.backends {
+            let _ = write!(s, "  -> {:<28}", real_server(b.address, b.port));
+            row(&mut s, &b.rates);
+        }
+    }
+    s
+}
+
+/// `ipvsadm -L -n`: Forward is always Masq (the connection is made to the
+/// backend itself, as if NATed); ActiveConn and InActConn are live.
 pub fn format_list(services: &[ServiceReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{HEADER}");
@@ -164,8 +225,8 @@ pub fn format_list(services: &[ServiceReport]) -> String {
                 real_server(b.address, b.port),
                 "Masq",
                 b.weight,
-                0,
-                0
+                b.active_conns,
+                b.inactive_conns
             );
         }
     }
@@ -190,18 +251,31 @@ mod tests {
             mark: 317,
             scheduler: "random",
             stats: c(44981, 231280, 218415, 19264401, 22763535),
+            rates: Rates {
+                cps: 12,
+                in_pps: 34,
+                out_pps: 56,
+                in_bps: 7800,
+                out_bps: 123_456_789,
+            },
             backends: vec![
                 BackendReport {
                     address: "172.50.0.40".parse().unwrap(),
                     port: None,
                     weight: 1,
+                    active_conns: 2,
+                    inactive_conns: 5,
                     stats: c(21936, 109838, 109631, 9246909, 11278325),
+                    rates: Rates::default(),
                 },
                 BackendReport {
                     address: "172.50.0.41".parse().unwrap(),
                     port: None,
                     weight: 1,
+                    active_conns: 0,
+                    inactive_conns: 0,
                     stats: c(21937, 115545, 103936, 9544368, 10970396),
+                    rates: Rates::default(),
                 },
             ],
         }]
@@ -219,6 +293,28 @@ FWM  317                             44981   231280   218415 19264401 22763535
   -> 172.50.0.41:0                   21937   115545   103936  9544368 10970396
 ";
         assert_eq!(format_stats(&seed(), false), expected);
+    }
+
+    #[test]
+    fn list_and_rate_layouts() {
+        let list = format_list(&seed());
+        assert!(list.contains("FWM  317 random\n"), "{list}");
+        assert!(
+            list.contains(
+                "  -> 172.50.0.40:0                Masq    1      2          5         \n"
+            ),
+            "{list}"
+        );
+        let rate = format_rate(&seed());
+        assert!(rate.contains(
+            "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS\n"
+        ));
+        assert!(
+            rate.contains(
+                "FWM  317                                12       34       56     7800  123456K\n"
+            ),
+            "{rate}"
+        );
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub fn ctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
 pub struct Svclbd {
     child: Child,
     log: PathBuf,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Svclbd {
@@ -135,10 +136,24 @@ impl Svclbd {
         let _ = fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).context("binding the notify socket")?;
         notify.set_read_timeout(Some(Duration::from_millis(100)))?;
+        // Each svclbd gets a metrics port of its own, so that daemons of
+        // concurrent runs (tests, bench) never collide on the default one.
+        let metrics_addr = if args
+            .iter()
+            .any(|a| *a == "--metrics-addr" || *a == "--no-metrics")
+        {
+            None
+        } else {
+            let probe =
+                std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+            Some(probe.local_addr()?)
+        };
         let mut cmd = Command::new(bin("svclbd"));
-        cmd.arg("--pin-dir")
-            .arg(pin_dir.path())
-            .args(args)
+        cmd.arg("--pin-dir").arg(pin_dir.path());
+        if let Some(addr) = metrics_addr {
+            cmd.arg("--metrics-addr").arg(addr.to_string());
+        }
+        cmd.args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("SVCLB_LOG", "debug")
             .stdin(Stdio::null())
@@ -146,7 +161,11 @@ impl Svclbd {
             .stderr(fs::File::create(&log)?);
         configure(&mut cmd)?;
         let child = cmd.spawn().context("starting svclbd")?;
-        let mut daemon = Svclbd { child, log };
+        let mut daemon = Svclbd {
+            child,
+            log,
+            metrics_addr,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut buf = [0u8; 256];
         let result = loop {
@@ -170,6 +189,11 @@ impl Svclbd {
         };
         let _ = fs::remove_file(&notify_path);
         result.map(|()| daemon)
+    }
+
+    /// Where this svclbd serves /metrics (chosen by [`Svclbd::start`]).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn pid(&self) -> u32 {

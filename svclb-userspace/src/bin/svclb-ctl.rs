@@ -43,6 +43,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rates, like `ipvsadm -L -n --rate` (svclbd's 2 s estimator).
+    Rate {
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows what applying FILE would change, as ipvsadm rules (resolving
     /// its discovered services once).
     Diff { file: PathBuf },
@@ -125,6 +130,23 @@ fn run(args: Args) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", stats::format_stats(&report, exact));
+            }
+        }
+        Command::Rate { json } => {
+            let dp = Dataplane::open(&pins)?;
+            let report = stats::collect(&dp)?;
+            if let Some(age) = stats::rates_age(&dp)? {
+                if age > std::time::Duration::from_secs(6) {
+                    eprintln!(
+                        "svclb-ctl: the rates are {}s old: svclbd is not sampling them (is it running?)",
+                        age.as_secs()
+                    );
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", stats::format_rate(&report));
             }
         }
         Command::Diff { file } => {

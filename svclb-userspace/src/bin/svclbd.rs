@@ -56,6 +56,12 @@ struct Args {
     /// Capacity of the backend and stats maps, when they are created.
     #[arg(long, default_value_t = svclb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// Prometheus endpoint (`/metrics`); loopback by default.
+    #[arg(long, default_value = svclb::metrics::DEFAULT_METRICS_ADDR, value_name = "ADDR:PORT")]
+    metrics_addr: std::net::SocketAddr,
+    /// Serve no metrics.
+    #[arg(long)]
+    no_metrics: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SVCLB_LOG", default_value = "info")]
     log: String,
@@ -117,6 +123,14 @@ async fn run(args: Args) -> Result<()> {
         loaded.attach(cg)?;
         info!(cgroup = %cg.absolute.display(), "attached");
     }
+    if !args.no_metrics {
+        let listener = svclb::metrics::bind(args.metrics_addr).await?;
+        tokio::spawn(svclb::metrics::serve(listener, pins.clone(), None));
+    }
+    // IPVS's estimator samples every 2 s.
+    let mut rate_tick = tokio::time::interval(std::time::Duration::from_secs(
+        svclb::rates::SAMPLE_INTERVAL_SECS,
+    ));
     info!(
         pin_dir = %pins.root().display(),
         services = desired.services.len(),
@@ -130,6 +144,11 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = rate_tick.tick() => {
+                if let Err(e) = svclb::metrics::sample_rates(&pins, monotonic_ns()) {
+                    warn!("sampling rates: {e:#}");
+                }
+            },
             _ = sighup.recv() => match &mut file {
                 Some(f) => {
                     let loaded = f.load();
@@ -193,6 +212,15 @@ async fn reload(
             }
         }
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn changed(watch: &mut Option<FileWatch>) {

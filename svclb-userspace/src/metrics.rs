@@ -1,0 +1,289 @@
+//! Prometheus metrics at `/metrics`, read from the pinned maps at each
+//! scrape. Names follow node_exporter's IPVS collector with an `svclb_`
+//! prefix, and the labels are the ones its dashboards use (local_address,
+//! local_port, remote_address, remote_port, proto, local_mark) plus
+//! `service`; unlike node_exporter, packets and bytes are per backend too.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{dataplane::Dataplane, pins::PinDir, stats};
+
+/// Extra gauges other parts of svclbd publish (e.g. DNS discovery state),
+/// rendered after the data-plane metrics.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+const BACKEND_LABELS: [&str; 7] = [
+    "service",
+    "local_address",
+    "local_port",
+    "remote_address",
+    "remote_port",
+    "proto",
+    "local_mark",
+];
+
+/// Renders the metrics text for the maps pinned at `pins`.
+pub fn render(pins: &PinDir) -> Result<String> {
+    let dp = Dataplane::open(pins)?;
+    let services = stats::collect(&dp)?;
+    let registry = Registry::new();
+    let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let conns = counter(
+        "svclb_backend_connections_total",
+        "Connections scheduled to the backend (IPVS Conns).",
+        &BACKEND_LABELS,
+    )?;
+    let in_pkts = counter(
+        "svclb_backend_incoming_packets_total",
+        "Packets from clients to the backend (IPVS InPkts).",
+        &BACKEND_LABELS,
+    )?;
+    let out_pkts = counter(
+        "svclb_backend_outgoing_packets_total",
+        "Packets from the backend to clients (IPVS OutPkts).",
+        &BACKEND_LABELS,
+    )?;
+    let in_bytes = counter(
+        "svclb_backend_incoming_bytes_total",
+        "L3 bytes from clients to the backend (IPVS InBytes).",
+        &BACKEND_LABELS,
+    )?;
+    let out_bytes = counter(
+        "svclb_backend_outgoing_bytes_total",
+        "L3 bytes from the backend to clients (IPVS OutBytes).",
+        &BACKEND_LABELS,
+    )?;
+    let active = gauge(
+        "svclb_backend_connections_active",
+        "TCP connections in ESTABLISHED (IPVS ActiveConn).",
+        &BACKEND_LABELS,
+    )?;
+    let inactive = gauge(
+        "svclb_backend_connections_inactive",
+        "Other live connections (IPVS InActConn).",
+        &BACKEND_LABELS,
+    )?;
+    let weight = gauge(
+        "svclb_backend_weight",
+        "Backend weight; 0 is quiescent.",
+        &BACKEND_LABELS,
+    )?;
+    let svc_labels = ["service", "local_address", "local_mark", "scheduler"];
+    let services_up = gauge(
+        "svclb_service_backends",
+        "Backends of the service (weight 0 included).",
+        &svc_labels,
+    )?;
+    let rate = GaugeVec::new(
+        Opts::new("svclb_service_rate", "IPVS rate estimate (2 s samples, EWMA 1/4); kind is cps, in_pps, out_pps, in_bps or out_bps."),
+        &["service", "local_mark", "kind"],
+    )?;
+    registry.register(Box::new(rate.clone()))?;
+
+    for svc in &services {
+        let mark = format!("{:08X}", svc.mark);
+        let vip = svc.vip.to_string();
+        services_up
+            .with_label_values(&[&svc.name, &vip, &mark, svc.scheduler])
+            .set(svc.backends.len() as i64);
+        for (kind, v) in [
+            ("cps", svc.rates.cps),
+            ("in_pps", svc.rates.in_pps),
+            ("out_pps", svc.rates.out_pps),
+            ("in_bps", svc.rates.in_bps),
+            ("out_bps", svc.rates.out_bps),
+        ] {
+            rate.with_label_values(&[&svc.name, &mark, kind])
+                .set(v as f64);
+        }
+        for b in &svc.backends {
+            let remote = b.address.to_string();
+            let remote_port = b.port.unwrap_or(0).to_string();
+            let labels = [
+                svc.name.as_str(),
+                &vip,
+                "0",
+                &remote,
+                &remote_port,
+                "FWM",
+                &mark,
+            ];
+            conns.with_label_values(&labels).inc_by(b.stats.conns);
+            in_pkts.with_label_values(&labels).inc_by(b.stats.in_pkts);
+            out_pkts.with_label_values(&labels).inc_by(b.stats.out_pkts);
+            in_bytes.with_label_values(&labels).inc_by(b.stats.in_bytes);
+            out_bytes
+                .with_label_values(&labels)
+                .inc_by(b.stats.out_bytes);
+            active.with_label_values(&labels).set(b.active_conns as i64);
+            inactive
+                .with_label_values(&labels)
+                .set(b.inactive_conns as i64);
+            weight.with_label_values(&labels).set(i64::from(b.weight));
+        }
+    }
+    // Node totals, like node_exporter's node_ipvs_*_total.
+    let totals = [
+        (
+            "svclb_connections_total",
+            "Connections scheduled, all services.",
+        ),
+        (
+            "svclb_incoming_packets_total",
+            "Packets from clients, all services.",
+        ),
+        (
+            "svclb_outgoing_packets_total",
+            "Packets to clients, all services.",
+        ),
+        (
+            "svclb_incoming_bytes_total",
+            "Bytes from clients, all services.",
+        ),
+        (
+            "svclb_outgoing_bytes_total",
+            "Bytes to clients, all services.",
+        ),
+    ];
+    let mut sums = [0u64; 5];
+    for svc in &services {
+        let c = &svc.stats;
+        for (i, v) in [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes]
+            .into_iter()
+            .enumerate()
+        {
+            sums[i] += v;
+        }
+    }
+    for ((name, help), v) in totals.iter().zip(sums) {
+        counter(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .inc_by(v);
+    }
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// Binds the metrics endpoint (before svclbd says it is ready, so a scrape
+/// right after READY finds it).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr} (--metrics-addr)"))?;
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(listener)
+}
+
+/// Serves `/metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, pins: PinDir, extra: Option<ExtraMetrics>) {
+    let pins = Arc::new(pins);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("metrics accept: {e}");
+                continue;
+            }
+        };
+        let pins = pins.clone();
+        let extra = extra.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let pins = pins.clone();
+                let extra = extra.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &pins, extra.as_ref())) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, "metrics connection: {e}");
+            }
+        });
+    }
+}
+
+fn respond(
+    req: &Request<Incoming>,
+    pins: &PinDir,
+    extra: Option<&ExtraMetrics>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts")
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "svclbd serves /metrics\n".into());
+    }
+    match render(pins) {
+        Ok(mut text) => {
+            if let Some(extra) = extra {
+                text.push_str(&extra());
+            }
+            reply(StatusCode::OK, text)
+        }
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the maps: {e:#}\n"),
+        ),
+    }
+}
+
+/// Default metrics address: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+
+/// Keeps the rate estimators of every backend (IPVS's 2 s EWMA), pinned so
+/// that `svclb-ctl rate` reads them and a restart continues them.
+pub fn sample_rates(pins: &PinDir, now_ns: u64) -> Result<()> {
+    let mut dp = Dataplane::open(pins)?;
+    let snapshot = dp.snapshot()?;
+    let mut live = std::collections::BTreeSet::new();
+    for svc in snapshot.services.values() {
+        for b in &svc.backends {
+            live.insert(b.id);
+            let counters = crate::rates::counters(&dp.backend_stats(b.id)?);
+            let mut state = dp.rates.get(&b.id, 0).unwrap_or_default();
+            crate::rates::sample(&mut state, counters, now_ns);
+            dp.rates.insert(b.id, state, 0)?;
+        }
+    }
+    // Estimators of backends that are gone would mislead a reused id.
+    let stale: Vec<u32> = dp
+        .rates
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !live.contains(k))
+        .collect();
+    for id in stale {
+        let _ = dp.rates.remove(&id);
+    }
+    Ok(())
+}
