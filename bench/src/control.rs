@@ -126,7 +126,7 @@ fn report(what: &str, times: &[f64], errors: Vec<String>) -> ApplyFigure {
 
 fn apply_figures(plan: &ControlPlan) -> Vec<ApplyFigure> {
     // The background services with `apply_backends` each, plus the measured one.
-    let set = ServiceSet::new(plan.apply_services + 1, plan.apply_backends);
+    let set = ServiceSet::new(plan.apply_services + 1, plan.apply_backends).with_full_rules();
     let mut figures = Vec::new();
     let mut measure = |what: &str, f: &dyn Fn() -> Result<f64>| {
         let mut times = Vec::new();
@@ -169,7 +169,7 @@ fn apply_figures(plan: &ControlPlan) -> Vec<ApplyFigure> {
             sandbox.cgroup_path(),
             MAX_SERVICES,
             MAX_BACKENDS,
-            "info",
+            &["--log", "info", "--no-watch", "--no-metrics"],
         )?;
         let secs = t.elapsed().as_secs_f64();
         daemon.stop()?;
@@ -338,6 +338,43 @@ fn change_figures_inner(plan: &ControlPlan) -> Result<Vec<ChangeFigure>> {
         command_ms: None,
         error: None,
     });
+    daemon.stop()?;
+    drop(pins);
+
+    // 3. svclbd noticing the file change itself (its watch; the file is
+    // replaced by a rename, as editors and config managers do).
+    let pins = PinDir::new();
+    let watched = dir.write("watched.toml", &probe_config(&set, PROBE_BACKENDS[current]))?;
+    let daemon = start_svclbd_with(
+        &pins,
+        Some(&watched),
+        sandbox.cgroup_path(),
+        MAX_SERVICES,
+        MAX_BACKENDS,
+        &["--log", "warn", "--no-metrics"],
+    )?;
+    let mut ms = Vec::new();
+    for i in 0..plan.repetitions.max(3) {
+        let next = 1 - current;
+        let staged = dir.write(
+            &format!("staged-{i}.toml"),
+            &probe_config(&set, PROBE_BACKENDS[next]),
+        )?;
+        let (child, out) = start_probe(&sandbox, PROBE_BACKENDS[next])?;
+        let t0 = monotonic_ns();
+        std::fs::rename(&staged, &watched)?;
+        ms.push(finish_probe(child, out, t0)?);
+        current = next;
+    }
+    figures.push(ChangeFigure {
+        how: format!(
+            "svclbd file watch (rename over the config, {} services)",
+            plan.change_services + 1
+        ),
+        ms: Spread::of(&ms),
+        command_ms: None,
+        error: None,
+    });
     for f in &figures {
         if let Some(s) = f.ms {
             println!(
@@ -369,7 +406,7 @@ fn memory_figure(services: usize) -> MemoryFigure {
             sandbox.cgroup_path(),
             max_services,
             max_backends,
-            "warn",
+            &["--log", "warn", "--no-watch", "--no-metrics"],
         )?;
         let maps = pinned_map_memory(pins.path())?;
         daemon.stop()?;

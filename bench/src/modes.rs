@@ -98,6 +98,14 @@ impl Mode {
 pub struct ServiceSet {
     pub count: usize,
     pub background_backends: usize,
+    /// Whether the DNAT rule sets give every other service its own chains,
+    /// as kube-proxy does. When false (the sweep), each other service is only
+    /// its `KUBE-SERVICES` rule (iptables) or its `service-ips` element
+    /// (nftables), all jumping to one shared chain: the measured traffic
+    /// walks exactly the same rules and lookups, since the other services'
+    /// own chains are only entered by their own VIPs, and installing 200,000
+    /// more chains takes minutes per cell (see BENCHMARKS.md).
+    pub full_rules: bool,
 }
 
 impl ServiceSet {
@@ -105,7 +113,13 @@ impl ServiceSet {
         ServiceSet {
             count: count.max(1),
             background_backends: background_backends.clamp(1, 100),
+            full_rules: false,
         }
+    }
+
+    pub fn with_full_rules(mut self) -> ServiceSet {
+        self.full_rules = true;
+        self
     }
 
     fn background(&self) -> impl Iterator<Item = (usize, Ipv4Addr, Vec<Ipv4Addr>)> + '_ {
@@ -162,6 +176,8 @@ struct Port<'a> {
     vip: Ipv4Addr,
     proto: &'a str,
     backends: Vec<Ipv4Addr>,
+    /// Its own chains (else: jump to the shared one).
+    own_chains: bool,
 }
 
 fn ports(set: &ServiceSet) -> impl Iterator<Item = Port<'static>> + '_ {
@@ -170,6 +186,7 @@ fn ports(set: &ServiceSet) -> impl Iterator<Item = Port<'static>> + '_ {
         vip,
         proto: "tcp",
         backends,
+        own_chains: set.full_rules,
     });
     // The measured service last, as in a kube-proxy chain that grew over time.
     let measured = ["tcp", "udp"].into_iter().map(|proto| Port {
@@ -177,9 +194,14 @@ fn ports(set: &ServiceSet) -> impl Iterator<Item = Port<'static>> + '_ {
         vip: VIP,
         proto,
         backends: BACKENDS.to_vec(),
+        own_chains: true,
     });
     background.chain(measured)
 }
+
+/// The chain every other service jumps to when they have no chains of their own.
+const SHARED_IPT: &str = "KUBE-SVC-OTHERS";
+const SHARED_NFT: &str = "service-others";
 
 /// kube-proxy's iptables mode, as iptables-restore input: KUBE-SERVICES
 /// holds one rule per service port (the measured one last), each jumping to
@@ -191,12 +213,19 @@ pub fn iptables_rules(set: &ServiceSet) -> String {
     for p in ports(set) {
         let (name, vip, proto) = (&p.name, p.vip, p.proto);
         let port_name = format!("bench/{name}:p{PORT}");
-        let svc = format!("KUBE-SVC-{}", chain_id("svc", &format!("{name}{proto}")));
-        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let svc = if p.own_chains {
+            format!("KUBE-SVC-{}", chain_id("svc", &format!("{name}{proto}")))
+        } else {
+            SHARED_IPT.to_string()
+        };
         let _ = writeln!(
             rules,
             "-A KUBE-SERVICES -d {vip}/32 -p {proto} -m comment --comment \"{port_name} cluster IP\" -m {proto} --dport {PORT} -j {svc}"
         );
+        if !p.own_chains {
+            continue;
+        }
+        let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
             "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p {proto} -m comment --comment \"{port_name} cluster IP\" -m {proto} --dport {PORT} -j KUBE-MARK-MASQ"
@@ -232,6 +261,9 @@ pub fn iptables_rules(set: &ServiceSet) -> String {
     out.push_str("*filter\n:KUBE-SERVICES - [0:0]\n");
     out.push_str("-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
     out.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    if !set.full_rules {
+        let _ = writeln!(out, ":{SHARED_IPT} - [0:0]");
+    }
     out.push_str(&chains);
     out.push_str(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
@@ -294,8 +326,18 @@ pub fn nft_script(set: &ServiceSet) -> String {
 "#
     );
     let mut elements = Vec::with_capacity(set.count + 1);
+    if !set.full_rules {
+        let _ = writeln!(
+            out,
+            "add chain ip {NFT_TABLE} {SHARED_NFT}\nadd rule ip {NFT_TABLE} {SHARED_NFT} jump mark-for-masquerade"
+        );
+    }
     for p in ports(set) {
         let (name, vip, proto) = (&p.name, p.vip, p.proto);
+        if !p.own_chains {
+            elements.push(format!("{vip} . {proto} . {PORT} : goto {SHARED_NFT}"));
+            continue;
+        }
         let id = chain_id("svc", &format!("{name}{proto}"));
         let svc = format!("service-{id}-{name}-{proto}-p{PORT}");
         let mut picks = Vec::new();
@@ -539,9 +581,18 @@ impl Cell {
     }
 }
 
-/// Starts svclbd with the sweep's capacities, attached to `cgroup`.
+/// Starts svclbd with the sweep's capacities, attached to `cgroup`, without
+/// its file watch (config changes come by SIGHUP or svclb-ctl) and without
+/// its metrics endpoint (nothing scrapes it here).
 pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Svclbd> {
-    start_svclbd_with(pins, config, cgroup, MAX_SERVICES, MAX_BACKENDS, "warn")
+    start_svclbd_with(
+        pins,
+        config,
+        cgroup,
+        MAX_SERVICES,
+        MAX_BACKENDS,
+        &["--log", "warn", "--no-watch", "--no-metrics"],
+    )
 }
 
 pub fn start_svclbd_with(
@@ -550,7 +601,7 @@ pub fn start_svclbd_with(
     cgroup: &Path,
     max_services: u32,
     max_backends: u32,
-    log: &str,
+    extra: &[&str],
 ) -> Result<Svclbd> {
     let cgroup = cgroup.to_str().context("cgroup path")?.to_string();
     let (ms, mb) = (max_services.to_string(), max_backends.to_string());
@@ -561,9 +612,8 @@ pub fn start_svclbd_with(
         &ms,
         "--max-backends",
         &mb,
-        "--log",
-        log,
     ];
+    args.extend(extra);
     let config_arg;
     if let Some(config) = config {
         config_arg = config.to_str().context("config path")?.to_string();
@@ -614,6 +664,18 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<String> {
         .stderr(Stdio::piped());
     let line = svclb_tests::util::command_line(cmd);
     let mut child = KillOnDrop(cmd.spawn().with_context(|| format!("starting {line}"))?);
+    // Drained while it runs: a full pipe would stall it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = drain(child.0.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.0.stderr.take().map(|p| Box::new(p) as _));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.0.try_wait()? {
@@ -622,18 +684,66 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<String> {
         if Instant::now() > deadline {
             bail!("`{line}` did not finish within {limit:?}; killed");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.0.stdout.take() {
-        s.read_to_string(&mut out)?;
-    }
-    if let Some(mut s) = child.0.stderr.take() {
-        s.read_to_string(&mut err)?;
-    }
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
     if !status.success() {
         return Err(anyhow!("`{line}` failed ({status}): {}", err.trim()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_vips_are_distinct_and_never_sandbox_addresses() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100_000 {
+            let v = background_vip(i);
+            assert!(seen.insert(v), "{v} twice");
+            let o = v.octets();
+            assert_eq!(o[0], 10);
+            assert!(o[3] != 0 && o[3] <= 250, "{v}");
+        }
+    }
+
+    #[test]
+    fn measured_service_comes_last() {
+        let set = ServiceSet::new(5, 1);
+        let ipt = iptables_rules(&set);
+        let services: Vec<&str> = ipt
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .collect();
+        assert_eq!(
+            services.len(),
+            4 + 2,
+            "4 others (tcp) + the measured tcp and udp"
+        );
+        assert!(services[4].contains("-d 172.50.0.200/32 -p tcp"));
+        assert!(services[5].contains("-d 172.50.0.200/32 -p udp"));
+        assert!(services[0].contains("-j KUBE-SVC-OTHERS"));
+        assert_eq!(
+            ipt.matches("-j DNAT").count(),
+            6,
+            "only the measured ports DNAT"
+        );
+        let full = iptables_rules(&set.with_full_rules());
+        assert_eq!(full.matches("-j DNAT").count(), 4 + 6);
+        assert!(full.contains("--probability 0.33333333333"));
+
+        let toml = svclb_config(&set);
+        assert_eq!(toml.matches("[[service]]").count(), 5);
+        assert!(toml
+            .trim_end()
+            .ends_with("backends = [\"172.50.0.10\", \"172.50.0.11\", \"172.50.0.12\"]"));
+
+        let nft = nft_script(&set);
+        assert_eq!(nft.matches(" : goto service-others").count(), 4);
+        assert!(nft.contains("172.50.0.200 . udp . 80 : goto service-"));
+        assert!(nft.contains("numgen random mod 3 vmap"));
+    }
 }

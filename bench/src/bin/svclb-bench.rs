@@ -35,6 +35,9 @@ struct Cli {
     /// Skip the control-plane figures.
     #[arg(long)]
     no_control: bool,
+    /// Skip the data-plane sweep (control-plane figures only).
+    #[arg(long)]
+    no_sweep: bool,
 }
 
 fn main() -> ExitCode {
@@ -83,7 +86,11 @@ fn run(cli: Cli) -> Result<()> {
         "machine: {} | kernel {} | {} x {} | {}",
         machine.os, machine.kernel, machine.cpus, machine.cpu, machine.perf
     );
-    let data = sweep::run(&plan);
+    let data = if cli.no_sweep {
+        sweep::SweepData::default()
+    } else {
+        sweep::run(&plan)
+    };
     let control = (!cli.no_control).then(|| {
         control::run(&if cli.quick {
             control::ControlPlan::quick()
