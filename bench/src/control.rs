@@ -22,6 +22,9 @@ use crate::sweep::Spread;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControlPlan {
     pub repetitions: usize,
+    /// Repetitions of the DNAT modes' full kube-proxy rule installs, which
+    /// take tens of seconds each at 10,000 x 10.
+    pub dnat_repetitions: usize,
     /// Services (besides the measured one) and backends each, for the apply figure.
     pub apply_services: usize,
     pub apply_backends: usize,
@@ -34,6 +37,7 @@ impl ControlPlan {
     pub fn full() -> ControlPlan {
         ControlPlan {
             repetitions: 3,
+            dnat_repetitions: 1,
             apply_services: 10_000,
             apply_backends: 10,
             change_services: 10_000,
@@ -44,6 +48,7 @@ impl ControlPlan {
     pub fn quick() -> ControlPlan {
         ControlPlan {
             repetitions: 1,
+            dnat_repetitions: 1,
             apply_services: 1_000,
             apply_backends: 10,
             change_services: 1_000,
@@ -128,10 +133,10 @@ fn apply_figures(plan: &ControlPlan) -> Vec<ApplyFigure> {
     // The background services with `apply_backends` each, plus the measured one.
     let set = ServiceSet::new(plan.apply_services + 1, plan.apply_backends).with_full_rules();
     let mut figures = Vec::new();
-    let mut measure = |what: &str, f: &dyn Fn() -> Result<f64>| {
+    let mut measure = |what: &str, reps: usize, f: &dyn Fn() -> Result<f64>| {
         let mut times = Vec::new();
         let mut errors = Vec::new();
-        for _ in 0..plan.repetitions {
+        for _ in 0..reps {
             match f() {
                 Ok(t) => times.push(t),
                 Err(e) => errors.push(format!("{e:#}")),
@@ -140,68 +145,84 @@ fn apply_figures(plan: &ControlPlan) -> Vec<ApplyFigure> {
         figures.push(report(what, &times, errors));
     };
     let svclb_text = svclb_config(&set);
-    measure("svclb-ctl apply (cold maps, svclbd running)", &|| {
-        let sandbox = Sandbox::new()?;
-        let dir = TempDir::new("apply")?;
-        let config = dir.write("services.toml", &svclb_text)?;
-        let pins = PinDir::new();
-        let daemon = start_svclbd(&pins, None, sandbox.cgroup_path())?;
-        let mut cmd = Command::new(daemon::bin("svclb-ctl"));
-        cmd.arg("--pin-dir")
-            .arg(pins.path())
-            .arg("apply")
-            .arg(&config);
-        let t = Instant::now();
-        run_bounded(&mut cmd, Duration::from_secs(120))?;
-        let secs = t.elapsed().as_secs_f64();
-        daemon.stop()?;
-        Ok(secs)
-    });
-    measure("svclbd cold start to READY (load, apply, attach)", &|| {
-        let sandbox = Sandbox::new()?;
-        let dir = TempDir::new("start")?;
-        let config = dir.write("services.toml", &svclb_text)?;
-        let pins = PinDir::new();
-        let t = Instant::now();
-        let daemon = start_svclbd_with(
-            &pins,
-            Some(&config),
-            sandbox.cgroup_path(),
-            MAX_SERVICES,
-            MAX_BACKENDS,
-            &["--log", "info", "--no-watch", "--no-metrics"],
-        )?;
-        let secs = t.elapsed().as_secs_f64();
-        daemon.stop()?;
-        Ok(secs)
-    });
+    measure(
+        "svclb-ctl apply (cold maps, svclbd running)",
+        plan.repetitions,
+        &|| {
+            let sandbox = Sandbox::new()?;
+            let dir = TempDir::new("apply")?;
+            let config = dir.write("services.toml", &svclb_text)?;
+            let pins = PinDir::new();
+            let daemon = start_svclbd(&pins, None, sandbox.cgroup_path())?;
+            let mut cmd = Command::new(daemon::bin("svclb-ctl"));
+            cmd.arg("--pin-dir")
+                .arg(pins.path())
+                .arg("apply")
+                .arg(&config);
+            let t = Instant::now();
+            run_bounded(&mut cmd, Duration::from_secs(120))?;
+            let secs = t.elapsed().as_secs_f64();
+            daemon.stop()?;
+            Ok(secs)
+        },
+    );
+    measure(
+        "svclbd cold start to READY (load, apply, attach)",
+        plan.repetitions,
+        &|| {
+            let sandbox = Sandbox::new()?;
+            let dir = TempDir::new("start")?;
+            let config = dir.write("services.toml", &svclb_text)?;
+            let pins = PinDir::new();
+            let t = Instant::now();
+            let daemon = start_svclbd_with(
+                &pins,
+                Some(&config),
+                sandbox.cgroup_path(),
+                MAX_SERVICES,
+                MAX_BACKENDS,
+                &["--log", "info", "--no-watch", "--no-metrics"],
+            )?;
+            let secs = t.elapsed().as_secs_f64();
+            daemon.stop()?;
+            Ok(secs)
+        },
+    );
     let rules = iptables_rules(&set);
     for tool in ["iptables-nft-restore", "iptables-legacy-restore"] {
-        measure(&format!("{tool} (kube-proxy rules)"), &|| {
+        measure(
+            &format!("{tool} (kube-proxy rules)"),
+            plan.dnat_repetitions,
+            &|| {
+                let sandbox = Sandbox::new()?;
+                let dir = TempDir::new("restore")?;
+                let path = dir.write("rules", &rules)?;
+                let mut cmd = Command::new(tool);
+                cmd.arg("-w");
+                sandbox.client_command(&mut cmd, false)?;
+                cmd.stdin(std::fs::File::open(&path)?);
+                let t = Instant::now();
+                svclb_tests::run(&mut cmd)?;
+                Ok(t.elapsed().as_secs_f64())
+            },
+        );
+    }
+    let script = nft_script(&set);
+    measure(
+        "nft -f (kube-proxy nftables rules)",
+        plan.dnat_repetitions,
+        &|| {
             let sandbox = Sandbox::new()?;
-            let dir = TempDir::new("restore")?;
-            let path = dir.write("rules", &rules)?;
-            let mut cmd = Command::new(tool);
-            cmd.arg("-w");
+            let dir = TempDir::new("nft")?;
+            let path = dir.write("rules.nft", &script)?;
+            let mut cmd = Command::new("nft");
+            cmd.arg("-f").arg(&path);
             sandbox.client_command(&mut cmd, false)?;
-            cmd.stdin(std::fs::File::open(&path)?);
             let t = Instant::now();
             svclb_tests::run(&mut cmd)?;
             Ok(t.elapsed().as_secs_f64())
-        });
-    }
-    let script = nft_script(&set);
-    measure("nft -f (kube-proxy nftables rules)", &|| {
-        let sandbox = Sandbox::new()?;
-        let dir = TempDir::new("nft")?;
-        let path = dir.write("rules.nft", &script)?;
-        let mut cmd = Command::new("nft");
-        cmd.arg("-f").arg(&path);
-        sandbox.client_command(&mut cmd, false)?;
-        let t = Instant::now();
-        svclb_tests::run(&mut cmd)?;
-        Ok(t.elapsed().as_secs_f64())
-    });
+        },
+    );
     figures
 }
 

@@ -12,6 +12,7 @@
 //! All traffic stays in the namespaces the sandbox creates, or loopback.
 
 pub mod control;
+pub mod daemon;
 pub mod hist;
 pub mod load;
 pub mod machine;

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use svclb_tests::{daemon, PinDir, Sandbox, Svclbd};
+use svclb_tests::{daemon, PinDir, Sandbox};
+
+use crate::daemon::Daemon;
 
 use crate::load::{LoadResult, Workload};
 use crate::server::EchoServers;
@@ -422,7 +424,7 @@ impl Drop for KillOnDrop {
 enum Extra {
     None,
     Svclb {
-        daemon: Svclbd,
+        daemon: Daemon,
         _pins: PinDir,
         _dir: TempDir,
     },
@@ -442,7 +444,6 @@ pub struct Cell {
     /// iptables-restore, nft -f, haproxy start).
     pub setup_secs: f64,
     targets: Vec<SocketAddrV4>,
-    join_cgroup: bool,
     extra: Extra,
     _servers: EchoServers,
     sandbox: Sandbox,
@@ -484,8 +485,8 @@ impl Cell {
         let servers = EchoServers::start(&sandbox, &addrs, TCP_WORKERS, UDP_WORKERS)?;
         let vip = vec![SocketAddrV4::new(VIP, PORT)];
         let t0 = Instant::now();
-        let (targets, join_cgroup, extra) = match mode {
-            Mode::Direct => (addrs.clone(), false, Extra::None),
+        let (targets, extra) = match mode {
+            Mode::Direct => (addrs.clone(), Extra::None),
             Mode::Svclb => {
                 let dir = TempDir::new("svclb")?;
                 let config = dir.write("services.toml", &svclb_config(&set))?;
@@ -493,7 +494,6 @@ impl Cell {
                 let daemon = start_svclbd(&pins, Some(&config), sandbox.cgroup_path())?;
                 (
                     vip,
-                    true,
                     Extra::Svclb {
                         daemon,
                         _pins: pins,
@@ -510,20 +510,19 @@ impl Cell {
                     "iptables-legacy-restore"
                 };
                 run_in_client(&sandbox, Command::new(tool).arg("-w"), Some(&rules))?;
-                (vip, false, Extra::None)
+                (vip, Extra::None)
             }
             Mode::Nftables => {
                 let dir = TempDir::new("nft")?;
                 let script = dir.write("rules.nft", &nft_script(&set))?;
                 run_in_client(&sandbox, Command::new("nft").arg("-f").arg(&script), None)?;
-                (vip, false, Extra::None)
+                (vip, Extra::None)
             }
             Mode::Haproxy => {
                 let dir = TempDir::new("haproxy")?;
                 let (proc, addr) = start_haproxy(&sandbox, &dir)?;
                 (
                     vec![addr],
-                    false,
                     Extra::Haproxy {
                         _proc: proc,
                         _dir: dir,
@@ -537,7 +536,6 @@ impl Cell {
             services: set.count,
             setup_secs,
             targets,
-            join_cgroup,
             extra,
             _servers: servers,
             sandbox,
@@ -556,7 +554,7 @@ impl Cell {
         }
     }
 
-    /// Runs `svclb-load` in the client namespace (and the cgroup, for svclb).
+    /// Runs `svclb-load` in the client namespace and the sandbox cgroup.
     pub fn run(
         &self,
         workload: Workload,
@@ -573,7 +571,9 @@ impl Cell {
         for t in &self.targets {
             cmd.arg("--target").arg(t.to_string());
         }
-        self.sandbox.client_command(&mut cmd, self.join_cgroup)?;
+        // Every mode's load runs in the sandbox cgroup, the same for all:
+        // only in svclb mode are programs attached to it.
+        self.sandbox.client_command(&mut cmd, true)?;
         let limit = warmup + duration + Duration::from_secs(15);
         let out = run_bounded(&mut cmd, limit)?;
         serde_json::from_str(out.trim())
@@ -584,7 +584,7 @@ impl Cell {
 /// Starts svclbd with the sweep's capacities, attached to `cgroup`, without
 /// its file watch (config changes come by SIGHUP or svclb-ctl) and without
 /// its metrics endpoint (nothing scrapes it here).
-pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Svclbd> {
+pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Daemon> {
     start_svclbd_with(
         pins,
         config,
@@ -602,7 +602,7 @@ pub fn start_svclbd_with(
     max_services: u32,
     max_backends: u32,
     extra: &[&str],
-) -> Result<Svclbd> {
+) -> Result<Daemon> {
     let cgroup = cgroup.to_str().context("cgroup path")?.to_string();
     let (ms, mb) = (max_services.to_string(), max_backends.to_string());
     let mut args: Vec<&str> = vec![
@@ -619,7 +619,7 @@ pub fn start_svclbd_with(
         config_arg = config.to_str().context("config path")?.to_string();
         args.extend(["--config", &config_arg]);
     }
-    Svclbd::start(pins, &args)
+    Daemon::start(pins, &args)
 }
 
 fn start_haproxy(sandbox: &Sandbox, dir: &TempDir) -> Result<(KillOnDrop, SocketAddrV4)> {

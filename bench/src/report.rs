@@ -268,8 +268,9 @@ anywhere else.
   (172.50.0.10-12:80) itself, picking one at random per connection.
   `svclb`: the real `svclbd` (release build), attached to the sandbox's
   cgroup, with the measured service (VIP 172.50.0.200, the three backends)
-  installed last; the load generator runs in that cgroup and connects to the
-  VIP. `iptables-nft` / `iptables-legacy`: kube-proxy's iptables mode
+  installed last; the load generator connects to the VIP. In every mode the
+  load generator runs in the sandbox's cgroup (only in svclb mode are
+  programs attached to it). `iptables-nft` / `iptables-legacy`: kube-proxy's iptables mode
   rebuilt in the client namespace with `iptables-nft-restore` /
   `iptables-legacy-restore`: `OUTPUT -> KUBE-SERVICES`, one rule per service
   port (the measured one last, as in a chain that grew), each jumping to a
@@ -499,10 +500,11 @@ pub fn markdown(r: &Report, notes: Option<String>) -> String {
         let _ = writeln!(md, "## Control plane\n");
         let _ = writeln!(
             md,
-            "### Installing {} services x {} backends (plus the measured service) from nothing, {} repetition(s)\n",
+            "### Installing {} services x {} backends (plus the measured service) from nothing\n\nsvclb: {} repetition(s); the DNAT modes: {} (each service with its own KUBE-SVC / KUBE-SEP chains, or service and endpoint chains, exactly as kube-proxy writes them).\n",
             thousands(c.plan.apply_services),
             c.plan.apply_backends,
-            c.plan.repetitions
+            c.plan.repetitions,
+            c.plan.dnat_repetitions
         );
         let _ = writeln!(md, "| what | seconds: median (min–max) |\n| --- | --- |");
         for a in &c.apply {
