@@ -337,7 +337,8 @@ pub struct ServiceMeta {
     pub vip: [u32; 4],
     pub vip_family: u16,
     pub _pad: u16,
-    pub _reserved: u32,
+    /// A per-port service: `port | protocol << 16`; 0 for every port.
+    pub port_proto: u32,
 }
 
 impl Default for ServiceMeta {
@@ -347,7 +348,7 @@ impl Default for ServiceMeta {
             vip: [0; 4],
             vip_family: 0,
             _pad: 0,
-            _reserved: 0,
+            port_proto: 0,
         }
     }
 }

@@ -89,6 +89,15 @@ impl CgroupPath {
         escape(&self.relative.to_string_lossy())
     }
 
+    /// The kernel's id of this cgroup (its inode on cgroup2), the one
+    /// bpf_get_current_cgroup_id() returns.
+    pub fn id(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(fs::metadata(&self.absolute)
+            .with_context(|| format!("reading {}", self.absolute.display()))?
+            .ino())
+    }
+
     /// The cgroup a process is in, from /proc/PID/cgroup's `0::` line.
     pub fn of_pid(pid: u32) -> Result<Self> {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))

@@ -162,6 +162,66 @@ pub struct ServiceSpec {
     #[serde(serialize_with = "serialize_scheduler")]
     pub scheduler: Scheduler,
     pub backends: Vec<BackendSpec>,
+    /// A per-port service (`port`, `protocol`): only this destination port
+    /// and protocol of the VIP, the way a Kubernetes Service port matches.
+    /// None: every port and protocol, like a Swarm FWM service.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub port: Option<ServicePort>,
+    /// Seconds a client keeps its backend (IPVS persistence, kube-proxy
+    /// ClientIP affinity); a client is a network namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<u32>,
+    /// Only cgroups attached with one of these networks see the service
+    /// (as a task sees only the services of the networks it joined).
+    /// Empty: every attached cgroup.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+}
+
+/// The port part of a per-port service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(serialize_with = "serialize_protocol")]
+    pub protocol: u8,
+}
+
+fn serialize_protocol<S: serde::Serializer>(p: &u8, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(protocol_name(*p))
+}
+
+/// "tcp" or "udp".
+pub fn protocol_name(p: u8) -> &'static str {
+    if p == svclb_common::IPPROTO_UDP {
+        "udp"
+    } else {
+        "tcp"
+    }
+}
+
+/// Longest network name, in bytes.
+pub const MAX_NETWORK_NAME_LEN: usize = svclb_common::NETWORK_NAME_LEN;
+
+impl ServiceSpec {
+    /// A plain FWM-style service: every port, no affinity, every network.
+    pub fn new(
+        name: impl Into<String>,
+        vip: IpAddr,
+        mark: Option<u32>,
+        scheduler: Scheduler,
+        backends: Vec<BackendSpec>,
+    ) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            vip,
+            mark,
+            scheduler,
+            backends,
+            port: None,
+            affinity: None,
+            networks: Vec::new(),
+        }
+    }
 }
 
 /// One backend of a service.
@@ -378,6 +438,10 @@ struct RawService {
     scheduler: Option<Spanned<String>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     discover: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
+    protocol: Option<Spanned<String>>,
+    affinity: Option<Spanned<RawDuration>>,
+    networks: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -501,7 +565,11 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
     let mut labels: Vec<String> = Vec::with_capacity(raw.service.len());
     // Keyed by lowercase name: names become DNS names, which ignore case.
     let mut names: HashMap<String, (usize, Range<usize>)> = HashMap::new();
+    // Every VIP, for the "VIP that is also a backend" check.
     let mut vips: HashMap<IpAddr, (usize, Range<usize>)> = HashMap::new();
+    // A VIP may carry one all-ports service and per-port ones, once each.
+    let mut frontends: HashMap<(IpAddr, Option<ServicePort>), (usize, Range<usize>)> =
+        HashMap::new();
     let mut marks: HashMap<u32, (usize, Range<usize>)> = HashMap::new();
     // Every backend address and where it is written, for the VIP check.
     let mut backend_refs: Vec<(IpAddr, String, Range<usize>)> = Vec::new();
@@ -566,19 +634,99 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
                 }
             },
         };
+        let port = match (&svc.port, &svc.protocol) {
+            (None, None) => None,
+            (None, Some(p)) => {
+                problems.add(
+                    p.span(),
+                    at("protocol"),
+                    "`protocol` needs `port`: a service without a port takes every port and \
+                     protocol"
+                        .to_owned(),
+                );
+                None
+            }
+            (Some(port), protocol) => {
+                let proto = match protocol.as_ref().map(|p| p.get_ref().as_str()) {
+                    None | Some("tcp") => Some(svclb_common::IPPROTO_TCP),
+                    Some("udp") => Some(svclb_common::IPPROTO_UDP),
+                    Some(other) => {
+                        let span = protocol.as_ref().map(|p| p.span()).unwrap_or_default();
+                        problems.add(
+                            span,
+                            at("protocol"),
+                            format!("unknown protocol {other:?}; accepted: \"tcp\", \"udp\""),
+                        );
+                        None
+                    }
+                };
+                if *port.get_ref() == 0 {
+                    problems.add(
+                        port.span(),
+                        at("port"),
+                        "port 0 is invalid; omit `port` for a service of every port".to_owned(),
+                    );
+                    None
+                } else if discover {
+                    problems.add(port.span(), at("port"), "a discovered service takes every port; `port` needs a service with its `vip` and `backends` written out".to_owned());
+                    None
+                } else {
+                    proto.map(|protocol| ServicePort {
+                        port: *port.get_ref(),
+                        protocol,
+                    })
+                }
+            }
+        };
         if let Some((vip, vip_span)) = vip.clone() {
-            if let Some((other, other_span)) = vips.get(&vip) {
+            vips.entry(vip).or_insert((i, vip_span.clone()));
+            if let Some((other, other_span)) = frontends.get(&(vip, port)) {
+                let what = match port {
+                    Some(p) => format!("{vip} {}/{}", p.port, protocol_name(p.protocol)),
+                    None => vip.to_string(),
+                };
                 problems.add(
                     vip_span,
                     at("vip"),
                     format!(
-                        "{vip} is already the VIP of {} ({})",
+                        "{what} is already the VIP of {} ({})",
                         labels[*other],
                         line(other_span)
                     ),
                 );
             } else {
-                vips.insert(vip, (i, vip_span));
+                frontends.insert((vip, port), (i, vip_span));
+            }
+        }
+        let affinity = match &svc.affinity {
+            None => None,
+            Some(a) => match parse_duration(a.get_ref()) {
+                Ok(d) if d.as_secs() >= 1 && d.as_secs() <= u64::from(u32::MAX) => {
+                    Some(d.as_secs() as u32)
+                }
+                Ok(_) => {
+                    problems.add(
+                        a.span(),
+                        at("affinity"),
+                        "affinity must be at least 1 second".to_owned(),
+                    );
+                    None
+                }
+                Err(message) => {
+                    problems.add(a.span(), at("affinity"), message);
+                    None
+                }
+            },
+        };
+        let mut networks: Vec<String> = Vec::new();
+        if let Some(list) = &svc.networks {
+            for (k, n) in list.get_ref().iter().enumerate() {
+                let name = n.get_ref();
+                if let Err(message) = check_network(name) {
+                    problems.add(n.span(), at(&format!("networks[{k}]")), message);
+                } else if !networks.contains(name) {
+                    networks.push(name.clone());
+                }
             }
         }
         let vip = vip.map(|(vip, _)| vip);
@@ -752,6 +900,9 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
                 mark: mark.map(|(_, m)| m),
                 scheduler,
                 backends,
+                port,
+                affinity,
+                networks,
             });
         }
     }
@@ -871,6 +1022,27 @@ fn parse_duration(raw: &RawDuration) -> Result<Duration, String> {
         RawDuration::Text(t) => humantime::parse_duration(t)
             .map_err(|e| format!("{t:?} is not a duration ({e}); write e.g. 5, \"500ms\", \"2m\"")),
     }
+}
+
+/// Network names: like service names, at most 32 bytes.
+pub fn check_network(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a network name cannot be empty".to_owned());
+    }
+    if name.len() > MAX_NETWORK_NAME_LEN {
+        return Err(format!(
+            "network name {name:?} is longer than {MAX_NETWORK_NAME_LEN} bytes"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "network name {name:?} has {c:?}; use letters, digits, '_', '.' and '-'"
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
@@ -1018,30 +1190,87 @@ backends = [{ address = "172.50.0.34" }]
         );
         let expected = DesiredState {
             services: vec![
-                ServiceSpec {
-                    name: "api".into(),
-                    vip: v4(172, 50, 0, 37),
-                    mark: Some(317),
-                    scheduler: Scheduler::Random,
-                    backends: vec![backend(v4(172, 50, 0, 40)), backend(v4(172, 50, 0, 41))],
-                },
-                ServiceSpec {
-                    name: "db".into(),
-                    vip: v4(172, 50, 0, 20),
-                    mark: Some(0x128),
-                    scheduler: Scheduler::Random,
-                    backends: vec![backend(v4(172, 50, 0, 21))],
-                },
-                ServiceSpec {
-                    name: "cache".into(),
-                    vip: v4(172, 50, 0, 18),
-                    mark: Some(0x13b),
-                    scheduler: Scheduler::Random,
-                    backends: vec![backend(v4(172, 50, 0, 34))],
-                },
+                ServiceSpec::new(
+                    "api",
+                    v4(172, 50, 0, 37),
+                    Some(317),
+                    Scheduler::Random,
+                    vec![backend(v4(172, 50, 0, 40)), backend(v4(172, 50, 0, 41))],
+                ),
+                ServiceSpec::new(
+                    "db",
+                    v4(172, 50, 0, 20),
+                    Some(0x128),
+                    Scheduler::Random,
+                    vec![backend(v4(172, 50, 0, 21))],
+                ),
+                ServiceSpec::new(
+                    "cache",
+                    v4(172, 50, 0, 18),
+                    Some(0x13b),
+                    Scheduler::Random,
+                    vec![backend(v4(172, 50, 0, 34))],
+                ),
             ],
         };
         assert_eq!(state, expected);
+    }
+
+    #[test]
+    fn per_port_affinity_and_networks() {
+        let state = parse(
+            "[[service]]\nname = \"web\"\nvip = \"172.50.0.37\"\nbackends = [\"172.50.0.40\"]\n\n\
+             [[service]]\nname = \"web-http\"\nvip = \"172.50.0.37\"\nport = 80\n\
+             backends = [{ address = \"172.50.0.41\", port = 8080 }]\naffinity = \"5m\"\n\
+             networks = [\"front\", \"front\", \"back\"]\n\n\
+             [[service]]\nname = \"dns\"\nvip = \"172.50.0.37\"\nport = 53\nprotocol = \"udp\"\n",
+        );
+        assert_eq!(state.services[0].port, None);
+        assert_eq!(
+            state.services[1].port,
+            Some(ServicePort {
+                port: 80,
+                protocol: svclb_common::IPPROTO_TCP
+            })
+        );
+        assert_eq!(state.services[1].affinity, Some(300));
+        assert_eq!(state.services[1].networks, vec!["front", "back"]);
+        assert_eq!(
+            state.services[2].port,
+            Some(ServicePort {
+                port: 53,
+                protocol: svclb_common::IPPROTO_UDP
+            })
+        );
+    }
+
+    #[test]
+    fn bad_ports_protocols_and_networks() {
+        rejects(
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nprotocol = \"udp\"\n",
+            4,
+            "service[0].protocol",
+            "`protocol` needs `port`",
+        );
+        rejects(
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"sctp\"\n",
+            5,
+            "service[0].protocol",
+            "unknown protocol \"sctp\"",
+        );
+        rejects(
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\n\
+             [[service]]\nname = \"b\"\nvip = \"10.0.0.1\"\nport = 80\n",
+            7,
+            "service[1].vip",
+            "10.0.0.1 80/tcp is already the VIP of service[0]",
+        );
+        rejects(
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nnetworks = [\"a b\"]\n",
+            4,
+            "service[0].networks[0]",
+            "network name \"a b\" has ' '",
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use svclb_common::{
     SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
 };
 
-use crate::pins::PinDir;
+use crate::{config::ServicePort, pins::PinDir};
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
@@ -192,6 +192,63 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The scope bits of `networks`, registering names that have none yet
+    /// (a bit, once given, stays: services and attachments refer to it).
+    pub fn network_scope(&mut self, networks: &[String]) -> Result<u64> {
+        let mut scope = 0u64;
+        for name in networks {
+            crate::config::check_network(name).map_err(anyhow::Error::msg)?;
+            let key = NetworkName::new(name).context("network name too long")?;
+            let bit = match self.networks.get(&key, 0) {
+                Ok(bit) => bit,
+                Err(_) => {
+                    let used: Vec<u32> = self
+                        .networks
+                        .iter()
+                        .filter_map(|e| e.ok())
+                        .map(|(_, b)| b)
+                        .collect();
+                    let bit = (0..64).find(|b| !used.contains(b)).with_context(|| {
+                        format!(
+                            "network {name:?}: svclb distinguishes at most 64 networks per node"
+                        )
+                    })?;
+                    self.networks.insert(key, bit, 0)?;
+                    bit
+                }
+            };
+            scope |= 1u64 << bit;
+        }
+        Ok(scope)
+    }
+
+    /// Puts the processes of a cgroup (by cgroup id) on `networks`; none
+    /// removes it from all.
+    pub fn set_cgroup_networks(&mut self, cgroup_id: u64, networks: &[String]) -> Result<()> {
+        if networks.is_empty() {
+            return ignore_missing(self.scopes.remove(&cgroup_id));
+        }
+        let scope = self.network_scope(networks)?;
+        self.scopes.insert(cgroup_id, scope, 0)?;
+        Ok(())
+    }
+
+    /// Network names of a cgroup, for listings.
+    pub fn cgroup_networks(&self, cgroup_id: u64) -> Vec<String> {
+        let Ok(scope) = self.scopes.get(&cgroup_id, 0) else {
+            return Vec::new();
+        };
+        let mut names: Vec<(u32, String)> = self
+            .networks
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, bit)| scope & (1u64 << bit) != 0)
+            .map(|(n, bit)| (bit, n.as_string()))
+            .collect();
+        names.sort();
+        names.into_iter().map(|(_, n)| n).collect()
+    }
+
     /// Creates a service's round-robin positions (per CPU, all 0), so the
     /// program only ever updates them in place.
     pub fn init_rr(&mut self, mark: u32) -> Result<()> {
@@ -216,12 +273,17 @@ impl Dataplane {
                     format!("service FWM {mark}: slot {} is missing", key.slot)
                 })?);
             }
+            let port = (meta.port_proto != 0).then_some(ServicePort {
+                port: meta.port_proto as u16,
+                protocol: (meta.port_proto >> 16) as u8,
+            });
             services.insert(
                 mark,
                 ServiceState {
                     mark,
                     name: meta.name(),
                     vip: meta.vip(),
+                    port,
                     scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::Random),
                     value,
                     slots,
@@ -236,14 +298,48 @@ impl Dataplane {
             }
         }
         let mut vips = BTreeMap::new();
+        let mut vip_flags = BTreeMap::new();
         for entry in self.vips.iter() {
             let (key, value) = entry?;
             vips.insert(key.ip(), value.mark);
+            vip_flags.insert(key.ip(), value.flags);
+        }
+        let mut ports = BTreeMap::new();
+        for entry in self.ports.iter() {
+            let (key, mark) = entry?;
+            ports.insert(
+                (words_addr(key.addr), u16::from_be(key.port_be), key.proto),
+                mark,
+            );
+        }
+        let mut networks = BTreeMap::new();
+        for entry in self.networks.iter() {
+            let (name, bit) = entry?;
+            networks.insert(name.as_string(), bit);
         }
         for svc in services.values_mut() {
             svc.backends.sort_by_key(|b| (b.addr, b.port));
         }
-        Ok(Snapshot { services, vips })
+        Ok(Snapshot {
+            services,
+            vips,
+            vip_flags,
+            ports,
+            networks,
+        })
+    }
+}
+
+/// A map delete that finds nothing is fine: the entry is gone either way.
+pub fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -255,8 +351,14 @@ fn nr_cpus() -> Result<usize> {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: BTreeMap<u32, ServiceState>,
-    /// VIP -> mark, as the VIP map holds it.
+    /// VIP -> mark of its all-ports service (0: none), as the VIP map holds it.
     pub vips: BTreeMap<IpAddr, u32>,
+    /// VIP -> `VIP_F_*` flags.
+    pub vip_flags: BTreeMap<IpAddr, u32>,
+    /// (VIP, port, protocol) -> mark of a per-port service.
+    pub ports: BTreeMap<(IpAddr, u16, u8), u32>,
+    /// Network name -> scope bit.
+    pub networks: BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -264,6 +366,8 @@ pub struct ServiceState {
     pub mark: u32,
     pub name: String,
     pub vip: IpAddr,
+    /// A per-port service's port and protocol.
+    pub port: Option<ServicePort>,
     pub scheduler: Scheduler,
     pub value: ServiceValue,
     /// The active generation's slots, in slot order.

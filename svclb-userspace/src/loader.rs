@@ -7,6 +7,7 @@
 
 use std::{
     fs,
+    os::fd::FromRawFd,
     path::{Path, PathBuf},
 };
 
@@ -224,6 +225,8 @@ impl Loaded {
 pub struct Attachment {
     /// The cgroup, relative to the cgroup2 mount.
     pub cgroup: String,
+    /// The networks its processes are on (see `svclb-ctl attach --network`).
+    pub networks: Vec<String>,
     pub programs: Vec<String>,
 }
 
@@ -243,6 +246,7 @@ pub fn attachments(pins: &PinDir) -> Result<Vec<Attachment>> {
         programs.sort();
         out.push(Attachment {
             cgroup: crate::cgroup::unescape(&entry.file_name().to_string_lossy()),
+            networks: Vec::new(),
             programs,
         });
     }
@@ -250,20 +254,60 @@ pub fn attachments(pins: &PinDir) -> Result<Vec<Attachment>> {
     Ok(out)
 }
 
-/// Detaches svclb from `cgroup` by removing its pinned links.
+/// Detaches svclb from `cgroup`: each link is detached at once (the
+/// kernel would otherwise release an unpinned link later, from a work
+/// queue, and a connect made right after `detach` could still be
+/// translated), then its pin is removed.
 pub fn detach(pins: &PinDir, cgroup: &CgroupPath) -> Result<bool> {
     let dir = pins.links().join(cgroup.pin_name());
     if !dir.exists() {
         return Ok(false);
     }
+    detach_links_in(&dir)?;
     fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(true)
+}
+
+fn detach_links_in(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        detach_pinned_link(&path).with_context(|| format!("detaching {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// BPF_OBJ_GET on the pin, then BPF_LINK_DETACH (kernel 5.9), which aya 0.14
+/// does not expose.
+fn detach_pinned_link(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // union bpf_attr, large enough for both commands' structs.
+    let mut attr = [0u64; 8];
+    attr[0] = c_path.as_ptr() as u64;
+    let size = std::mem::size_of_val(&attr) as libc::c_long;
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
+    }
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32);
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_LINK_DETACH");
+    }
+    Ok(())
 }
 
 /// Removes every attachment and pinned map: the data plane is gone.
 pub fn teardown(pins: &PinDir) -> Result<()> {
     let links = pins.links();
     if links.exists() {
+        for entry in fs::read_dir(&links)? {
+            detach_links_in(&entry?.path())?;
+        }
         fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     for name in map_names::ALL {

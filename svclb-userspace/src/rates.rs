@@ -29,11 +29,13 @@ pub fn sample(state: &mut RateState, now: [u64; 5], now_ns: u64) {
         .zip(now.iter().zip(state.last))
         .enumerate()
     {
-        let delta = now.wrapping_sub(last);
+        // A counter that went back (its backend id was given to a new
+        // backend) restarts from here.
+        let delta = now.saturating_sub(last);
         let shift = if i < 3 { 9 } else { 4 };
-        let rate = delta.wrapping_shl(shift) as i64;
-        let old = *avg as i64;
-        *avg = (old + ((rate - old) >> 2)) as u64;
+        let rate = delta.saturating_mul(1 << shift).min(i64::MAX as u64 >> 2) as i64;
+        let old = (*avg).min(i64::MAX as u64 >> 2) as i64;
+        *avg = (old + ((rate - old) >> 2)).max(0) as u64;
     }
     state.last = now;
     state.sampled_ns = now_ns;
@@ -51,8 +53,8 @@ pub struct Rates {
 
 /// Reads the estimator the way IPVS reports it.
 pub fn rates(state: &RateState) -> Rates {
-    let pkts = |avg: u64| (avg + 0x1FF) >> 10;
-    let bytes = |avg: u64| (avg + 0xF) >> 5;
+    let pkts = |avg: u64| avg.saturating_add(0x1FF) >> 10;
+    let bytes = |avg: u64| avg.saturating_add(0xF) >> 5;
     Rates {
         cps: pkts(state.avg[0]),
         in_pps: pkts(state.avg[1]),
@@ -125,6 +127,16 @@ mod tests {
             sample(&mut st, [1000, 1000, 1000, 1000, 1000], 3 + k);
         }
         assert_eq!(rates(&st), Rates::default());
+    }
+
+    #[test]
+    fn a_counter_that_goes_back_does_not_overflow() {
+        let mut st = RateState::default();
+        sample(&mut st, [1_000_000; 5], 1);
+        sample(&mut st, [5; 5], 2);
+        sample(&mut st, [u64::MAX; 5], 3);
+        let _ = rates(&st);
+        let _ = rates(&sum(&[st, st, st]));
     }
 
     #[test]

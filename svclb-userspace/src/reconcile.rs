@@ -20,14 +20,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use svclb_common::{
-    addr_words, family_of, schedule::other_generation, BackendInfo, Scheduler, ServiceMeta,
-    ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
+    addr_words, family_of, schedule::other_generation, BackendInfo, NetworkName, PortKey,
+    Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
+    SVC_F_AFFINITY, VIP_F_PORTS,
 };
 
 use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
-    config::DesiredState,
+    config::{protocol_name, DesiredState, ServicePort},
     dataplane::{Capacity, Dataplane, Snapshot},
 };
 
@@ -40,19 +41,19 @@ pub enum Change {
     AddService {
         mark: u32,
         name: String,
-        vip: IpAddr,
+        vip: Frontend,
         scheduler: Scheduler,
     },
     EditService {
         mark: u32,
         name: String,
-        vip: IpAddr,
+        vip: Frontend,
         scheduler: Scheduler,
     },
     RemoveService {
         mark: u32,
         name: String,
-        vip: IpAddr,
+        vip: Frontend,
     },
     AddBackend {
         mark: u32,
@@ -72,6 +73,22 @@ pub enum Change {
         addr: IpAddr,
         port: Option<u16>,
     },
+}
+
+/// What a service matches: its VIP, and its port for a per-port service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub vip: IpAddr,
+    pub port: Option<ServicePort>,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            None => write!(f, "{}", self.vip),
+            Some(p) => write!(f, "{} {}/{}", self.vip, p.port, protocol_name(p.protocol)),
+        }
+    }
 }
 
 fn real(addr: IpAddr, port: Option<u16>) -> String {
@@ -145,7 +162,11 @@ pub struct Plan {
     pub marks: BTreeMap<String, u32>,
     new_backends: Vec<(u32, BackendInfo)>,
     edited_backends: Vec<(u32, BackendInfo)>,
+    new_networks: Vec<(String, u32)>,
     services: Vec<ServiceWrite>,
+    port_writes: Vec<(PortKey, u32)>,
+    vip_writes: Vec<(IpAddr, VipValue)>,
+    removed_ports: Vec<PortKey>,
     removed_vips: Vec<IpAddr>,
     removed_services: Vec<(u32, Generation)>,
     removed_backends: Vec<u32>,
@@ -168,19 +189,27 @@ struct Generation {
 struct ServiceWrite {
     mark: u32,
     meta: ServiceMeta,
-    vip: IpAddr,
     value: ServiceValue,
     /// The new schedule, written at `value.slot_base`; None when unchanged.
     new_slots: Option<Vec<Slot>>,
     /// The generation to delete once the new one is active.
     retired: Option<Generation>,
-    write_vip: bool,
+}
+
+fn port_key(vip: IpAddr, port: ServicePort) -> PortKey {
+    PortKey {
+        addr: addr_words(vip),
+        port_be: port.port.to_be(),
+        proto: port.protocol,
+        _pad: 0,
+    }
 }
 
 /// Decides how to bring the maps from `current` to `desired`.
 pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> Result<Plan> {
     let mut plan = Plan::default();
     let marks = assign_marks(current, desired)?;
+    let scope_bits = assign_networks(current, desired, &mut plan)?;
 
     if desired.services.len() as u64 > u64::from(capacity.services) {
         bail!(
@@ -277,12 +306,30 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         let picks = plan_slots(spec.scheduler, &planned)
             .with_context(|| format!("service {}", spec.name))?;
         let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
-        let meta = ServiceMeta::new(&spec.name, spec.vip);
+        let mut meta = ServiceMeta::new(&spec.name, spec.vip);
+        meta.port_proto = spec
+            .port
+            .map_or(0, |p| u32::from(p.port) | u32::from(p.protocol) << 16);
+        let scope = spec
+            .networks
+            .iter()
+            .fold(0u64, |m, n| m | scope_bits.get(n).map_or(0, |b| 1u64 << b));
+        let (flags, affinity_secs) = match spec.affinity {
+            Some(secs) => (SVC_F_AFFINITY, secs),
+            None => (0, 0),
+        };
 
         let (value, new_slots, retired) = match old {
-            Some(old) if old.slots == slots && old.scheduler == spec.scheduler => {
-                (old.value, None, None)
-            }
+            Some(old) if old.slots == slots && old.scheduler == spec.scheduler => (
+                ServiceValue {
+                    flags,
+                    affinity_secs,
+                    scope,
+                    ..old.value
+                },
+                None,
+                None,
+            ),
             _ => {
                 let active = old
                     .map(|o| o.value.slot_base)
@@ -291,11 +338,11 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     count: slots.len() as u32,
                     slot_base: other_generation(active),
                     scheduler: spec.scheduler as u32,
-                    flags: 0,
+                    flags,
                     // Choices remembered under the old schedule get checked again.
                     generation: old.map_or(1, |o| o.value.generation.wrapping_add(1)),
-                    affinity_secs: 0,
-                    scope: 0,
+                    affinity_secs,
+                    scope,
                 };
                 peak_slots += slots.len() as u64;
                 let retired = old.map(|o| Generation {
@@ -305,37 +352,44 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                 (value, Some(slots), retired)
             }
         };
-        let meta_changed = old.is_none_or(|o| o.name != spec.name || o.vip != spec.vip);
-        let write_vip = current.vips.get(&spec.vip) != Some(&mark);
+        let meta_changed =
+            old.is_none_or(|o| o.name != spec.name || o.vip != spec.vip || o.port != spec.port);
+        let frontend = Frontend {
+            vip: spec.vip,
+            port: spec.port,
+        };
         match old {
             None => plan.changes.insert(
                 0,
                 Change::AddService {
                     mark,
                     name: spec.name.clone(),
-                    vip: spec.vip,
+                    vip: frontend,
                     scheduler: spec.scheduler,
                 },
             ),
-            Some(o) if meta_changed || o.scheduler != spec.scheduler => {
+            Some(o)
+                if meta_changed
+                    || o.scheduler != spec.scheduler
+                    || (o.value.flags, o.value.affinity_secs, o.value.scope)
+                        != (value.flags, value.affinity_secs, value.scope) =>
+            {
                 plan.changes.push(Change::EditService {
                     mark,
                     name: spec.name.clone(),
-                    vip: spec.vip,
+                    vip: frontend,
                     scheduler: spec.scheduler,
                 })
             }
             Some(_) => {}
         }
-        if new_slots.is_some() || meta_changed || write_vip {
+        if new_slots.is_some() || meta_changed || old.is_none_or(|o| o.value != value) {
             plan.services.push(ServiceWrite {
                 mark,
                 meta,
-                vip: spec.vip,
                 value,
                 new_slots,
                 retired,
-                write_vip,
             });
         }
     }
@@ -347,12 +401,45 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         );
     }
 
+    // The VIP and port tables, whole, compared with what the maps hold.
+    let mut vip_table: BTreeMap<IpAddr, VipValue> = BTreeMap::new();
+    let mut port_table: BTreeMap<(IpAddr, u16, u8), u32> = BTreeMap::new();
+    for (spec, &mark) in desired.services.iter().zip(&marks) {
+        let entry = vip_table.entry(spec.vip).or_default();
+        match spec.port {
+            None => entry.mark = mark,
+            Some(p) => {
+                entry.flags |= VIP_F_PORTS;
+                port_table.insert((spec.vip, p.port, p.protocol), mark);
+            }
+        }
+    }
+    for (&(vip, port, protocol), &mark) in &port_table {
+        if current.ports.get(&(vip, port, protocol)) != Some(&mark) {
+            plan.port_writes
+                .push((port_key(vip, ServicePort { port, protocol }), mark));
+        }
+    }
+    for &(vip, port, protocol) in current.ports.keys() {
+        if !port_table.contains_key(&(vip, port, protocol)) {
+            plan.removed_ports
+                .push(port_key(vip, ServicePort { port, protocol }));
+        }
+    }
+    for (&vip, value) in &vip_table {
+        let now = VipValue {
+            mark: current.vips.get(&vip).copied().unwrap_or(u32::MAX),
+            flags: current.vip_flags.get(&vip).copied().unwrap_or(0),
+        };
+        if now != *value {
+            plan.vip_writes.push((vip, *value));
+        }
+    }
     let desired_marks: BTreeSet<u32> = marks.iter().copied().collect();
-    let desired_vips: BTreeSet<IpAddr> = desired.services.iter().map(|s| s.vip).collect();
     plan.removed_vips = current
         .vips
         .keys()
-        .filter(|v| !desired_vips.contains(v))
+        .filter(|v| !vip_table.contains_key(v))
         .copied()
         .collect();
     for svc in current.services.values() {
@@ -367,7 +454,10 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
             plan.changes.push(Change::RemoveService {
                 mark: svc.mark,
                 name: svc.name.clone(),
-                vip: svc.vip,
+                vip: Frontend {
+                    vip: svc.vip,
+                    port: svc.port,
+                },
             });
         }
         for b in &svc.backends {
@@ -388,6 +478,11 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 /// one the VIP already has (so a restart or reload keeps FWM numbers), else
 /// the lowest free one from 256.
 fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> {
+    let existing: HashMap<(IpAddr, Option<ServicePort>), u32> = current
+        .services
+        .values()
+        .map(|svc| ((svc.vip, svc.port), svc.mark))
+        .collect();
     let explicit: BTreeSet<u32> = desired.services.iter().filter_map(|s| s.mark).collect();
     let mut taken = explicit.clone();
     let mut marks = vec![0; desired.services.len()];
@@ -395,7 +490,7 @@ fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> 
     for (i, spec) in desired.services.iter().enumerate() {
         match spec.mark {
             Some(m) => marks[i] = m,
-            None => match current.vips.get(&spec.vip) {
+            None => match existing.get(&(spec.vip, spec.port)) {
                 Some(&m) if !taken.contains(&m) => {
                     taken.insert(m);
                     marks[i] = m;
@@ -415,8 +510,36 @@ fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> 
     Ok(marks)
 }
 
+/// Scope bits of the networks the services name: a network keeps its bit
+/// once it has one (attachments refer to it); new ones take free bits.
+fn assign_networks(
+    current: &Snapshot,
+    desired: &DesiredState,
+    plan: &mut Plan,
+) -> Result<BTreeMap<String, u32>> {
+    let mut bits = current.networks.clone();
+    for name in desired.services.iter().flat_map(|s| &s.networks) {
+        if bits.contains_key(name) {
+            continue;
+        }
+        let used: BTreeSet<u32> = bits.values().copied().collect();
+        let Some(bit) = (0..64).find(|b| !used.contains(b)) else {
+            bail!("network {name:?}: svclb distinguishes at most 64 networks per node");
+        };
+        bits.insert(name.clone(), bit);
+        plan.new_networks.push((name.clone(), bit));
+    }
+    Ok(bits)
+}
+
 /// Writes `plan` into the maps, in the order described in the module docs.
 pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
+    for (name, bit) in &plan.new_networks {
+        let key = NetworkName::new(name).context("network name too long")?;
+        dp.networks
+            .insert(key, bit, 0)
+            .context("registering a network")?;
+    }
     for (id, info) in &plan.new_backends {
         dp.reset_backend_stats(*id)?;
         dp.backends
@@ -450,23 +573,25 @@ pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
         dp.meta
             .insert(w.mark, w.meta, 0)
             .context("writing service metadata")?;
-        if w.write_vip {
-            dp.vips
-                .insert(
-                    VipKey::from_ip(w.vip),
-                    VipValue {
-                        mark: w.mark,
-                        flags: 0,
-                    },
-                    0,
-                )
-                .context("writing a VIP")?;
-        }
+    }
+    // Per-port entries before the VIP flag that sends lookups to them.
+    for (key, mark) in &plan.port_writes {
+        dp.ports
+            .insert(key, mark, 0)
+            .context("writing a per-port service")?;
+    }
+    for (vip, value) in &plan.vip_writes {
+        dp.vips
+            .insert(VipKey::from_ip(*vip), value, 0)
+            .context("writing a VIP")?;
     }
     for w in &plan.services {
         if let Some(old) = w.retired {
             remove_slots(dp, w.mark, old)?;
         }
+    }
+    for key in &plan.removed_ports {
+        remove_missing_ok(dp.ports.remove(key))?;
     }
     for vip in &plan.removed_vips {
         remove_missing_ok(dp.vips.remove(&VipKey::from_ip(*vip)))?;
@@ -495,10 +620,7 @@ fn remove_slots(dp: &mut Dataplane, mark: u32, generation: Generation) -> Result
 }
 
 fn remove_missing_ok(r: Result<(), aya::maps::MapError>) -> Result<()> {
-    match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    crate::dataplane::ignore_missing(r)
 }
 
 /// Plans and applies in one step; returns the plan for reporting.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use svclb_common::BackendStats;
 
 use crate::{
+    config::{protocol_name, ServicePort},
     dataplane::{Dataplane, Snapshot},
     rates::{self, Rates},
 };
@@ -64,11 +65,60 @@ pub struct BackendReport {
 pub struct ServiceReport {
     pub name: String,
     pub vip: IpAddr,
+    /// A per-port service's port and protocol; absent for FWM-style ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<ServicePort>,
     pub mark: u32,
     pub scheduler: &'static str,
     pub stats: Counters,
     pub rates: Rates,
     pub backends: Vec<BackendReport>,
+}
+
+/// What `svclb-ctl list --json` shows: the configuration and live
+/// connections, without the counters and rates that `stats`/`rate` show.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListedService {
+    pub name: String,
+    pub vip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<ServicePort>,
+    pub mark: u32,
+    pub scheduler: &'static str,
+    pub backends: Vec<ListedBackend>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ListedBackend {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub active_conns: u64,
+    pub inactive_conns: u64,
+}
+
+pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
+    services
+        .iter()
+        .map(|s| ListedService {
+            name: s.name.clone(),
+            vip: s.vip,
+            port: s.port,
+            mark: s.mark,
+            scheduler: s.scheduler,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| ListedBackend {
+                    address: b.address,
+                    port: b.port,
+                    weight: b.weight,
+                    active_conns: b.active_conns,
+                    inactive_conns: b.inactive_conns,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// Reads every service with its counters; services sorted by mark.
@@ -101,6 +151,7 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
         out.push(ServiceReport {
             name: svc.name.clone(),
             vip: svc.vip,
+            port: svc.port,
             mark: svc.mark,
             scheduler: svc.scheduler.name(),
             stats: total,
@@ -152,6 +203,19 @@ fn real_server(addr: IpAddr, port: Option<u16>) -> String {
     }
 }
 
+/// The first column of a service row: `FWM  317`, or for a per-port
+/// service `TCP  172.50.0.37:80`, as ipvsadm names them.
+pub fn service_name(svc: &ServiceReport) -> String {
+    match svc.port {
+        None => format!("FWM  {}", svc.mark),
+        Some(p) => format!(
+            "{}  {}",
+            protocol_name(p.protocol).to_uppercase(),
+            real_server(svc.vip, Some(p.port))
+        ),
+    }
+}
+
 const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096)";
 
 /// `ipvsadm -L -n --stats`.
@@ -170,7 +234,7 @@ pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
         s.push('\n');
     };
     for svc in services {
-        let _ = write!(s, "{:<33}", format!("FWM  {}", svc.mark));
+        let _ = write!(s, "{:<33}", service_name(svc));
         row(&mut s, &svc.stats);
         for b in &svc.backends {
             let _ = write!(s, "  -> {:<28}", real_server(b.address, b.port));
@@ -196,7 +260,7 @@ pub fn format_rate(services: &[ServiceReport]) -> String {
         s.push('\n');
     };
     for svc in services {
-        let _ = write!(s, "{:<33}", format!("FWM  {}", svc.mark));
+        let _ = write!(s, "{:<33}", service_name(svc));
         row(&mut s, &svc.rates);
         for b in &svc.backends {
             let _ = write!(s, "  -> {:<28}", real_server(b.address, b.port));
@@ -217,7 +281,7 @@ pub fn format_list(services: &[ServiceReport]) -> String {
         "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"
     );
     for svc in services {
-        let _ = writeln!(s, "FWM  {} {}", svc.mark, svc.scheduler);
+        let _ = writeln!(s, "{} {}", service_name(svc), svc.scheduler);
         for b in &svc.backends {
             let _ = writeln!(
                 s,
@@ -248,6 +312,7 @@ mod tests {
         vec![ServiceReport {
             name: "api".into(),
             vip: "172.50.0.37".parse().unwrap(),
+            port: None,
             mark: 317,
             scheduler: "random",
             stats: c(44981, 231280, 218415, 19264401, 22763535),

@@ -55,7 +55,7 @@ enum Command {
     /// discovered services once).
     Apply { file: PathBuf },
     /// Attaches svclb to a cgroup (loads the programs against the pinned maps).
-    Attach(TargetArg),
+    Attach(AttachArgs),
     /// Detaches svclb from a cgroup.
     Detach(TargetArg),
     /// Lists the cgroups svclb is attached to.
@@ -65,6 +65,16 @@ enum Command {
     },
     /// Detaches everything and removes every pinned map: balancing stops.
     Teardown,
+}
+
+#[derive(ClapArgs, Debug)]
+struct AttachArgs {
+    #[command(flatten)]
+    target: TargetArg,
+    /// A network this cgroup's processes are on (repeatable): they see the
+    /// services limited to it. Without any, they see only unlimited services.
+    #[arg(long = "network", value_name = "NAME")]
+    networks: Vec<String>,
 }
 
 /// What to attach to or detach from.
@@ -119,7 +129,10 @@ fn run(args: Args) -> Result<()> {
         Command::List { json } => {
             let report = stats::collect(&Dataplane::open(&pins)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&stats::list_view(&report))?
+                );
             } else {
                 print!("{}", stats::format_list(&report));
             }
@@ -168,28 +181,54 @@ fn run(args: Args) -> Result<()> {
                 println!("{change}");
             }
         }
-        Command::Attach(target) => {
+        Command::Attach(AttachArgs { target, networks }) => {
             let cg = target.resolve()?;
             let mut loaded = loader::load(&pins, Capacities::default())?;
+            // Networks first: the cgroup sees its services from its first connect.
+            Dataplane::open(&pins)?.set_cgroup_networks(cg.id()?, &networks)?;
             loaded.attach(&cg)?;
-            println!("attached to {}", cg.absolute.display());
+            if networks.is_empty() {
+                println!("attached to {}", cg.absolute.display());
+            } else {
+                println!(
+                    "attached to {} on networks {}",
+                    cg.absolute.display(),
+                    networks.join(", ")
+                );
+            }
         }
         Command::Detach(target) => {
             loader::require_root()?;
             let cg = target.resolve()?;
-            if loader::detach(&pins, &cg)? {
+            let detached = loader::detach(&pins, &cg)?;
+            Dataplane::open(&pins)?.set_cgroup_networks(cg.id()?, &[])?;
+            if detached {
                 println!("detached from {}", cg.absolute.display());
             } else {
                 anyhow::bail!("svclb is not attached to {}", cg.absolute.display());
             }
         }
         Command::Attachments { json } => {
-            let list = loader::attachments(&pins)?;
+            let mut list = loader::attachments(&pins)?;
+            if let Ok(dp) = Dataplane::open(&pins) {
+                for a in &mut list {
+                    if let Ok(cg) =
+                        svclb::cgroup::CgroupPath::resolve(std::path::Path::new(&a.cgroup))
+                    {
+                        a.networks = dp.cgroup_networks(cg.id()?);
+                    }
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for a in list {
-                    println!("/{}\t{}", a.cgroup, a.programs.join(","));
+                    let networks = if a.networks.is_empty() {
+                        "-".to_string()
+                    } else {
+                        a.networks.join(",")
+                    };
+                    println!("/{}\t{}\t{}", a.cgroup, networks, a.programs.join(","));
                 }
             }
         }

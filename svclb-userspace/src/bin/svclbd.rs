@@ -47,6 +47,10 @@ struct Args {
     /// The Docker engine, for --container: unix://PATH.
     #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
     docker_host: Option<String>,
+    /// A network the attached cgroups' processes are on (repeatable): they
+    /// see the services limited to it.
+    #[arg(long = "network", value_name = "NAME")]
+    networks: Vec<String>,
     /// Where maps and links are pinned (on bpffs).
     #[arg(long, default_value = svclb::DEFAULT_PIN_DIR, value_name = "DIR")]
     pin_dir: PathBuf,
@@ -120,6 +124,7 @@ async fn run(args: Args) -> Result<()> {
     let (desired, mut discovery) = sync::desired_now(&config, &dp.snapshot()?).await?;
     apply(&mut dp, &desired, "startup")?;
     for cg in &cgroups {
+        dp.set_cgroup_networks(cg.id()?, &args.networks)?;
         loaded.attach(cg)?;
         info!(cgroup = %cg.absolute.display(), "attached");
     }

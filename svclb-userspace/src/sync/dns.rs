@@ -349,6 +349,9 @@ impl ServiceState {
                         weight: 1,
                     })
                     .collect(),
+                port: None,
+                affinity: None,
+                networks: Vec::new(),
             })
             .collect()
     }
