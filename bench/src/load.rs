@@ -80,6 +80,8 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Per-operation timeout (connect, send, receive).
     pub timeout: Duration,
+    /// Pin every load thread to this CPU.
+    pub cpu: Option<usize>,
 }
 
 /// What a run measured, printed as JSON by `svclb-load`.
@@ -158,9 +160,13 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         let handles: Vec<_> = (0..spec.threads)
             .map(|i| {
                 let stop = Arc::clone(&stop);
+                let cpu = spec.cpu;
                 thread::Builder::new()
                     .name(format!("load-{i}"))
                     .spawn_scoped(s, move || {
+                        if let Some(c) = cpu {
+                            crate::server::pin_thread(c as i32);
+                        }
                         let now = Instant::now();
                         if start > now {
                             thread::sleep(start - now);

@@ -445,7 +445,7 @@ pub struct Cell {
     pub setup_secs: f64,
     targets: Vec<SocketAddrV4>,
     extra: Extra,
-    _servers: EchoServers,
+    servers: EchoServers,
     sandbox: Sandbox,
 }
 
@@ -537,7 +537,7 @@ impl Cell {
             setup_secs,
             targets,
             extra,
-            _servers: servers,
+            servers,
             sandbox,
         })
     }
@@ -571,6 +571,14 @@ impl Cell {
         for t in &self.targets {
             cmd.arg("--target").arg(t.to_string());
         }
+        // One client thread: client and servers share CPU 0, so that a
+        // request/response is not a cross-CPU wake-up, whose cost in a VM
+        // (an idle vCPU halted in the hypervisor) made these runs bimodal.
+        let cpu = (threads == 1).then_some(0);
+        if let Some(c) = cpu {
+            cmd.args(["--cpu", &c.to_string()]);
+        }
+        self.servers.pin(cpu);
         // Every mode's load runs in the sandbox cgroup, the same for all:
         // only in svclb mode are programs attached to it.
         self.sandbox.client_command(&mut cmd, true)?;

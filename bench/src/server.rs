@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,6 +26,9 @@ const POLL: Duration = Duration::from_millis(200);
 /// Echo servers on a set of addresses; stopped and joined on drop.
 pub struct EchoServers {
     stop: Arc<AtomicBool>,
+    /// The CPU the workers pin themselves to (at the next accept, or the
+    /// next datagram), or -1 for any CPU.
+    cpu: Arc<AtomicI32>,
     listeners: Vec<Arc<TcpListener>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -41,6 +44,7 @@ impl EchoServers {
     ) -> Result<EchoServers> {
         let mut servers = EchoServers {
             stop: Arc::new(AtomicBool::new(false)),
+            cpu: Arc::new(AtomicI32::new(-1)),
             listeners: Vec::new(),
             threads: Vec::new(),
         };
@@ -53,9 +57,10 @@ impl EchoServers {
             servers.listeners.push(Arc::clone(&listener));
             for i in 0..tcp_workers {
                 let (listener, stop) = (Arc::clone(&listener), Arc::clone(&servers.stop));
+                let cpu = Arc::clone(&servers.cpu);
                 servers.threads.push(sandbox.spawn_in_backends(
                     &format!("echo-{}-{i}", addr.ip().octets()[3]),
-                    move || tcp_worker(&listener, &stop),
+                    move || tcp_worker(&listener, &stop, &cpu),
                 )?);
             }
             let udp = sandbox
@@ -65,13 +70,38 @@ impl EchoServers {
             let udp = Arc::new(udp);
             for i in 0..udp_workers {
                 let (udp, stop) = (Arc::clone(&udp), Arc::clone(&servers.stop));
+                let cpu = Arc::clone(&servers.cpu);
                 servers.threads.push(sandbox.spawn_in_backends(
                     &format!("uecho-{}-{i}", addr.ip().octets()[3]),
-                    move || udp_worker(&udp, &stop),
+                    move || udp_worker(&udp, &stop, &cpu),
                 )?);
             }
         }
         Ok(servers)
+    }
+
+    /// Pins the workers to `cpu` (None: any CPU) from their next
+    /// connection or datagram on.
+    pub fn pin(&self, cpu: Option<usize>) {
+        self.cpu
+            .store(cpu.map_or(-1, |c| c as i32), Ordering::SeqCst);
+    }
+}
+
+/// Pins the calling thread to `cpu` (negative: every CPU).
+pub fn pin_thread(cpu: i32) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET/sched_setaffinity take valid pointers.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 0 {
+            libc::CPU_SET(cpu as usize, &mut set);
+        } else {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            for c in 0..n.min(libc::CPU_SETSIZE as usize) {
+                libc::CPU_SET(c, &mut set);
+            }
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -89,11 +119,17 @@ impl Drop for EchoServers {
     }
 }
 
-fn tcp_worker(listener: &TcpListener, stop: &AtomicBool) {
+fn tcp_worker(listener: &TcpListener, stop: &AtomicBool, cpu: &AtomicI32) {
     let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut pinned = -1;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
+                let want = cpu.load(Ordering::Relaxed);
+                if want != pinned {
+                    pin_thread(want);
+                    pinned = want;
+                }
                 let _ = serve(stream, &mut buf, stop);
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
@@ -147,11 +183,17 @@ fn stream_out(s: &mut TcpStream, buf: &[u8], stop: &AtomicBool) -> io::Result<()
     Ok(())
 }
 
-fn udp_worker(sock: &UdpSocket, stop: &AtomicBool) {
+fn udp_worker(sock: &UdpSocket, stop: &AtomicBool, cpu: &AtomicI32) {
     let mut buf = [0u8; 2048];
+    let mut pinned = -1;
     while !stop.load(Ordering::Relaxed) {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
+                let want = cpu.load(Ordering::Relaxed);
+                if want != pinned {
+                    pin_thread(want);
+                    pinned = want;
+                }
                 let _ = sock.send_to(&buf[..n], peer);
             }
             Err(e) if is_timeout(&e) => {}
