@@ -8,8 +8,10 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::warn;
 use svclb_common::{
-    SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_UNCONNECTED,
+    ServiceValue, Slot, SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_F_UNCONNECTED,
 };
 
 use crate::{
@@ -107,9 +109,16 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         Dest::Refuse => return Err(()),
         Dest::Service(mark, svc) => (mark, svc),
     };
+    if svc.count == 0 {
+        return Err(());
+    }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let slot = pick(mark, &svc, cookie).ok_or(())?;
-    let port_be = if slot.port_be != 0 { slot.port_be } else { target.port_be };
+    let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
+    let port_be = if slot.port_be != 0 {
+        slot.port_be
+    } else {
+        target.port_be
+    };
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
         // A UDP socket may be connected again: undo what it counted before.
@@ -156,8 +165,12 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         }
     }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let slot = pick(mark, &svc, cookie).ok_or(())?;
-    let port_be = if slot.port_be != 0 { slot.port_be } else { target.port_be };
+    let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
+    let port_be = if slot.port_be != 0 {
+        slot.port_be
+    } else {
+        target.port_be
+    };
     count_new_connection(slot.backend_id);
     // Without socket storage (memory pressure) it is balanced, unremembered.
     let Some(state) = state else {
@@ -177,6 +190,27 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     };
     set_conn_state(state, CONN_INACTIVE);
     Ok(Some((slot.addr, port_be)))
+}
+
+/// A service whose active generation misses a slot means the maps were
+/// written out of order: refuse the connection, and say so (rare path).
+#[inline(always)]
+fn pick_or_warn(
+    ctx: &SockAddrContext,
+    mark: u32,
+    svc: &ServiceValue,
+    cookie: u64,
+) -> Result<Slot, ()> {
+    match pick(mark, svc, cookie) {
+        Some(slot) => Ok(slot),
+        None => {
+            warn!(
+                ctx,
+                "svclb: service FWM {} has no backend slot in generation {}", mark, svc.generation
+            );
+            Err(())
+        }
+    }
 }
 
 /// recvmsg()/getpeername(): a peer that is this socket's backend is shown

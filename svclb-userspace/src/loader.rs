@@ -167,6 +167,26 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
 }
 
 impl Loaded {
+    /// Forwards what the programs log (aya-log, rare paths only) to the
+    /// `log`/tracing output for as long as the tokio runtime runs. The
+    /// logger owns the log map and must live: it moves into the task.
+    pub fn spawn_log_forwarder(&mut self) -> Result<()> {
+        let logger =
+            aya_log::EbpfLogger::init(&mut self.ebpf).context("reading the programs' log map")?;
+        // SAFETY: the AsyncFd owns the logger, which owns the fd: it stays open
+        // for as long as it is registered.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)?
+        };
+        tokio::spawn(async move {
+            while let Ok(mut guard) = fd.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
     /// Attaches every program to `cgroup`. An existing attachment is
     /// replaced without a gap: the new link is attached and pinned beside
     /// the old one, then renamed over it, which detaches the old one.

@@ -118,6 +118,7 @@ async fn run(args: Args) -> Result<()> {
             max_backends: args.max_backends,
         },
     )?;
+    loaded.spawn_log_forwarder()?;
     let mut dp = Dataplane::open(&pins)?;
     // Discovered services start from what the maps hold, so a restart
     // while DNS is away changes nothing.
