@@ -187,7 +187,7 @@ fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
 
     // A file that does not validate changes nothing, and says why, naming
     // the file, line and field.
-    let before = pins.ctl(&["list", "--json"]).unwrap();
+    let before = listed(&pins);
     std::fs::write(&path, API_CONFIG.replace("172.50.0.37", "172.50.0.370")).unwrap();
     daemon
         .wait_for_log("reload refused, nothing changed", within)
@@ -204,12 +204,12 @@ fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
         2,
         "SIGHUP re-reads it"
     );
-    assert_eq!(pins.ctl(&["list", "--json"]).unwrap(), before);
+    assert_eq!(listed(&pins), before);
 
     // Removing the file changes nothing either; writing it back applies it.
     std::fs::remove_file(&path).unwrap();
     daemon.wait_for_log("cannot read the file", within).unwrap();
-    assert_eq!(pins.ctl(&["list", "--json"]).unwrap(), before);
+    assert_eq!(listed(&pins), before);
     std::fs::write(&path, API_40).unwrap();
     eventually(
         within,
@@ -271,8 +271,10 @@ backends = ["172.50.0.21"]
     );
 }
 
-fn pins_list(pins: &PinDir) -> String {
-    pins.ctl(&["list", "--json"]).unwrap()
+/// Services, VIPs, marks, backends and weights: what the maps say, without
+/// the counters and rates (which move with traffic and time).
+fn pins_list(pins: &PinDir) -> Vec<Listed> {
+    listed(pins)
 }
 
 // ---- 2. DNS discovery against dnsmasq. ----
@@ -643,10 +645,13 @@ fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
         failed, 0,
         "connects failed during the upgrade ({ok} succeeded)"
     );
-    assert_eq!(
-        cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(),
-        1,
-        "exactly one connect4 program stays attached"
+    // A replaced link is released by the kernel from a work queue once its
+    // pin is renamed over, so it may be counted for a moment.
+    eventually(
+        Duration::from_secs(2),
+        "exactly one connect4 program stays attached",
+        || cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(),
+        |n| *n == 1,
     );
     let links = fx
         .pins
