@@ -82,6 +82,8 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
 pub struct Loaded {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Whether [`Loaded::attach`] attaches the cgroup_skb packet counters.
+    packet_counters: bool,
 }
 
 /// Fails with a clear message when not privileged enough to load programs.
@@ -163,10 +165,24 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
     Ok(Loaded {
         ebpf,
         pins: pins.clone(),
+        packet_counters: true,
     })
 }
 
+/// Whether a program is one of the two cgroup_skb packet counters.
+fn is_packet_counter(hook: Hook) -> bool {
+    matches!(hook, Hook::Skb(_))
+}
+
 impl Loaded {
+    /// With `false`, [`Loaded::attach`] leaves out the cgroup_skb packet
+    /// counters (and removes those an earlier attachment pinned): InPkts,
+    /// OutPkts, InBytes and OutBytes stop counting, everything else works.
+    /// For measuring what the counting costs (`svclbd --no-packet-counters`).
+    pub fn set_packet_counters(&mut self, on: bool) {
+        self.packet_counters = on;
+    }
+
     /// Forwards what the programs log (aya-log, rare paths only) to the
     /// `log`/tracing output for as long as the tokio runtime runs. The
     /// logger owns the log map and must live: it moves into the task.
@@ -194,6 +210,16 @@ impl Loaded {
         let dir = self.pins.links().join(cgroup.pin_name());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, hook) in PROGRAMS {
+            if !self.packet_counters && is_packet_counter(hook) {
+                let path = dir.join(name);
+                if path.exists() {
+                    detach_pinned_link(&path)
+                        .with_context(|| format!("detaching {}", path.display()))?;
+                    fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+                continue;
+            }
             let prog = self
                 .ebpf
                 .program_mut(name)

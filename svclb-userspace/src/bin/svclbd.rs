@@ -66,6 +66,10 @@ struct Args {
     /// Serve no metrics.
     #[arg(long)]
     no_metrics: bool,
+    /// Do not attach the cgroup_skb packet counters (InPkts/OutPkts/InBytes/
+    /// OutBytes stay as they are); for measuring what counting costs.
+    #[arg(long)]
+    no_packet_counters: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SVCLB_LOG", default_value = "info")]
     log: String,
@@ -119,6 +123,10 @@ async fn run(args: Args) -> Result<()> {
         },
     )?;
     loaded.spawn_log_forwarder()?;
+    loaded.set_packet_counters(!args.no_packet_counters);
+    if args.no_packet_counters {
+        warn!("--no-packet-counters: packets and bytes are not counted");
+    }
     let mut dp = Dataplane::open(&pins)?;
     // Discovered services start from what the maps hold, so a restart
     // while DNS is away changes nothing.
