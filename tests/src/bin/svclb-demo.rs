@@ -6,7 +6,8 @@
 //!   db     VIP 172.50.0.20  mark 0x128 (FWM 296)  task  172.50.0.21
 //!   queue  VIP 172.50.0.18  mark 0x13b (FWM 315)  task  172.50.0.34
 //! The web client connects to the VIPs; svclb-ctl then prints the counters
-//! the way `ipvsadm -L -n --stats` does. Everything is removed at the end.
+//! the way `ipvsadm -L -n --stats` does (the demo fails if an api task has
+//! no connection or a zero In/Out column). Everything is removed at the end.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -129,9 +130,23 @@ fn run() -> Result<()> {
 
     let rows = svclb_tests::parse_stats(&pins.ctl(&["stats", "--exact"])?)?;
     for task in ["172.50.0.40:0", "172.50.0.41:0"] {
-        let conns = rows.iter().find(|r| r.name == task).map_or(0, |r| r.conns);
-        if conns == 0 {
+        let Some(row) = rows.iter().find(|r| r.name == task) else {
+            bail!("svclb-ctl stats has no row for api backend {task}");
+        };
+        if row.conns == 0 {
             bail!("api backend {task} got no connection");
+        }
+        // Every connection sent and received packets: the In/Out columns
+        // (cgroup_skb counters) must show them.
+        for (column, n) in [
+            ("InPkts", row.in_pkts),
+            ("OutPkts", row.out_pkts),
+            ("InBytes", row.in_bytes),
+            ("OutBytes", row.out_bytes),
+        ] {
+            if n == 0 {
+                bail!("api backend {task}: {column} is 0 after {} connections: the packet counters are not counting", row.conns);
+            }
         }
     }
 
