@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 use svclb_common::{
-    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_UNCONNECTED,
+    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_UNCONNECTED,
 };
 
 use crate::{maps::{SOCKS, STATS}, service::set_conn_state};
@@ -37,7 +37,7 @@ fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
 
 const ETH_P_IP_BE: u32 = 0x0008;
 
-/// For unconnected UDP: whether the packet's peer address (destination on
+/// For UDP: whether the packet's peer address (destination on
 /// egress, source on ingress) is the socket's backend.
 #[inline(always)]
 fn peer_is_backend(ctx: &SkBuffContext, state: &SockState, egress: bool) -> bool {
@@ -72,7 +72,11 @@ fn count(ctx: &SkBuffContext, egress: bool) {
     if state.mark == 0 {
         return;
     }
-    if state.flags & SOCK_F_UNCONNECTED != 0 && !peer_is_backend(ctx, state, egress) {
+    // A UDP socket may also send to (and, unconnected, receive from) other
+    // peers: only what it exchanges with its backend is the backend's. A
+    // TCP socket has one peer and skips the check.
+    let udp = !sk.is_null() && unsafe { (*sk).protocol } == u32::from(IPPROTO_UDP);
+    if (udp || state.flags & SOCK_F_UNCONNECTED != 0) && !peer_is_backend(ctx, state, egress) {
         return;
     }
     let len = u64::from(unsafe { (*skb).len });

@@ -105,7 +105,12 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         return Ok(None);
     };
     let (mark, svc) = match resolve(&target.key, target.port_be, proto) {
-        Dest::Plain => return Ok(None),
+        Dest::Plain => {
+            if proto == IPPROTO_UDP {
+                forget(ctx);
+            }
+            return Ok(None);
+        }
         Dest::Refuse => return Err(()),
         Dest::Service(mark, svc) => (mark, svc),
     };
@@ -138,6 +143,20 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     }
     count_new_connection(slot.backend_id);
     Ok(Some((slot.addr, port_be)))
+}
+
+/// A UDP socket connected again, to something that is not a VIP, is no
+/// longer the backend's: it leaves the gauges, and its packets are no
+/// longer counted nor its replies shown as the VIP. Only UDP sockets pay
+/// this lookup (a TCP socket connects once), and one that svclb never
+/// translated has no storage to find.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext) {
+    let state = unsafe { SOCKS.get_ptr_mut(ctx) };
+    if let Some(state) = unsafe { state.as_mut() } {
+        release_conn(state);
+        state.mark = 0;
+    }
 }
 
 /// sendmsg() on an unconnected UDP socket: each datagram to a VIP goes to

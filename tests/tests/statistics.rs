@@ -518,6 +518,90 @@ fn packet_and_byte_counters_equal_the_kernels_nft_counters() {
     }
 }
 
+/// One UDP request and its reply on `socket` (connected: `to` is None).
+fn udp_round(socket: &UdpSocket, to: Option<SocketAddr>, payload: &[u8]) -> String {
+    match to {
+        Some(to) => socket.send_to(payload, to).unwrap(),
+        None => socket.send(payload).unwrap(),
+    };
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf).expect("UDP reply");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.split_once('\n').unwrap().0.to_string()
+}
+
+/// A UDP socket is one of svclb's connections only while it is connected
+/// to the VIP: connected again elsewhere, or sending elsewhere, it is not
+/// counted (nft's per-backend counters and svclb's agree), and it leaves
+/// the InActConn gauge.
+#[test]
+fn a_udp_socket_counts_only_what_it_exchanges_with_its_backend() {
+    let mut fx = ApiFixture::start();
+    // Something that is not a VIP nor a task: the backends' own address.
+    let other = SocketAddr::new(svclb_tests::sandbox::BACKENDS_V4.into(), PORT);
+    fx.udp.push(UdpIdServer::start(&fx.sandbox, other).unwrap());
+    let nft = NftCounters::install(&fx.sandbox, &TASKS, PORT);
+    let _guard = fx.sandbox.enter_cgroup().unwrap();
+
+    // Connected to the VIP, then to another address: only the first part counts.
+    let reconnected = fx.sandbox.in_client(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.connect(addr(VIP, PORT)).unwrap();
+        for _ in 0..3 {
+            let who = udp_round(&s, None, b"to the vip");
+            assert!(TASKS.contains(&who.as_str()), "{who}");
+        }
+        // A datagram sent elsewhere while connected is not the task's either.
+        s.send_to(b"aside", other).unwrap();
+        s.connect(other).unwrap();
+        for _ in 0..4 {
+            assert_eq!(udp_round(&s, None, b"elsewhere"), other.ip().to_string());
+        }
+        s
+    });
+    let (ours, theirs) = settled(&fx, &nft);
+    assert_eq!(
+        ours, theirs,
+        "svclb (left) and nft (right) after a reconnect"
+    );
+    wait_gauges(
+        &fx.pins,
+        (0, 0),
+        "a UDP socket connected elsewhere is not a connection to the task",
+    );
+    drop(reconnected);
+
+    // Unconnected: datagrams to the VIP count, those to another address do not.
+    let unconnected = fx.sandbox.in_client(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        for _ in 0..3 {
+            udp_round(&s, Some(addr(VIP, PORT)), b"to the vip");
+            assert_eq!(
+                udp_round(&s, Some(other), b"elsewhere"),
+                other.ip().to_string()
+            );
+        }
+        s
+    });
+    let (ours, theirs) = settled(&fx, &nft);
+    assert_eq!(
+        ours, theirs,
+        "svclb (left) and nft (right) for an unconnected socket"
+    );
+    wait_gauges(
+        &fx.pins,
+        (0, 1),
+        "the unconnected socket that sent to the VIP is inactive",
+    );
+    drop(unconnected);
+    wait_gauges(&fx.pins, (0, 0), "closed");
+
+    let conns: u64 = backend_rows(&fx.pins).values().map(|r| r.conns).sum();
+    assert_eq!(conns, 2, "one connection per socket that reached the VIP");
+}
+
 // ---------------------------------------------------------------------------
 // 2. ActiveConn / InActConn
 
