@@ -300,6 +300,9 @@ struct Mix {
     udp: usize,
     unconnected: usize,
     direct: usize,
+    /// One more TCP connection to the IPv4 VIP that streams this many
+    /// bytes each way (segmentation offload: packets as the IP layer sees them).
+    stream: usize,
 }
 
 /// What the workload did, per backend (the identity each reply named).
@@ -323,6 +326,7 @@ fn run_workload(fx: &ApiFixture, mix: Mix) -> Workload {
         udp,
         unconnected,
         direct,
+        stream,
     } = mix;
     let _guard = fx.sandbox.enter_cgroup().unwrap();
     fx.sandbox.in_client(|| {
@@ -382,6 +386,17 @@ fn run_workload(fx: &ApiFixture, mix: Mix) -> Workload {
             }
             *w.conns.entry(who).or_default() += 1;
         }
+        if stream > 0 {
+            let s = TcpStream::connect_timeout(&addr(VIP, PORT), TIMEOUT).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let back = stream_echo(s, stream);
+            let (who, echoed) = back.split_at(back.iter().position(|b| *b == b'\n').unwrap() + 1);
+            assert_eq!(echoed.len(), stream);
+            w.payload_bytes += stream as u64;
+            *w.conns
+                .entry(String::from_utf8_lossy(&who[..who.len() - 1]).into_owned())
+                .or_default() += 1;
+        }
         // Untranslated: the same tasks, another port, from the same cgroup.
         for (i, t) in TASKS.iter().cycle().take(direct).enumerate() {
             let (who, _) = svclb_tests::tcp_echo(addr(t, DIRECT_PORT), &[b'd'; 200], TIMEOUT)
@@ -426,6 +441,7 @@ fn packet_and_byte_counters_equal_the_kernels_nft_counters() {
         udp: 60,
         unconnected: 20,
         direct: 20,
+        stream: 20_000_000,
     };
     let w = run_workload(&fx, mix);
     let (ours, theirs) = settled(&fx, &nft);
@@ -436,7 +452,7 @@ fn packet_and_byte_counters_equal_the_kernels_nft_counters() {
     let total: u64 = rows.values().map(|r| r.conns).sum();
     assert_eq!(
         total,
-        (mix.tcp4 + mix.tcp6 + mix.udp + mix.unconnected) as u64,
+        (mix.tcp4 + mix.tcp6 + mix.udp + mix.unconnected + 1) as u64,
         "{rows:?}"
     );
     for t in &all_tasks {
