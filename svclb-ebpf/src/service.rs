@@ -5,8 +5,8 @@ use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns,
 };
 use svclb_common::{
-    AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState,
-    VipKey, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS, SVC_F_AFFINITY, VIP_F_PORTS,
+    AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState, VipKey,
+    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS, SVC_F_AFFINITY, VIP_F_PORTS,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, CONNS, PORTS, RR, SCOPES, SERVICES, SLOTS, STATS, VIPS};
@@ -113,11 +113,28 @@ pub fn pick(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> {
     Some(chosen)
 }
 
+/// Slot `index` of the generation `svc` names. `svc` was copied when the
+/// connect began; if an update switched generations since and has already
+/// deleted the old one, the slot is gone. Refusing then would be a lost
+/// race, not an empty service: look again in the generation the service
+/// points at now, which was complete before the switch (reconcile.rs),
+/// so the connect gets a backend of the newer set.
 #[inline(always)]
 fn slot(mark: u32, svc: &ServiceValue, index: u32) -> Option<Slot> {
     let key = SlotKey {
         mark,
         slot: svc.slot_base.wrapping_add(index),
+    };
+    if let Some(s) = unsafe { SLOTS.get(&key) } {
+        return Some(*s);
+    }
+    let now = unsafe { SERVICES.get(&mark) }?;
+    if now.count == 0 {
+        return None;
+    }
+    let key = SlotKey {
+        mark,
+        slot: now.slot_base.wrapping_add(index % now.count),
     };
     unsafe { SLOTS.get(&key) }.copied()
 }
@@ -126,7 +143,8 @@ fn slot(mark: u32, svc: &ServiceValue, index: u32) -> Option<Slot> {
 fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> {
     let count = svc.count;
     let index = match svc.scheduler {
-        s if s == Scheduler::Rr as u32 || s == Scheduler::Wrr as u32 => match RR.get_ptr_mut(&mark) {
+        s if s == Scheduler::Rr as u32 || s == Scheduler::Wrr as u32 => match RR.get_ptr_mut(&mark)
+        {
             Some(pos) => unsafe {
                 let i = *pos;
                 *pos = i.wrapping_add(1);
@@ -180,9 +198,15 @@ fn least_connection(mark: u32, svc: &ServiceValue) -> Option<Slot> {
         let Some(g) = CONNS.get_ptr(backend_id) else {
             continue;
         };
-        let load = unsafe { ((*g).active as u64).wrapping_mul(256).wrapping_add((*g).inactive as u64) };
+        let load = unsafe {
+            ((*g).active as u64)
+                .wrapping_mul(256)
+                .wrapping_add((*g).inactive as u64)
+        };
         // wlc: the slot's weight (never 0: quiescent backends have no slot); lc: 1.
-        let weight = u64::from(w).wrapping_mul(weighted).wrapping_add(1 - weighted);
+        let weight = u64::from(w)
+            .wrapping_mul(weighted)
+            .wrapping_add(1 - weighted);
         if load.wrapping_mul(best_weight) < best_load.wrapping_mul(weight) {
             best_index = i;
             best_load = load;
