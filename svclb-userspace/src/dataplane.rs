@@ -249,9 +249,15 @@ impl Dataplane {
         names.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// Creates a service's round-robin positions (per CPU, all 0), so the
-    /// program only ever updates them in place.
+    /// Creates a service's round-robin positions (per CPU, all 0) unless
+    /// they exist, so the program only ever updates them in place. An
+    /// update keeps each CPU's place in the walk: resetting it would send
+    /// the next connect of every CPU to the first slot, and a service
+    /// updated more often than it is used would get nothing but that one.
     pub fn init_rr(&mut self, mark: u32) -> Result<()> {
+        if self.rr.get(&mark, 0).is_ok() {
+            return Ok(());
+        }
         let zeros = PerCpuValues::try_from(vec![0u32; nr_cpus()?])?;
         self.rr.insert(mark, zeros, 0)?;
         Ok(())
