@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod client;
+pub mod clients;
 pub mod daemon;
 pub mod dns;
 pub mod fake_docker;
@@ -19,6 +20,7 @@ pub mod util;
 
 pub use cgroup::CgroupGuard;
 pub use client::{tcp_echo, tcp_identity, udp_identity};
+pub use clients::ExtraClients;
 pub use daemon::{ctl, parse_stats, PinDir, StatsRow, Svclbd};
 pub use netns::netns_path;
 pub use sandbox::Sandbox;
