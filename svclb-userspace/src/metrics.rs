@@ -116,17 +116,27 @@ pub fn render(pins: &PinDir) -> Result<String> {
             rate.with_label_values(&[&svc.name, &mark, kind])
                 .set(v as f64);
         }
+        // node_exporter's labels: an FWM service is proto "FWM", port 0 and
+        // its mark; a per-port one is its protocol and port, with no mark.
+        let (proto, local_port, local_mark) = match svc.port {
+            None => ("FWM".to_string(), "0".to_string(), mark.clone()),
+            Some(p) => (
+                crate::config::protocol_name(p.protocol).to_uppercase(),
+                p.port.to_string(),
+                String::new(),
+            ),
+        };
         for b in &svc.backends {
             let remote = b.address.to_string();
             let remote_port = b.port.unwrap_or(0).to_string();
             let labels = [
                 svc.name.as_str(),
                 &vip,
-                "0",
+                &local_port,
                 &remote,
                 &remote_port,
-                "FWM",
-                &mark,
+                &proto,
+                &local_mark,
             ];
             conns.with_label_values(&labels).inc_by(b.stats.conns);
             in_pkts.with_label_values(&labels).inc_by(b.stats.in_pkts);

@@ -1440,6 +1440,13 @@ name = "api"
 vip = "172.50.0.37"
 mark = 0x13d
 backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
+
+# Per-port: VIP:80/tcp to 172.50.0.41:8080.
+[[service]]
+name = "web"
+vip = "172.50.0.37"
+port = 80
+backends = [{ address = "172.50.0.41", port = 8080 }]
 "#,
     );
     let metrics = fx.daemon.as_ref().unwrap().metrics_addr().unwrap();
@@ -1453,6 +1460,17 @@ backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
             ..Mix::default()
         },
     );
+    // And a few to the per-port service.
+    let web = 7;
+    {
+        let _guard = fx.sandbox.enter_cgroup().unwrap();
+        fx.sandbox.in_client(|| {
+            for _ in 0..web {
+                let (who, _) = svclb_tests::tcp_echo(addr(VIP, 80), b"web", TIMEOUT).unwrap();
+                assert_eq!(who, "172.50.0.41");
+            }
+        });
+    }
     let _ = settled(&fx, &nft);
     // One connection stays open: an active gauge of 1.
     let open = {
@@ -1490,10 +1508,20 @@ backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
         String::from_utf8_lossy(&checked.stderr)
     );
 
-    // Names, labels and values: the ones svclb-ctl shows.
+    // Names, labels and values: the ones svclb-ctl shows (`stats --json`,
+    // whose numbers are those of `stats --exact`, row for row).
     let samples = parse_exposition(&text);
     let stats = ctl_json(&fx.pins, &["stats"]);
-    let api = service(&stats, "api");
+    let exact = svclb_tests::parse_stats(&fx.pins.ctl(&["stats", "--exact"]).unwrap()).unwrap();
+    let rows = json_rows(&stats);
+    assert_eq!(exact.len(), rows.len());
+    for (e, (name, c, _)) in exact.iter().zip(&rows) {
+        assert_eq!(
+            [e.conns, e.in_pkts, e.out_pkts, e.in_bytes, e.out_bytes],
+            *c,
+            "{name}"
+        );
+    }
     let expected_labels: BTreeSet<&str> = [
         "service",
         "local_address",
@@ -1504,47 +1532,58 @@ backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
         "local_mark",
     ]
     .into();
-    for b in api["backends"].as_array().unwrap() {
-        let remote = b["address"].as_str().unwrap();
-        let c = counters_of(b);
-        let want = [
-            c[0],
-            c[1],
-            c[2],
-            c[3],
-            c[4],
-            b["active_conns"].as_u64().unwrap(),
-            b["inactive_conns"].as_u64().unwrap(),
-            b["weight"].as_u64().unwrap(),
-        ];
-        for (metric, want) in BACKEND_METRICS.iter().zip(want) {
-            let found: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| {
-                    s.name == *metric
-                        && s.labels.get("remote_address").map(String::as_str) == Some(remote)
-                })
-                .collect();
-            assert_eq!(found.len(), 1, "{metric} for {remote}:\n{text}");
-            let s = found[0];
-            assert_eq!(
-                s.labels.keys().map(String::as_str).collect::<BTreeSet<_>>(),
-                expected_labels
-            );
-            assert_eq!(s.labels["service"], "api");
-            assert_eq!(s.labels["local_address"], VIP);
-            assert_eq!(s.labels["local_port"], "0");
-            assert_eq!(s.labels["remote_port"], "0");
-            assert_eq!(s.labels["proto"], "FWM");
-            assert_eq!(
-                s.labels["local_mark"], "0000013D",
-                "8 hex digits, like node_exporter"
-            );
-            assert_eq!(s.value, want as f64, "{metric}{{remote_address={remote}}}");
+    // (service, proto, local_port, local_mark, remote_port) as node_exporter
+    // labels them: FWM services by mark, per-port ones by protocol and port.
+    for (name, proto, local_port, mark, remote_port) in [
+        ("api", "FWM", "0", "0000013D", "0"),
+        ("web", "TCP", "80", "", "8080"),
+    ] {
+        let svc = service(&stats, name);
+        for b in svc["backends"].as_array().unwrap() {
+            let remote = b["address"].as_str().unwrap();
+            let c = counters_of(b);
+            let want = [
+                c[0],
+                c[1],
+                c[2],
+                c[3],
+                c[4],
+                b["active_conns"].as_u64().unwrap(),
+                b["inactive_conns"].as_u64().unwrap(),
+                b["weight"].as_u64().unwrap(),
+            ];
+            for (metric, want) in BACKEND_METRICS.iter().zip(want) {
+                let found: Vec<&Sample> = samples
+                    .iter()
+                    .filter(|s| {
+                        s.name == *metric
+                            && s.labels.get("service").map(String::as_str) == Some(name)
+                            && s.labels.get("remote_address").map(String::as_str) == Some(remote)
+                    })
+                    .collect();
+                assert_eq!(found.len(), 1, "{metric} for {name} {remote}:\n{text}");
+                let s = found[0];
+                assert_eq!(
+                    s.labels.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+                    expected_labels
+                );
+                assert_eq!(s.labels["local_address"], VIP);
+                assert_eq!(s.labels["local_port"], local_port, "{name}");
+                assert_eq!(s.labels["remote_port"], remote_port, "{name}");
+                assert_eq!(s.labels["proto"], proto, "{name}");
+                assert_eq!(
+                    s.labels["local_mark"], mark,
+                    "{name}: 8 hex digits for FWM, none per port, like node_exporter"
+                );
+                assert_eq!(
+                    s.value, want as f64,
+                    "{metric}{{service={name},remote_address={remote}}}"
+                );
+            }
         }
     }
-    // The exact-stats text agrees too, and the node totals are the sums.
-    let exact = backend_rows(&fx.pins);
+    assert!(counters_of(service(&stats, "web"))[0] == web as u64);
+    // The node totals are the sums.
     let total = |metric: &str| {
         samples
             .iter()
@@ -1552,27 +1591,26 @@ backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
             .unwrap_or_else(|| panic!("no {metric}"))
             .value as u64
     };
-    assert_eq!(total("svclb_connections_total"), conns);
-    assert_eq!(
-        total("svclb_connections_total"),
-        exact.values().map(|r| r.conns).sum::<u64>()
-    );
-    assert_eq!(
-        total("svclb_incoming_packets_total"),
-        exact.values().map(|r| r.in_pkts).sum::<u64>()
-    );
-    assert_eq!(
-        total("svclb_outgoing_packets_total"),
-        exact.values().map(|r| r.out_pkts).sum::<u64>()
-    );
-    assert_eq!(
-        total("svclb_incoming_bytes_total"),
-        exact.values().map(|r| r.in_bytes).sum::<u64>()
-    );
-    assert_eq!(
-        total("svclb_outgoing_bytes_total"),
-        exact.values().map(|r| r.out_bytes).sum::<u64>()
-    );
+    let sum = |i: usize| {
+        exact
+            .iter()
+            .filter(|r| r.is_backend)
+            .map(|r| [r.conns, r.in_pkts, r.out_pkts, r.in_bytes, r.out_bytes][i])
+            .sum::<u64>()
+    };
+    for (i, metric) in [
+        "svclb_connections_total",
+        "svclb_incoming_packets_total",
+        "svclb_outgoing_packets_total",
+        "svclb_incoming_bytes_total",
+        "svclb_outgoing_bytes_total",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(total(metric), sum(i), "{metric}");
+    }
+    assert_eq!(total("svclb_connections_total"), conns + web as u64);
     assert_eq!(w.conns.values().sum::<u64>() + 1, conns);
 
     // A real Prometheus scrapes svclbd and answers PromQL with the count.
@@ -1589,11 +1627,20 @@ backends = ["172.50.0.40", { address = "172.50.0.41", weight = 2 }]
     let per_backend = prom
         .query(r#"svclb_backend_connections_total{remote_address="172.50.0.41",proto="FWM",local_mark="0000013D"}"#)
         .unwrap();
-    assert_eq!(per_backend, Some(exact["172.50.0.41"].conns as f64));
+    let api41 = exact
+        .iter()
+        .find(|r| r.name == "172.50.0.41:0")
+        .unwrap()
+        .conns;
+    assert_eq!(per_backend, Some(api41 as f64));
     let weight = prom
-        .query(r#"svclb_backend_weight{remote_address="172.50.0.41"}"#)
+        .query(r#"svclb_backend_weight{service="api",remote_address="172.50.0.41"}"#)
         .unwrap();
     assert_eq!(weight, Some(2.0));
+    let per_port = prom
+        .query(r#"svclb_backend_connections_total{proto="TCP",local_port="80",remote_port="8080"}"#)
+        .unwrap();
+    assert_eq!(per_port, Some(web as f64));
     drop(prom);
     drop(open);
 }
