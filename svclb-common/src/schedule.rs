@@ -5,19 +5,25 @@
 //! `[0, MAX_SLOTS_PER_SERVICE)` or `[MAX_SLOTS_PER_SERVICE, 2 * MAX_SLOTS_PER_SERVICE)`.
 //! An update writes the new schedule into the generation that is not
 //! active, then replaces the service value (count and `slot_base`) in one
-//! map update, then deletes the slots of the old generation that the new
-//! one does not reuse. A connect() reads the service value once, so it sees
-//! either the old schedule or the new one, never a mix.
+//! map update, then deletes the old generation's slots. A connect() reads
+//! the service value once, so it sees either the old schedule or the new
+//! one, never a mix; one that read the old value just before the switch and
+//! finds its slot already deleted looks again in the generation the service
+//! names now (svclb-ebpf's service.rs), so an update never refuses it.
 //!
 //! ## Schedules per scheduler
 //! - `random`: [`weighted_slots`], picked uniformly.
 //! - `rr`/`wrr`: [`wrr_sequence`], walked in order by a per-CPU counter
-//!   (`slots[counter++ % count]`); `rr` is `wrr` with equal weights.
-//! - `mh`: [`crate::maglev::maglev_table`], indexed by
-//!   [`slot_for_hash`] of [`crate::hash::hash_tuple`].
-//! - `sh`: any weighted schedule, indexed by [`slot_for_hash`] of a hash of
-//!   the client ([`crate::hash::hash_u64`] of its key). Like IPVS's sh, a
+//!   (`slots[counter++ % count]`); `rr` is `wrr` with every weight > 0
+//!   taken as 1 (IPVS's rr, too, ignores weights other than 0).
+//! - `mh`: [`crate::maglev::maglev_table`], indexed by a hash of the
+//!   client: the data plane takes the high 32 bits of
+//!   [`crate::hash::mix64`]`(netns cookie ^ mark)` through [`slot_for_hash`].
+//!   A client is the socket's network namespace (a container).
+//! - `sh`: [`weighted_slots`], indexed the same way. Like IPVS's sh, a
 //!   change of the backend set remaps most clients; `mh` is the consistent one.
+//! - `lc`/`wlc`: one slot per backend of weight > 0; the program compares
+//!   their live connections (`MAX_LC_BACKENDS` of them, sampled beyond).
 
 use crate::layout::MAX_SLOTS_PER_SERVICE;
 

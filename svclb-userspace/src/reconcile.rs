@@ -11,6 +11,15 @@
 //! 3. the old generation's slots;
 //! 4. VIPs, services and backends that are gone, VIPs first, so no VIP ever
 //!    points at a missing service.
+//!
+//! So a connect() sees a service's old schedule or its new one, never a mix
+//! (it copies the service value once), and once [`execute`] has returned no
+//! connect chooses a removed or quiescent backend: the service value names
+//! the new generation, and an affinity entry is honoured only while its
+//! backend is in `svclb_backends` with weight > 0. A connect that copied
+//! the old value just before step 2 and looks for its slot after step 3
+//! looks again in the new generation (svclb-ebpf's service.rs), so it is
+//! not refused. Round-robin positions survive updates.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
