@@ -1000,10 +1000,10 @@ fn rates_follow_a_steady_load_and_go_stale_without_svclbd() {
         stderr.is_empty(),
         "no staleness warning while svclbd samples: {stderr}"
     );
-    // What IPVS would show for these connects, give or take a connect
-    // that fell on a sample's boundary.
+    // What IPVS would show for these connects, give or take the connects
+    // that fell on a sample's boundary (a late tick moves a few).
     assert!(
-        cps.abs_diff(expected) <= 2,
+        cps.abs_diff(expected) <= 2.max(expected / 20),
         "CPS {cps}, IPVS's estimator gives {expected} for the same connects"
     );
     // And plausibly the load's rate: the EWMA (1/4 per 2 s sample) has
