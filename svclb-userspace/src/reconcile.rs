@@ -52,12 +52,15 @@ pub enum Change {
         name: String,
         vip: Frontend,
         scheduler: Scheduler,
+        /// Affinity timeout in seconds (`-p`).
+        persistent: Option<u32>,
     },
     EditService {
         mark: u32,
         name: String,
         vip: Frontend,
         scheduler: Scheduler,
+        persistent: Option<u32>,
     },
     RemoveService {
         mark: u32,
@@ -107,6 +110,11 @@ fn real(addr: IpAddr, port: Option<u16>) -> String {
     }
 }
 
+/// ipvsadm's `-p SECONDS` for a service with affinity.
+fn persistence(secs: Option<u32>) -> String {
+    secs.map_or(String::new(), |s| format!(" -p {s}"))
+}
+
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -115,11 +123,13 @@ impl fmt::Display for Change {
                 name,
                 vip,
                 scheduler,
+                persistent,
             } => {
                 write!(
                     f,
-                    "+ -A -f {mark} -s {}    # {name} {vip}",
-                    scheduler.name()
+                    "+ -A -f {mark} -s {}{}    # {name} {vip}",
+                    scheduler.name(),
+                    persistence(*persistent)
                 )
             }
             Change::EditService {
@@ -127,11 +137,13 @@ impl fmt::Display for Change {
                 name,
                 vip,
                 scheduler,
+                persistent,
             } => {
                 write!(
                     f,
-                    "~ -E -f {mark} -s {}    # {name} {vip}",
-                    scheduler.name()
+                    "~ -E -f {mark} -s {}{}    # {name} {vip}",
+                    scheduler.name(),
+                    persistence(*persistent)
                 )
             }
             Change::RemoveService { mark, name, vip } => {
@@ -375,6 +387,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     name: spec.name.clone(),
                     vip: frontend,
                     scheduler: spec.scheduler,
+                    persistent: spec.affinity,
                 },
             ),
             Some(o)
@@ -388,6 +401,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     name: spec.name.clone(),
                     vip: frontend,
                     scheduler: spec.scheduler,
+                    persistent: spec.affinity,
                 })
             }
             Some(_) => {}

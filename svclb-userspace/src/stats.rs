@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use anyhow::Result;
 use serde::Serialize;
-use svclb_common::BackendStats;
+use svclb_common::{BackendStats, SVC_F_AFFINITY};
 
 use crate::{
     config::{protocol_name, ServicePort},
@@ -70,6 +70,9 @@ pub struct ServiceReport {
     pub port: Option<ServicePort>,
     pub mark: u32,
     pub scheduler: &'static str,
+    /// The affinity timeout in seconds (ipvsadm's `persistent`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<u32>,
     pub stats: Counters,
     pub rates: Rates,
     pub backends: Vec<BackendReport>,
@@ -85,6 +88,8 @@ pub struct ListedService {
     pub port: Option<ServicePort>,
     pub mark: u32,
     pub scheduler: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<u32>,
     pub backends: Vec<ListedBackend>,
 }
 
@@ -106,6 +111,7 @@ pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
             port: s.port,
             mark: s.mark,
             scheduler: s.scheduler,
+            persistent: s.persistent,
             backends: s
                 .backends
                 .iter()
@@ -154,6 +160,7 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
             port: svc.port,
             mark: svc.mark,
             scheduler: svc.scheduler.name(),
+            persistent: (svc.value.flags & SVC_F_AFFINITY != 0).then_some(svc.value.affinity_secs),
             stats: total,
             rates: rates::rates(&rates::sum(&estimators)),
             backends,
@@ -281,7 +288,11 @@ pub fn format_list(services: &[ServiceReport]) -> String {
         "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"
     );
     for svc in services {
-        let _ = writeln!(s, "{} {}", service_name(svc), svc.scheduler);
+        let _ = write!(s, "{} {}", service_name(svc), svc.scheduler);
+        if let Some(secs) = svc.persistent {
+            let _ = write!(s, " persistent {secs}");
+        }
+        s.push('\n');
         for b in &svc.backends {
             let _ = writeln!(
                 s,
@@ -315,6 +326,7 @@ mod tests {
             port: None,
             mark: 317,
             scheduler: "random",
+            persistent: None,
             stats: c(44981, 231280, 218415, 19264401, 22763535),
             rates: Rates {
                 cps: 12,
@@ -364,6 +376,11 @@ FWM  317                             44981   231280   218415 19264401 22763535
     fn list_and_rate_layouts() {
         let list = format_list(&seed());
         assert!(list.contains("FWM  317 random\n"), "{list}");
+        let mut sticky = seed();
+        sticky[0].scheduler = "wrr";
+        sticky[0].persistent = Some(300);
+        let list = format_list(&sticky);
+        assert!(list.contains("FWM  317 wrr persistent 300\n"), "{list}");
         assert!(
             list.contains(
                 "  -> 172.50.0.40:0                Masq    1      2          5         \n"

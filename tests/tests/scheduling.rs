@@ -938,6 +938,30 @@ fn every_scheduler_is_listed_as_ipvsadm_does() {
             .any(|l| l.trim_end() == format!("FWM  {MARK} mh")),
         "{list}"
     );
+    // Affinity is ipvsadm's persistence.
+    let sticky = changed.replacen(
+        "scheduler = \"wrr\"",
+        "scheduler = \"wrr\"\naffinity = \"5m\"",
+        1,
+    );
+    let file = write_temp("sticky.toml", &sticky).unwrap();
+    let diff = fx.pins.ctl(&["diff", file.to_str().unwrap()]).unwrap();
+    assert!(
+        diff.lines()
+            .any(|l| l.starts_with(&format!("~ -E -f {} -s wrr -p 300", MARK + 1))),
+        "{diff}"
+    );
+    fx.apply(&sticky);
+    let list = fx.pins.ctl(&["list"]).unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.trim_end() == format!("FWM  {} wrr persistent 300", MARK + 1)),
+        "{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&fx.pins.ctl(&["list", "--json"]).unwrap()).unwrap();
+    assert_eq!(json[1]["persistent"], 300, "{json}");
+    assert!(json[0].get("persistent").is_none(), "{json}");
     // And connects follow the new scheduler (one client: one backend).
     let spread = fx.spread_to(addr("172.50.0.30", PORT), 50, None);
     assert_eq!(spread.len(), 1, "mh, one client: {spread:?}");
