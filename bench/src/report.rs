@@ -308,7 +308,11 @@ anywhere else.
   syscalls, blocking sockets, 1 s timeouts): CRR = socket, 2 x setsockopt,
   connect, send 1 byte, receive 1 byte, close (client closes first); RR and
   UDP = send 1 byte, receive 1 byte; STREAM = one connection per thread,
-  the server writes 64 KiB chunks. 1 and {} client threads. Latency is per
+  the server writes 64 KiB chunks. 1 and {} client threads; with 1 thread
+  the client and the echo servers are pinned to CPU 0 (in this VM a
+  request/response across CPUs pays an idle vCPU's wake-up, which made
+  1-thread runs bimodal, 20k or 200k/s by placement), so 1-thread figures
+  are the CPU cost per operation; with more threads nothing is pinned. Latency is per
   operation, in a log-linear histogram (1.6% buckets). Operations and time
   are both bounded; errors are counted by kind (⚠ in a cell).
 - **Servers.** Echo servers in the backends namespace, inside the bench
@@ -599,4 +603,10 @@ pub fn write(dir: &Path, r: &Report) -> Result<()> {
     fs::write(&json_path, json).with_context(|| format!("writing {}", json_path.display()))?;
     println!("wrote {} and {}", md_path.display(), json_path.display());
     Ok(())
+}
+
+/// Reads a report back from its JSON (to render the Markdown again).
+pub fn read_json(path: &Path) -> Result<Report> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }

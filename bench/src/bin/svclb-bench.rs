@@ -38,6 +38,10 @@ struct Cli {
     /// Skip the data-plane sweep (control-plane figures only).
     #[arg(long)]
     no_sweep: bool,
+    /// Measure nothing: render BENCHMARKS.md again from this benchmarks.json
+    /// (into --out, keeping the notes there).
+    #[arg(long, value_name = "JSON")]
+    render: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(json) = &cli.render {
+        let r = report::read_json(json)?;
+        return report::write(&cli.out.unwrap_or_else(|| PathBuf::from("docs")), &r);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("svclb-bench must run as root: it creates network namespaces and cgroups, loads eBPF programs and installs netfilter rules inside its namespaces");
