@@ -56,10 +56,13 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Backends across all services (each has a stats slot).
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
-/// Schedule slots across all services. Each service uses two generations of
-/// slots while it switches (see [`crate::schedule`]); an `mh` service uses a
-/// whole Maglev table. The map is not preallocated: memory follows use.
-pub const DEFAULT_MAX_SLOTS: u32 = 1 << 22;
+/// Schedule slots across all services, at least (svclbd takes the larger of
+/// this and 4 x its backend capacity, or `--max-slots`). Each service uses
+/// two generations of slots while it switches (see [`crate::schedule`]); an
+/// `mh` service uses a whole Maglev table (16,381 slots). The entries are
+/// not preallocated, but the kernel allocates the hash buckets up front:
+/// 16 bytes per entry of capacity, so 16 MiB here.
+pub const DEFAULT_MAX_SLOTS: u32 = 1 << 20;
 
 /// Highest number of slots one generation of one service may use.
 pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;

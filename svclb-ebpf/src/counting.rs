@@ -19,7 +19,10 @@ use svclb_common::{
     SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_UNCONNECTED,
 };
 
-use crate::{maps::{SOCKS, STATS}, service::set_conn_state};
+use crate::{
+    maps::{SOCKS, STATS},
+    service::set_conn_state,
+};
 
 /// [`SockState::flags`] bit (eBPF only): the TCP state callback is on, so
 /// the socket's gauges are settled by its transition to CLOSE.
@@ -120,7 +123,10 @@ pub fn svclb_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_ok() {
+        if ctx
+            .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+            .is_ok()
+        {
             state.flags |= SOCK_F_STATE_CB;
         }
         return 1;

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use svclb_common::{
-    AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge, LayoutValue, PortKey,
-    NetworkName, RateState, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey, VipValue, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+    AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge, LayoutValue, NetworkName,
+    PortKey, RateState, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey, VipValue,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
 };
 
 #[map(name = "svclb_vips")]
@@ -28,7 +28,8 @@ pub static SLOTS: HashMap<SlotKey, Slot> =
     HashMap::with_max_entries(DEFAULT_MAX_SLOTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "svclb_stats")]
-pub static STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "svclb_conns")]
 pub static CONNS: Array<ConnGauge> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -51,8 +52,7 @@ pub static SOCKS: SkStorage<SockState> = SkStorage::new();
 // Read by userspace only; declared here so that one object carries the
 // whole pinned layout.
 #[map(name = "svclb_backends")]
-pub static BACKENDS: HashMap<u32, BackendInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: HashMap<u32, BackendInfo> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "svclb_meta")]
 pub static META: HashMap<u32, ServiceMeta> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -29,6 +29,21 @@ use crate::{cgroup::CgroupPath, dataplane::check_pinned_layout, pins::PinDir};
 pub struct Capacities {
     pub max_services: u32,
     pub max_backends: u32,
+    /// Schedule slots; 0: the larger of 4 x `max_backends` and
+    /// [`svclb_common::DEFAULT_MAX_SLOTS`].
+    pub max_slots: u32,
+}
+
+impl Capacities {
+    /// The slot map's capacity.
+    pub fn slots(&self) -> u32 {
+        if self.max_slots != 0 {
+            return self.max_slots;
+        }
+        self.max_backends
+            .saturating_mul(4)
+            .max(svclb_common::DEFAULT_MAX_SLOTS)
+    }
 }
 
 impl Default for Capacities {
@@ -36,6 +51,7 @@ impl Default for Capacities {
         Capacities {
             max_services: svclb_common::DEFAULT_MAX_SERVICES,
             max_backends: svclb_common::DEFAULT_MAX_BACKENDS,
+            max_slots: 0,
         }
     }
 }
@@ -120,13 +136,9 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         .map_max_entries(map_names::RATES, caps.max_backends)
         .map_max_entries(map_names::BACKENDS, caps.max_backends)
         .map_max_entries(map_names::STATS, caps.max_backends)
-        // Not preallocated: the capacity costs nothing until it is used.
-        .map_max_entries(
-            map_names::SLOTS,
-            caps.max_backends
-                .saturating_mul(4)
-                .max(svclb_common::DEFAULT_MAX_SLOTS),
-        );
+        // Entries are allocated on use; the buckets (16 bytes per entry of
+        // capacity) up front.
+        .map_max_entries(map_names::SLOTS, caps.slots());
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
 
     let mut layout: Array<&mut MapData, LayoutValue> = ebpf

@@ -60,6 +60,11 @@ struct Args {
     /// Capacity of the backend and stats maps, when they are created.
     #[arg(long, default_value_t = svclb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// Capacity of the schedule slot map, when it is created; 0: the larger
+    /// of 4 x --max-backends and 1,048,576 (each mh service needs 2 x 16,381
+    /// while it changes). Costs 16 bytes per slot up front.
+    #[arg(long, default_value_t = 0)]
+    max_slots: u32,
     /// Prometheus endpoint (`/metrics`); loopback by default.
     #[arg(long, default_value = svclb::metrics::DEFAULT_METRICS_ADDR, value_name = "ADDR:PORT")]
     metrics_addr: std::net::SocketAddr,
@@ -120,6 +125,7 @@ async fn run(args: Args) -> Result<()> {
         Capacities {
             max_services: args.max_services,
             max_backends: args.max_backends,
+            max_slots: args.max_slots,
         },
     )?;
     loaded.spawn_log_forwarder()?;
