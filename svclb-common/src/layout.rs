@@ -385,7 +385,9 @@ pub struct NetworkName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LayoutValue {
     pub version: u32,
-    pub _pad: u32,
+    /// Bumped by every apply, so that svclbd knows whether the snapshot it
+    /// kept is still what the maps hold.
+    pub apply_serial: u32,
 }
 
 #[cfg(feature = "user")]

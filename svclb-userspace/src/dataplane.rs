@@ -93,6 +93,10 @@ pub struct Capacity {
 /// The pinned maps, typed.
 pub struct Dataplane {
     pub vips: HashMap<MapData, VipKey, VipValue>,
+    layout: Array<MapData, LayoutValue>,
+    /// svclbd keeps the snapshot of its last apply (see [`Dataplane::keep_snapshots`]).
+    kept: Option<(u32, Snapshot)>,
+    keep: bool,
     pub ports: HashMap<MapData, PortKey, u32>,
     pub conns: Array<MapData, ConnGauge>,
     pub rr: PerCpuHashMap<MapData, u32, u32>,
@@ -149,6 +153,9 @@ impl Dataplane {
         let (networks, _) = open_map(pins, map_names::NETWORKS)?;
         let (rates, _) = open_map(pins, map_names::RATES)?;
         Ok(Dataplane {
+            layout,
+            kept: None,
+            keep: false,
             vips: vips.try_into()?,
             ports: ports.try_into()?,
             conns: conns.try_into()?,
@@ -177,6 +184,45 @@ impl Dataplane {
             total.add(s);
         }
         Ok(total)
+    }
+
+    /// Keeps the snapshot of each apply for the next one, valid while no
+    /// other process (`svclb-ctl apply`) writes the maps: a change then goes
+    /// live without first reading every map (a tenth of a second at 10,000
+    /// services); the snapshot is read again after it is live. For svclbd.
+    pub fn keep_snapshots(&mut self) {
+        self.keep = true;
+    }
+
+    /// What the maps hold: the kept snapshot if still valid, else read.
+    pub fn current_snapshot(&mut self) -> Result<Snapshot> {
+        let serial = self.layout.get(&0, 0)?.apply_serial;
+        match self.kept.take() {
+            Some((s, snapshot)) if self.keep && s == serial => Ok(snapshot),
+            _ => self.snapshot(),
+        }
+    }
+
+    /// Puts back a snapshot that an apply found nothing to change in.
+    pub fn keep_snapshot(&mut self, snapshot: Snapshot) {
+        if self.keep {
+            if let Ok(v) = self.layout.get(&0, 0) {
+                self.kept = Some((v.apply_serial, snapshot));
+            }
+        }
+    }
+
+    /// Records that an apply wrote the maps: bumps the serial every svclb
+    /// process checks, and reads the new snapshot when keeping them.
+    pub fn applied(&mut self) -> Result<()> {
+        let mut v = self.layout.get(&0, 0)?;
+        v.apply_serial = v.apply_serial.wrapping_add(1);
+        self.layout.set(0, v, 0)?;
+        self.kept = None;
+        if self.keep {
+            self.kept = Some((v.apply_serial, self.snapshot()?));
+        }
+        Ok(())
     }
 
     /// A backend's live connections (ActiveConn, InActConn).

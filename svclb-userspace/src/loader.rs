@@ -153,11 +153,12 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
             pins.root().display()
         );
     }
+    let serial = layout.get(&0, 0)?.apply_serial;
     layout.set(
         0,
         LayoutValue {
             version: LAYOUT_VERSION,
-            _pad: 0,
+            apply_serial: serial,
         },
         0,
     )?;

@@ -194,8 +194,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether applying it writes nothing.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+            && self.new_networks.is_empty()
+            && self.new_backends.is_empty()
+            && self.edited_backends.is_empty()
+            && self.services.is_empty()
+            && self.port_writes.is_empty()
+            && self.vip_writes.is_empty()
+            && self.removed_ports.is_empty()
+            && self.removed_vips.is_empty()
+            && self.removed_services.is_empty()
+            && self.removed_backends.is_empty()
     }
 }
 
@@ -261,6 +272,8 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 
     for (spec, &mark) in desired.services.iter().zip(&marks) {
         let old = current.services.get(&mark);
+        // This service's line goes before its backends' lines, as in `ipvsadm -S`.
+        let service_line_at = plan.changes.len();
         if spec.mark.is_none() {
             plan.marks.insert(spec.name.clone(), mark);
         }
@@ -381,7 +394,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         };
         match old {
             None => plan.changes.insert(
-                0,
+                service_line_at,
                 Change::AddService {
                     mark,
                     name: spec.name.clone(),
@@ -396,13 +409,16 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     || (o.value.flags, o.value.affinity_secs, o.value.scope)
                         != (value.flags, value.affinity_secs, value.scope) =>
             {
-                plan.changes.push(Change::EditService {
-                    mark,
-                    name: spec.name.clone(),
-                    vip: frontend,
-                    scheduler: spec.scheduler,
-                    persistent: spec.affinity,
-                })
+                plan.changes.insert(
+                    service_line_at,
+                    Change::EditService {
+                        mark,
+                        name: spec.name.clone(),
+                        vip: frontend,
+                        scheduler: spec.scheduler,
+                        persistent: spec.affinity,
+                    },
+                )
             }
             Some(_) => {}
         }
@@ -648,8 +664,25 @@ fn remove_missing_ok(r: Result<(), aya::maps::MapError>) -> Result<()> {
 
 /// Plans and applies in one step; returns the plan for reporting.
 pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
-    let snapshot = dp.snapshot()?;
+    let start = std::time::Instant::now();
+    let snapshot = dp.current_snapshot()?;
+    let read = start.elapsed();
     let plan = plan(&snapshot, desired, dp.capacity)?;
+    let planned = start.elapsed();
+    if plan.is_empty() {
+        dp.keep_snapshot(snapshot);
+        return Ok(plan);
+    }
     execute(dp, &plan)?;
+    let live = start.elapsed();
+    dp.applied()?;
+    tracing::debug!(
+        read_ms = read.as_secs_f64() * 1e3,
+        planned_ms = planned.as_secs_f64() * 1e3,
+        live_ms = live.as_secs_f64() * 1e3,
+        done_ms = start.elapsed().as_secs_f64() * 1e3,
+        changes = plan.changes.len(),
+        "applied"
+    );
     Ok(plan)
 }

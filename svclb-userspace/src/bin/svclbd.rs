@@ -134,6 +134,7 @@ async fn run(args: Args) -> Result<()> {
         warn!("--no-packet-counters: packets and bytes are not counted");
     }
     let mut dp = Dataplane::open(&pins)?;
+    dp.keep_snapshots();
     // Discovered services start from what the maps hold, so a restart
     // while DNS is away changes nothing.
     let (desired, mut discovery) = sync::desired_now(&config, &dp.snapshot()?).await?;
@@ -147,10 +148,8 @@ async fn run(args: Args) -> Result<()> {
         let listener = svclb::metrics::bind(args.metrics_addr).await?;
         tokio::spawn(svclb::metrics::serve(listener, pins.clone(), None));
     }
-    // IPVS's estimator samples every 2 s.
-    let mut rate_tick = tokio::time::interval(std::time::Duration::from_secs(
-        svclb::rates::SAMPLE_INTERVAL_SECS,
-    ));
+    // IPVS's estimator samples every 2 s, on a thread of its own.
+    svclb::metrics::RateSampler::new(pins.clone()).spawn();
     info!(
         pin_dir = %pins.root().display(),
         services = desired.services.len(),
@@ -164,11 +163,6 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = rate_tick.tick() => {
-                if let Err(e) = svclb::metrics::sample_rates(&pins, monotonic_ns()) {
-                    warn!("sampling rates: {e:#}");
-                }
-            },
             _ = sighup.recv() => match &mut file {
                 Some(f) => {
                     let loaded = f.load();
@@ -232,15 +226,6 @@ async fn reload(
             }
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn changed(watch: &mut Option<FileWatch>) {
