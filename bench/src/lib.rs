@@ -7,11 +7,14 @@
 //! - [`modes`]: each mode set up fresh in its own sandbox.
 //! - [`sweep`]: the interleaved, repeated sweep and its statistics.
 //! - [`control`]: control-plane figures (apply time, change latency, map memory).
+//! - [`counting`]: what the packet counters cost (svclb against
+//!   `svclbd --no-packet-counters`, interleaved run by run).
 //! - [`report`]: docs/BENCHMARKS.md and docs/benchmarks.json.
 //!
 //! All traffic stays in the namespaces the sandbox creates, or loopback.
 
 pub mod control;
+pub mod counting;
 pub mod daemon;
 pub mod hist;
 pub mod load;

@@ -80,8 +80,8 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Per-operation timeout (connect, send, receive).
     pub timeout: Duration,
-    /// Pin every load thread to this CPU.
-    pub cpu: Option<usize>,
+    /// Pin load thread i to `cpus[i % cpus.len()]` (empty: not pinned).
+    pub cpus: Vec<usize>,
 }
 
 /// What a run measured, printed as JSON by `svclb-load`.
@@ -160,7 +160,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         let handles: Vec<_> = (0..spec.threads)
             .map(|i| {
                 let stop = Arc::clone(&stop);
-                let cpu = spec.cpu;
+                let cpu = (!spec.cpus.is_empty()).then(|| spec.cpus[i % spec.cpus.len()]);
                 thread::Builder::new()
                     .name(format!("load-{i}"))
                     .spawn_scoped(s, move || {

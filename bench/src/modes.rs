@@ -57,6 +57,11 @@ pub enum Mode {
     Direct,
     #[serde(rename = "svclb")]
     Svclb,
+    /// svclb with `svclbd --no-packet-counters`: the two cgroup_skb
+    /// counting programs left unattached, everything else the same (to
+    /// measure what the counting costs).
+    #[serde(rename = "svclb-nocount")]
+    SvclbNocount,
     #[serde(rename = "iptables-nft")]
     IptablesNft,
     #[serde(rename = "iptables-legacy")]
@@ -68,9 +73,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Direct,
         Mode::Svclb,
+        Mode::SvclbNocount,
         Mode::IptablesNft,
         Mode::IptablesLegacy,
         Mode::Nftables,
@@ -81,11 +87,21 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Svclb => "svclb",
+            Mode::SvclbNocount => "svclb-nocount",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::Nftables => "nftables",
             Mode::Haproxy => "haproxy",
         }
+    }
+
+    pub fn parse(name: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether svclbd runs in this mode (with or without its packet counters).
+    pub fn is_svclb(self) -> bool {
+        matches!(self, Mode::Svclb | Mode::SvclbNocount)
     }
 
     /// haproxy does not proxy UDP.
@@ -487,11 +503,22 @@ impl Cell {
         let t0 = Instant::now();
         let (targets, extra) = match mode {
             Mode::Direct => (addrs.clone(), Extra::None),
-            Mode::Svclb => {
+            Mode::Svclb | Mode::SvclbNocount => {
                 let dir = TempDir::new("svclb")?;
                 let config = dir.write("services.toml", &svclb_config(&set))?;
                 let pins = PinDir::new();
-                let daemon = start_svclbd(&pins, Some(&config), sandbox.cgroup_path())?;
+                let mut extra = SVCLBD_ARGS.to_vec();
+                if mode == Mode::SvclbNocount {
+                    extra.push("--no-packet-counters");
+                }
+                let daemon = start_svclbd_with(
+                    &pins,
+                    Some(&config),
+                    sandbox.cgroup_path(),
+                    MAX_SERVICES,
+                    MAX_BACKENDS,
+                    &extra,
+                )?;
                 (
                     vip,
                     Extra::Svclb {
@@ -546,7 +573,7 @@ impl Cell {
         &self.sandbox
     }
 
-    /// svclbd's pid, in svclb mode.
+    /// svclbd's pid, in the svclb modes.
     pub fn svclbd_pid(&self) -> Option<u32> {
         match &self.extra {
             Extra::Svclb { daemon, .. } => Some(daemon.pid()),
@@ -554,13 +581,26 @@ impl Cell {
         }
     }
 
-    /// Runs `svclb-load` in the client namespace and the sandbox cgroup.
+    /// Runs `svclb-load` in the client namespace and the sandbox cgroup,
+    /// pinned as the sweep pins ([`Pinning::Sweep`]).
     pub fn run(
         &self,
         workload: Workload,
         threads: usize,
         warmup: Duration,
         duration: Duration,
+    ) -> Result<LoadResult> {
+        self.run_pinned(workload, threads, warmup, duration, Pinning::Sweep)
+    }
+
+    /// [`Cell::run`] with a choice of pinning.
+    pub fn run_pinned(
+        &self,
+        workload: Workload,
+        threads: usize,
+        warmup: Duration,
+        duration: Duration,
+        pinning: Pinning,
     ) -> Result<LoadResult> {
         let mut cmd = Command::new(daemon::bin("svclb-load"));
         cmd.args(["run", "--workload", workload.name()])
@@ -574,19 +614,43 @@ impl Cell {
         // One client thread: client and servers share CPU 0, so that a
         // request/response is not a cross-CPU wake-up, whose cost in a VM
         // (an idle vCPU halted in the hypervisor) made these runs bimodal.
-        let cpu = (threads == 1).then_some(0);
-        if let Some(c) = cpu {
-            cmd.args(["--cpu", &c.to_string()]);
+        if threads == 1 {
+            cmd.args(["--cpu", "0"]);
+            self.servers.pin(Some(0));
+        } else if pinning == Pinning::Pairs {
+            let cpus: Vec<String> = (0..online_cpus()).map(|c| c.to_string()).collect();
+            cmd.args(["--cpu", &cpus.join(",")]);
+            self.servers.follow_clients();
+        } else {
+            self.servers.pin(None);
         }
-        self.servers.pin(cpu);
         // Every mode's load runs in the sandbox cgroup, the same for all:
-        // only in svclb mode are programs attached to it.
+        // only in the svclb modes are programs attached to it.
         self.sandbox.client_command(&mut cmd, true)?;
         let limit = warmup + duration + Duration::from_secs(15);
         let out = run_bounded(&mut cmd, limit)?;
         serde_json::from_str(out.trim())
             .with_context(|| format!("svclb-load printed {:?}", out.trim()))
     }
+}
+
+/// Where a run's threads go. With 1 client thread, both pin the client and
+/// the echo servers to CPU 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pinning {
+    /// More than 1 client thread: nothing pinned (the sweep).
+    #[default]
+    Sweep,
+    /// More than 1 client thread: client thread i on CPU i mod CPUs, and
+    /// each echo worker on its client's CPU (co-located pairs on every CPU),
+    /// so that no run depends on where the scheduler places the two ends.
+    Pairs,
+}
+
+/// The CPUs this process may run on (0..n).
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Starts svclbd with the sweep's capacities, attached to `cgroup`, without
@@ -599,9 +663,12 @@ pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Resu
         cgroup,
         MAX_SERVICES,
         MAX_BACKENDS,
-        &["--log", "warn", "--no-watch", "--no-metrics"],
+        SVCLBD_ARGS,
     )
 }
+
+/// svclbd's flags in the bench: no file watch, no metrics endpoint.
+const SVCLBD_ARGS: &[&str] = &["--log", "warn", "--no-watch", "--no-metrics"];
 
 pub fn start_svclbd_with(
     pins: &PinDir,

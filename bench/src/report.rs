@@ -8,13 +8,17 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::control::ControlData;
+use crate::counting::{CountingData, MAX_COST};
 use crate::load::Workload;
 use crate::machine::Machine;
-use crate::modes::Mode;
+use crate::modes::{Mode, Pinning};
 use crate::sweep::{human, Plan, Spread, Summary, SweepData};
 
 pub const NOTES_BEGIN: &str = "<!-- notes:begin -->";
 pub const NOTES_END: &str = "<!-- notes:end -->";
+/// Hand-written reading of the counting figures, kept like the notes.
+pub const COUNTING_NOTES_BEGIN: &str = "<!-- counting-notes:begin -->";
+pub const COUNTING_NOTES_END: &str = "<!-- counting-notes:end -->";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
@@ -24,6 +28,10 @@ pub struct Report {
     pub summaries: Vec<Summary>,
     pub control: Option<ControlData>,
     pub sweep: SweepData,
+    /// What the packet counters cost (`svclb-bench --only counting`); kept
+    /// from the previous benchmarks.json by a run that does not measure it.
+    #[serde(default)]
+    pub counting: Option<CountingData>,
 }
 
 /// A target from the issue, evaluated on this sweep.
@@ -64,7 +72,8 @@ pub fn targets(r: &Report) -> Vec<Target> {
     let mut out = Vec::new();
     let counts = &r.plan.service_counts;
     let threads = &r.plan.threads;
-    for w in [Workload::Crr, Workload::Rr] {
+    let swept = !r.sweep.runs.is_empty();
+    for w in [Workload::Crr, Workload::Rr].into_iter().filter(|_| swept) {
         let ratios: Vec<(usize, usize, f64)> = counts
             .iter()
             .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
@@ -115,7 +124,10 @@ pub fn targets(r: &Report) -> Vec<Target> {
     }
     // Versus iptables (nft) and nftables at 10,000 services (or the largest count below).
     let n10k = counts.iter().copied().filter(|&n| n <= 10_000).max();
-    for (other, factor) in [(Mode::IptablesNft, 2.0), (Mode::Nftables, 1.0)] {
+    for (other, factor) in [(Mode::IptablesNft, 2.0), (Mode::Nftables, 1.0)]
+        .into_iter()
+        .filter(|_| swept)
+    {
         let mut figs = Vec::new();
         let mut met = None;
         if let Some(n) = n10k {
@@ -164,11 +176,16 @@ pub fn targets(r: &Report) -> Vec<Target> {
             }
         }
     }
-    out.push(Target {
-        target: "svclb RR >= 4 x haproxy".into(),
-        figure: figs.join(", "),
-        met,
-    });
+    if swept {
+        out.push(Target {
+            target: "svclb RR >= 4 x haproxy".into(),
+            figure: figs.join(", "),
+            met,
+        });
+    }
+    if let Some(c) = &r.counting {
+        out.extend(counting_targets(c));
+    }
     if let Some(c) = &r.control {
         let apply = c
             .apply
@@ -208,6 +225,59 @@ pub fn targets(r: &Report) -> Vec<Target> {
         });
     }
     out
+}
+
+/// Issue 4's bounds on the counting's cost, from the counting measurement.
+fn counting_targets(c: &CountingData) -> Vec<Target> {
+    let mut out = Vec::new();
+    for (w, what) in [
+        (Workload::Stream, "a translated TCP STREAM's throughput"),
+        (Workload::Rr, "an established connection's RR rate"),
+    ] {
+        let mut figs = Vec::new();
+        let mut met = None;
+        for &t in &c.plan.threads {
+            let Some(x) = c.find(Mode::Svclb, w, t) else {
+                continue;
+            };
+            let Some(ratio) = x.ratio_to_nocount else {
+                continue;
+            };
+            figs.push(format!(
+                "{} with {t} thread{} ({ratio:.3}x{})",
+                cost_text(ratio),
+                if t == 1 { "" } else { "s" },
+                x.paired_to_nocount
+                    .map(|p| format!(", paired {:.3}–{:.3}", p.min, p.max))
+                    .unwrap_or_default()
+            ));
+            met = Some(met.unwrap_or(true) && ratio >= 1.0 - MAX_COST);
+        }
+        out.push(Target {
+            target: format!(
+                "packet counting costs {what} <= {:.0}% (issue 4: svclb vs svclb-nocount)",
+                MAX_COST * 100.0
+            ),
+            figure: if figs.is_empty() {
+                "-".into()
+            } else {
+                figs.join("; ")
+            },
+            met,
+        });
+    }
+    out
+}
+
+/// "cost 1.8%" for a ratio of 0.982 (counting on / off); a ratio above 1
+/// is no cost the measurement can see.
+fn cost_text(ratio: f64) -> String {
+    let cost = (1.0 - ratio) * 100.0;
+    if cost >= 0.05 {
+        format!("cost {cost:.1}%")
+    } else {
+        format!("no cost measured (svclb {:+.1}%)", -cost)
+    }
 }
 
 fn cell_value(w: Workload, x: &Summary) -> String {
@@ -257,6 +327,18 @@ fn workload_title(w: Workload) -> &'static str {
 
 fn method_text(r: &Report) -> String {
     let p = &r.plan;
+    let nocount = if p.modes.contains(&Mode::SvclbNocount) {
+        format!(
+            "\n  `svclb-nocount`: the same with `svclbd --no-packet-counters` (the two\n  `cgroup_skb` counting programs not attached, everything else the same), at\n  {} service(s) only: the counting does no per-service work, and svclbd's\n  start-up makes the other cells expensive (see Cost of packet counting).",
+            p.nocount_counts
+                .iter()
+                .map(|&n| thousands(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"`cargo xtask bench` ({} sweep) builds the release binaries and runs `svclb-bench`
 as root. Everything happens in throwaway network namespaces that the test
@@ -268,8 +350,8 @@ anywhere else.
   (172.50.0.10-12:80) itself, picking one at random per connection.
   `svclb`: the real `svclbd` (release build), attached to the sandbox's
   cgroup, with the measured service (VIP 172.50.0.200, the three backends)
-  installed last; the load generator connects to the VIP. In every mode the
-  load generator runs in the sandbox's cgroup (only in svclb mode are
+  installed last; the load generator connects to the VIP.{} In every mode the
+  load generator runs in the sandbox's cgroup (only in {} are
   programs attached to it). `iptables-nft` / `iptables-legacy`: kube-proxy's iptables mode
   rebuilt in the client namespace with `iptables-nft-restore` /
   `iptables-legacy-restore`: `OUTPUT -> KUBE-SERVICES`, one rule per service
@@ -323,6 +405,12 @@ anywhere else.
   difference.
 "#,
         p.name,
+        nocount,
+        if p.modes.contains(&Mode::SvclbNocount) {
+            "the svclb modes"
+        } else {
+            "svclb mode"
+        },
         r.machine.haproxy.split_whitespace().nth(2).unwrap_or(""),
         p.haproxy_counts
             .iter()
@@ -345,14 +433,30 @@ anywhere else.
 }
 
 /// The notes kept from an existing BENCHMARKS.md (between the markers).
-fn kept_notes(path: &Path) -> Option<String> {
-    let text = fs::read_to_string(path).ok()?;
-    let start = text.find(NOTES_BEGIN)? + NOTES_BEGIN.len();
-    let end = text[start..].find(NOTES_END)? + start;
+fn kept_notes(text: &str, begin: &str, end: &str) -> Option<String> {
+    let start = text.find(begin)? + begin.len();
+    let end = text[start..].find(end)? + start;
     Some(text[start..end].trim_matches('\n').to_string())
 }
 
-pub fn markdown(r: &Report, notes: Option<String>) -> String {
+/// The hand-written parts of an existing BENCHMARKS.md, kept on a new run.
+#[derive(Clone, Debug, Default)]
+pub struct Notes {
+    pub sweep: Option<String>,
+    pub counting: Option<String>,
+}
+
+impl Notes {
+    pub fn read(path: &Path) -> Notes {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        Notes {
+            sweep: kept_notes(&text, NOTES_BEGIN, NOTES_END),
+            counting: kept_notes(&text, COUNTING_NOTES_BEGIN, COUNTING_NOTES_END),
+        }
+    }
+}
+
+pub fn markdown(r: &Report, notes: Notes) -> String {
     let mut md = String::new();
     let m = &r.machine;
     let _ = writeln!(md, "# Benchmarks\n");
@@ -360,11 +464,20 @@ pub fn markdown(r: &Report, notes: Option<String>) -> String {
         md,
         "<!-- Generated by `cargo xtask bench` (bench/src/report.rs); only the notes between the notes markers are kept when it runs again. -->\n"
     );
-    let _ = writeln!(
-        md,
-        "svclb side by side with a direct connection, kube-proxy-style iptables (nft and legacy back ends) and nftables DNAT, and haproxy ({} sweep, {} UTC, {:.0} s). Raw data: [benchmarks.json](benchmarks.json).\n",
-        r.plan.name, r.generated_utc, r.sweep.wall_secs
-    );
+    let swept = !r.sweep.runs.is_empty();
+    if swept {
+        let _ = writeln!(
+            md,
+            "svclb side by side with a direct connection, kube-proxy-style iptables (nft and legacy back ends) and nftables DNAT, and haproxy ({} sweep, {} UTC, {:.0} s). Raw data: [benchmarks.json](benchmarks.json).\n",
+            r.plan.name, r.generated_utc, r.sweep.wall_secs
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "svclb's benchmark figures ({} UTC; no data-plane sweep in this report). Raw data: [benchmarks.json](benchmarks.json).\n",
+            r.generated_utc
+        );
+    }
     let _ = writeln!(md, "## Machine\n\n| | |\n| --- | --- |");
     for (k, v) in [
         ("OS", m.os.clone()),
@@ -384,121 +497,33 @@ pub fn markdown(r: &Report, notes: Option<String>) -> String {
     ] {
         let _ = writeln!(md, "| {k} | {v} |");
     }
-    let _ = writeln!(md, "\n## Targets (from issue 6; reported, not asserted)\n");
+    let _ = writeln!(
+        md,
+        "\n## Targets (from issue 6{}; reported, not asserted)\n",
+        if r.counting.is_some() {
+            ", and issue 4's bound on the cost of counting"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(md, "| target | this sweep | |\n| --- | --- | --- |");
     for t in targets(r) {
         let _ = writeln!(md, "| {} | {} | {} |", t.target, t.figure, verdict(t.met));
     }
     let _ = writeln!(md, "\n## Notes\n\n{NOTES_BEGIN}");
-    let _ = writeln!(md, "{}", notes.unwrap_or_else(|| "(none yet)".to_string()));
+    let _ = writeln!(
+        md,
+        "{}",
+        notes.sweep.unwrap_or_else(|| "(none yet)".to_string())
+    );
     let _ = writeln!(md, "{NOTES_END}\n");
-    let _ = writeln!(md, "## Method\n\n{}", method_text(r));
-
-    let counts = &r.plan.service_counts;
-    let header = |md: &mut String| {
-        let _ = write!(md, "| mode |");
-        for &n in counts {
-            let _ = write!(
-                md,
-                " {} service{} |",
-                thousands(n),
-                if n == 1 { "" } else { "s" }
-            );
-        }
-        let _ = write!(md, "\n| --- |");
-        for _ in counts {
-            let _ = write!(md, " --- |");
-        }
-        md.push('\n');
-    };
-    let _ = writeln!(md, "## Data plane\n");
-    let _ = writeln!(
-        md,
-        "Each cell: median (min–max) over the repetitions, **ratio to direct**; latency cells: p50 / p99 / p999 in µs (medians), (p99 ratio to direct).\n"
-    );
-    for &w in &r.plan.workloads {
-        let _ = writeln!(md, "### {}\n", workload_title(w));
-        for &t in &r.plan.threads {
-            let _ = writeln!(
-                md,
-                "{} client thread{}:\n",
-                t,
-                if t == 1 { "" } else { "s" }
-            );
-            header(&mut md);
-            for &mode in &r.plan.modes {
-                if !mode.supports(w) {
-                    continue;
-                }
-                let _ = write!(md, "| {} |", mode.name());
-                for &n in counts {
-                    let cell = find(&r.summaries, n, mode, w, t)
-                        .map(|x| cell_value(w, x))
-                        .unwrap_or_else(|| "–".into());
-                    let _ = write!(md, " {cell} |");
-                }
-                md.push('\n');
-            }
-            md.push('\n');
-            if w != Workload::Stream {
-                let _ = writeln!(
-                    md,
-                    "Latency (µs), {t} client thread{}:\n",
-                    if t == 1 { "" } else { "s" }
-                );
-                header(&mut md);
-                for &mode in &r.plan.modes {
-                    if !mode.supports(w) {
-                        continue;
-                    }
-                    let _ = write!(md, "| {} |", mode.name());
-                    for &n in counts {
-                        let cell = find(&r.summaries, n, mode, w, t)
-                            .map(cell_latency)
-                            .unwrap_or_else(|| "–".into());
-                        let _ = write!(md, " {cell} |");
-                    }
-                    md.push('\n');
-                }
-                md.push('\n');
-            }
-        }
+    if swept {
+        let _ = writeln!(md, "## Method\n\n{}", method_text(r));
+        data_plane_markdown(&mut md, r);
     }
-
-    let _ = writeln!(
-        md,
-        "### Set-up time per cell (s): installing N services from nothing\n"
-    );
-    header(&mut md);
-    for &mode in &r.plan.modes {
-        let _ = write!(md, "| {} |", mode.name());
-        for &n in counts {
-            let v: Vec<f64> = r
-                .sweep
-                .setups
-                .iter()
-                .filter(|s| s.mode == mode && s.services == n)
-                .filter_map(|s| s.secs)
-                .collect();
-            let failed = r
-                .sweep
-                .setups
-                .iter()
-                .filter(|s| s.mode == mode && s.services == n && s.error.is_some())
-                .count();
-            let cell = match Spread::of(&v) {
-                Some(s) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
-                None if failed > 0 => "failed".into(),
-                None => "–".into(),
-            };
-            let _ = write!(md, " {cell} |");
-        }
-        md.push('\n');
+    if let Some(c) = &r.counting {
+        counting_markdown(&mut md, r, c, notes.counting);
     }
-    let _ = writeln!(
-        md,
-        "\n(svclb: svclbd start to READY, including program load and attach; direct: nothing to install; haproxy: start until it accepts.)\n"
-    );
 
     if let Some(c) = &r.control {
         let _ = writeln!(md, "## Control plane\n");
@@ -589,12 +614,329 @@ pub fn markdown(r: &Report, notes: Option<String>) -> String {
     md
 }
 
+/// The sweep's tables: each workload by mode and service count, and the set-up times.
+fn data_plane_markdown(md: &mut String, r: &Report) {
+    let counts = &r.plan.service_counts;
+    let header = |md: &mut String| {
+        let _ = write!(md, "| mode |");
+        for &n in counts {
+            let _ = write!(
+                md,
+                " {} service{} |",
+                thousands(n),
+                if n == 1 { "" } else { "s" }
+            );
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in counts {
+            let _ = write!(md, " --- |");
+        }
+        md.push('\n');
+    };
+    let _ = writeln!(md, "## Data plane\n");
+    let _ = writeln!(
+        md,
+        "Each cell: median (min–max) over the repetitions, **ratio to direct**; latency cells: p50 / p99 / p999 in µs (medians), (p99 ratio to direct).\n"
+    );
+    for &w in &r.plan.workloads {
+        let _ = writeln!(md, "### {}\n", workload_title(w));
+        for &t in &r.plan.threads {
+            let _ = writeln!(
+                md,
+                "{} client thread{}:\n",
+                t,
+                if t == 1 { "" } else { "s" }
+            );
+            header(md);
+            for &mode in &r.plan.modes {
+                if !mode.supports(w) {
+                    continue;
+                }
+                let _ = write!(md, "| {} |", mode.name());
+                for &n in counts {
+                    let cell = find(&r.summaries, n, mode, w, t)
+                        .map(|x| cell_value(w, x))
+                        .unwrap_or_else(|| "–".into());
+                    let _ = write!(md, " {cell} |");
+                }
+                md.push('\n');
+            }
+            md.push('\n');
+            if w != Workload::Stream {
+                let _ = writeln!(
+                    md,
+                    "Latency (µs), {t} client thread{}:\n",
+                    if t == 1 { "" } else { "s" }
+                );
+                header(md);
+                for &mode in &r.plan.modes {
+                    if !mode.supports(w) {
+                        continue;
+                    }
+                    let _ = write!(md, "| {} |", mode.name());
+                    for &n in counts {
+                        let cell = find(&r.summaries, n, mode, w, t)
+                            .map(cell_latency)
+                            .unwrap_or_else(|| "–".into());
+                        let _ = write!(md, " {cell} |");
+                    }
+                    md.push('\n');
+                }
+                md.push('\n');
+            }
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "### Set-up time per cell (s): installing N services from nothing\n"
+    );
+    header(md);
+    for &mode in &r.plan.modes {
+        let _ = write!(md, "| {} |", mode.name());
+        for &n in counts {
+            let v: Vec<f64> = r
+                .sweep
+                .setups
+                .iter()
+                .filter(|s| s.mode == mode && s.services == n)
+                .filter_map(|s| s.secs)
+                .collect();
+            let failed = r
+                .sweep
+                .setups
+                .iter()
+                .filter(|s| s.mode == mode && s.services == n && s.error.is_some())
+                .count();
+            let cell = match Spread::of(&v) {
+                Some(s) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
+                None if failed > 0 => "failed".into(),
+                None => "–".into(),
+            };
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\n(svclb: svclbd start to READY, including program load and attach; direct: nothing to install; haproxy: start until it accepts.)\n"
+    );
+}
+
+/// The "Cost of packet counting" section.
+fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Option<String>) {
+    let p = &c.plan;
+    let _ = writeln!(md, "## Cost of packet counting\n");
+    let _ = writeln!(
+        md,
+        "Issue 4: the packet counting must not cost a translated TCP stream more than {max:.0}% of its throughput, nor a request/response on an established connection more than {max:.0}% of its rate, against the same workload with counting off. `svclb-nocount` is svclb with `svclbd --no-packet-counters`: the two `cgroup_skb` counting programs (egress and ingress) are not attached, everything else is the same (connect-time translation, `sock_ops`, `sock_release`). Each packet of a translated socket runs one of them: a socket-storage lookup, then a per-CPU counter update; a socket svclb did not translate pays the lookup only.\n",
+        max = MAX_COST * 100.0
+    );
+    let loads: Vec<String> = c.loadavg.iter().map(|l| format!("{l:.1}")).collect();
+    let _ = writeln!(
+        md,
+        "{} measurement, {} UTC, svclb {}, {:.0} s: `cargo xtask bench -- --only counting` (or `svclb-bench --only counting`). The machine's 1-minute load average at the start of each repetition, then at the end: {} (including the bench's own: its runs keep 2 to {} threads busy).\n",
+        p.name,
+        c.generated_utc,
+        c.svclb_commit,
+        c.wall_secs,
+        loads.join(", "),
+        2 * p.threads.iter().max().copied().unwrap_or(1)
+    );
+    let _ = writeln!(md, "{COUNTING_NOTES_BEGIN}");
+    let _ = writeln!(md, "{}", notes.unwrap_or_else(|| "(none yet)".to_string()));
+    let _ = writeln!(md, "{COUNTING_NOTES_END}\n");
+
+    let modes: Vec<Mode> = [Mode::Direct, Mode::SvclbNocount, Mode::Svclb]
+        .into_iter()
+        .filter(|m| p.modes.contains(m))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Median (min–max) over {} repetitions at {} service{}; STREAM in Gbit/s, RR in transactions/s. **svclb / svclb-nocount** is the ratio of the medians; *paired* is the same ratio within each repetition (the two runs seconds apart): median (min–max). Cost = 1 − ratio of medians.\n",
+        p.repetitions,
+        thousands(p.services),
+        if p.services == 1 { "" } else { "s" }
+    );
+    let _ = write!(md, "| workload | client threads |");
+    for m in &modes {
+        let _ = write!(md, " {} |", m.name());
+    }
+    let _ = writeln!(
+        md,
+        " **svclb / svclb-nocount** | paired | cost | within {:.0}% |",
+        MAX_COST * 100.0
+    );
+    let _ = write!(md, "| --- | --- |");
+    for _ in &modes {
+        let _ = write!(md, " --- |");
+    }
+    let _ = writeln!(md, " --- | --- | --- | --- |");
+    for &w in &p.workloads {
+        for &t in &p.threads {
+            let _ = write!(md, "| {} | {t} |", w.name().to_uppercase());
+            for &m in &modes {
+                let cell = match c.find(m, w, t) {
+                    Some(x) => match x.value {
+                        Some(v) => {
+                            let f = |v: f64| {
+                                if w == Workload::Stream {
+                                    format!("{:.2}", v / 1e9)
+                                } else {
+                                    human(v)
+                                }
+                            };
+                            let mut s = format!("{} ({}–{})", f(v.median), f(v.min), f(v.max));
+                            if x.errors > 0 || x.failed_runs > 0 {
+                                let _ = write!(s, " ⚠{}err", x.errors + x.failed_runs as u64);
+                            }
+                            s
+                        }
+                        None => "failed".into(),
+                    },
+                    None => "–".into(),
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            let svclb = c.find(Mode::Svclb, w, t);
+            match svclb.and_then(|x| x.ratio_to_nocount) {
+                Some(ratio) => {
+                    let paired = svclb
+                        .and_then(|x| x.paired_to_nocount)
+                        .map(|p| format!("{:.3} ({:.3}–{:.3})", p.median, p.min, p.max))
+                        .unwrap_or_else(|| "–".into());
+                    let _ = writeln!(
+                        md,
+                        " **{ratio:.3}** | {paired} | {:.1}% | {} |",
+                        (1.0 - ratio) * 100.0,
+                        if ratio >= 1.0 - MAX_COST {
+                            "yes"
+                        } else {
+                            "**no**"
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(md, " – | – | – | – |");
+                }
+            }
+        }
+    }
+    md.push('\n');
+    if p.workloads.contains(&Workload::Rr) {
+        let _ = writeln!(md, "RR latency, p50 / p99 in µs (medians):\n");
+        let _ = write!(md, "| client threads |");
+        for m in &modes {
+            let _ = write!(md, " {} |", m.name());
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in &modes {
+            let _ = write!(md, " --- |");
+        }
+        md.push('\n');
+        for &t in &p.threads {
+            let _ = write!(md, "| {t} |");
+            for &m in &modes {
+                let f =
+                    |s: Option<Spread>| s.map_or("-".to_string(), |s| format!("{:.0}", s.median));
+                let cell = c
+                    .find(m, Workload::Rr, t)
+                    .map(|x| format!("{} / {}", f(x.p50_us), f(x.p99_us)))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "**Method.** Each repetition sets up a fresh cell per mode (its own sandbox, echo servers and, for the two svclb modes, its own svclbd attached to that sandbox's cgroup only; the measured service installed as in the sweep), keeps the cells side by side, and runs every workload in each, alternating the modes run by run in an order rotated for every (workload, threads) and every repetition; set-up order rotates too. Each run: {} ms warm-up, then {} ms measured. With 1 client thread the client and the echo servers are pinned to CPU 0 (the CPU cost per operation, as in the sweep); with {} threads, {}. Every TCP packet of the client's translated socket runs one counting program (egress for the request, ingress for the reply or the stream's segments); the echo servers are outside the attached cgroup and pay nothing.\n",
+        p.warmup_ms,
+        p.duration_ms,
+        p.threads
+            .iter()
+            .filter(|&&t| t > 1)
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(" or "),
+        match p.pinning {
+            Pinning::Pairs => "client thread i runs on CPU i mod CPUs and each echo worker on its client's CPU (`SO_INCOMING_CPU`), so every client and its server share a CPU and both CPUs are busy (unpinned, these runs were bimodal by placement, as the sweep's 4-thread runs are)",
+            Pinning::Sweep => "nothing is pinned, so those runs also show the scheduler's placement and the other CPU's load",
+        }
+    );
+
+    // The sweep's own svclb-nocount cells, when it had any.
+    let counts: Vec<usize> = r
+        .plan
+        .service_counts
+        .iter()
+        .copied()
+        .filter(|&n| {
+            r.plan.runs_at(Mode::SvclbNocount, n) && r.plan.modes.contains(&Mode::SvclbNocount)
+        })
+        .collect();
+    let rows: Vec<(Workload, usize, Vec<Option<f64>>)> = r
+        .plan
+        .workloads
+        .iter()
+        .flat_map(|&w| r.plan.threads.iter().map(move |&t| (w, t)))
+        .map(|(w, t)| {
+            let ratios = counts
+                .iter()
+                .map(|&n| {
+                    let a = find(&r.summaries, n, Mode::Svclb, w, t)?.value?.median;
+                    let b = find(&r.summaries, n, Mode::SvclbNocount, w, t)?
+                        .value?
+                        .median;
+                    (b > 0.0).then(|| a / b)
+                })
+                .collect();
+            (w, t, ratios)
+        })
+        .filter(|(_, _, v): &(Workload, usize, Vec<Option<f64>>)| v.iter().any(Option::is_some))
+        .collect();
+    if !rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "In the sweep above (fresh cells minutes apart, {} repetition(s)), svclb / svclb-nocount, ratio of medians:\n",
+            r.plan.repetitions
+        );
+        let _ = write!(md, "| workload | client threads |");
+        for &n in &counts {
+            let _ = write!(
+                md,
+                " {} service{} |",
+                thousands(n),
+                if n == 1 { "" } else { "s" }
+            );
+        }
+        let _ = write!(md, "\n| --- | --- |");
+        for _ in &counts {
+            let _ = write!(md, " --- |");
+        }
+        md.push('\n');
+        for (w, t, ratios) in rows {
+            let _ = write!(md, "| {} | {t} |", w.name().to_uppercase());
+            for v in ratios {
+                let _ = write!(
+                    md,
+                    " {} |",
+                    v.map_or("–".to_string(), |v| format!("{v:.3}"))
+                );
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+}
+
 /// Writes `BENCHMARKS.md` and `benchmarks.json` into `dir`, keeping the
 /// notes of an existing BENCHMARKS.md there.
 pub fn write(dir: &Path, r: &Report) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let md_path = dir.join("BENCHMARKS.md");
-    let notes = kept_notes(&md_path);
+    let notes = Notes::read(&md_path);
     fs::write(&md_path, markdown(r, notes))
         .with_context(|| format!("writing {}", md_path.display()))?;
     let json_path = dir.join("benchmarks.json");

@@ -86,6 +86,34 @@ impl EchoServers {
         self.cpu
             .store(cpu.map_or(-1, |c| c as i32), Ordering::SeqCst);
     }
+
+    /// From their next connection on, each TCP worker pins itself to the CPU
+    /// its connection's packets arrive on (`SO_INCOMING_CPU` after the first
+    /// read): over the veth, its client's CPU. With pinned client threads,
+    /// every client and its server share a CPU. UDP workers: any CPU.
+    pub fn follow_clients(&self) {
+        self.cpu.store(FOLLOW, Ordering::SeqCst);
+    }
+}
+
+/// [`EchoServers::cpu`] value: pin to the connection's incoming CPU.
+const FOLLOW: i32 = -2;
+
+/// The CPU that last received a packet of `s` (`SO_INCOMING_CPU`).
+fn incoming_cpu(s: &TcpStream) -> Option<i32> {
+    let mut cpu: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, and an int-sized buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&raw mut cpu).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cpu >= 0).then_some(cpu)
 }
 
 /// Pins the calling thread to `cpu` (negative: every CPU).
@@ -126,11 +154,16 @@ fn tcp_worker(listener: &TcpListener, stop: &AtomicBool, cpu: &AtomicI32) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let want = cpu.load(Ordering::Relaxed);
-                if want != pinned {
+                let follow = want == FOLLOW;
+                if want != pinned && !follow {
                     pin_thread(want);
                     pinned = want;
                 }
-                let _ = serve(stream, &mut buf, stop);
+                if follow {
+                    // Re-pinned after the first read; remembered as unknown.
+                    pinned = FOLLOW;
+                }
+                let _ = serve(stream, &mut buf, stop, follow);
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
@@ -145,7 +178,7 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-fn serve(mut s: TcpStream, buf: &mut [u8], stop: &AtomicBool) -> io::Result<()> {
+fn serve(mut s: TcpStream, buf: &mut [u8], stop: &AtomicBool, follow: bool) -> io::Result<()> {
     s.set_read_timeout(Some(POLL))?;
     s.set_write_timeout(Some(POLL))?;
     s.set_nodelay(true)?;
@@ -162,6 +195,9 @@ fn serve(mut s: TcpStream, buf: &mut [u8], stop: &AtomicBool) -> io::Result<()> 
             }
             Err(e) => return Err(e),
         };
+        if first && follow {
+            pin_thread(incoming_cpu(&s).unwrap_or(-1));
+        }
         if first && buf[0] == STREAM_REQUEST {
             buf.fill(b's');
             return stream_out(&mut s, buf, stop);
@@ -189,7 +225,7 @@ fn udp_worker(sock: &UdpSocket, stop: &AtomicBool, cpu: &AtomicI32) {
     while !stop.load(Ordering::Relaxed) {
         match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                let want = cpu.load(Ordering::Relaxed);
+                let want = cpu.load(Ordering::Relaxed).max(-1);
                 if want != pinned {
                     pin_thread(want);
                     pinned = want;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{LoadResult, Workload};
-use crate::modes::{Cell, Mode, ServiceSet};
+use crate::modes::{Cell, Mode, Pinning, ServiceSet};
 
 /// What a sweep measures, and for how long.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -21,6 +21,11 @@ pub struct Plan {
     /// haproxy's per-connection path does not depend on other services (one
     /// listening socket each), so it runs at these counts only.
     pub haproxy_counts: Vec<usize>,
+    /// svclb with its packet counters off runs at these counts only: the
+    /// counting programs do no per-service work, and the counts left out
+    /// are those where svclbd's start-up makes a cell expensive.
+    #[serde(default)]
+    pub nocount_counts: Vec<usize>,
     pub modes: Vec<Mode>,
     pub workloads: Vec<Workload>,
     pub threads: Vec<usize>,
@@ -35,6 +40,8 @@ impl Plan {
             repetitions: 3,
             service_counts: vec![1, 1_000, 10_000, 100_000],
             haproxy_counts: vec![1],
+            // 100,000 services: svclbd takes ~30 s to start per cell.
+            nocount_counts: vec![1, 1_000, 10_000],
             modes: Mode::ALL.to_vec(),
             // CRR last: see the module doc.
             workloads: vec![Workload::Rr, Workload::Udp, Workload::Stream, Workload::Crr],
@@ -55,6 +62,15 @@ impl Plan {
         }
     }
 
+    /// Whether `mode` runs at `n` services in this sweep.
+    pub fn runs_at(&self, mode: Mode, n: usize) -> bool {
+        match mode {
+            Mode::Haproxy => self.haproxy_counts.contains(&n),
+            Mode::SvclbNocount => self.nocount_counts.contains(&n),
+            _ => true,
+        }
+    }
+
     fn cells(&self) -> Vec<(usize, usize, Mode)> {
         let mut cells = Vec::new();
         for rep in 0..self.repetitions {
@@ -63,7 +79,7 @@ impl Plan {
                     .modes
                     .iter()
                     .copied()
-                    .filter(|&m| m != Mode::Haproxy || self.haproxy_counts.contains(&n))
+                    .filter(|&m| self.runs_at(m, n))
                     .collect();
                 let len = modes.len().max(1);
                 modes.rotate_left((rep * 2 + ci) % len);
@@ -157,95 +173,127 @@ pub fn run(plan: &Plan) -> SweepData {
     let mut data = SweepData::default();
     let mut done = 0usize;
     for (rep, n, mode) in cells {
-        let cell = match Cell::new(mode, ServiceSet::new(n, 1)) {
-            Ok(cell) => {
-                println!(
-                    "[rep {} | {n} services | {}] set up in {:.2} s",
-                    rep + 1,
-                    mode.name(),
-                    cell.setup_secs
-                );
-                data.setups.push(Setup {
-                    rep,
-                    services: n,
-                    mode,
-                    secs: Some(cell.setup_secs),
-                    error: None,
-                });
-                Some(cell)
-            }
-            Err(e) => {
-                eprintln!(
-                    "[rep {} | {n} services | {}] SET-UP FAILED: {e:#}",
-                    rep + 1,
-                    mode.name()
-                );
-                data.setups.push(Setup {
-                    rep,
-                    services: n,
-                    mode,
-                    secs: None,
-                    error: Some(format!("{e:#}")),
-                });
-                None
-            }
-        };
+        let cell = set_up(rep, n, mode, &mut data.setups);
         for &workload in &plan.workloads {
             if !mode.supports(workload) {
                 continue;
             }
             for &threads in &plan.threads {
                 done += 1;
-                let outcome = match &cell {
-                    Some(cell) => cell.run(workload, threads, warmup, duration),
-                    None => Err(anyhow::anyhow!("set-up failed")),
-                };
-                let (result, error) = match outcome {
-                    Ok(r) => {
-                        let errs = if r.errors > 0 {
-                            format!(" ERRORS {} {:?}", r.errors, r.error_kinds)
-                        } else {
-                            String::new()
-                        };
-                        let lat = r
-                            .p99_us
-                            .map(|p| format!(" p50 {:.0} p99 {p:.0} µs", r.p50_us.unwrap_or(0.0)))
-                            .unwrap_or_default();
-                        println!(
-                            "  [{done}/{total_runs}] {:<6} x{threads}: {}{}{lat}{errs}",
-                            workload.name(),
-                            human(primary(workload, &r)),
-                            if workload == Workload::Stream {
-                                "bit/s"
-                            } else {
-                                " ops/s"
-                            },
-                        );
-                        (Some(r), None)
-                    }
-                    Err(e) => {
-                        eprintln!(
-                            "  [{done}/{total_runs}] {} x{threads}: FAILED: {e:#}",
-                            workload.name()
-                        );
-                        (None, Some(format!("{e:#}")))
-                    }
-                };
-                data.runs.push(Run {
+                let label = format!("[{done}/{total_runs}]");
+                data.runs.push(measure(
+                    &label,
                     rep,
-                    services: n,
+                    n,
                     mode,
+                    cell.as_ref(),
                     workload,
                     threads,
-                    result,
-                    error,
-                });
+                    warmup,
+                    duration,
+                    Pinning::Sweep,
+                ));
             }
         }
         drop(cell);
     }
     data.wall_secs = started.elapsed().as_secs_f64();
     data
+}
+
+/// Sets up one cell, recording its set-up time (or failure) in `setups`.
+pub fn set_up(rep: usize, n: usize, mode: Mode, setups: &mut Vec<Setup>) -> Option<Cell> {
+    match Cell::new(mode, ServiceSet::new(n, 1)) {
+        Ok(cell) => {
+            println!(
+                "[rep {} | {n} services | {}] set up in {:.2} s",
+                rep + 1,
+                mode.name(),
+                cell.setup_secs
+            );
+            setups.push(Setup {
+                rep,
+                services: n,
+                mode,
+                secs: Some(cell.setup_secs),
+                error: None,
+            });
+            Some(cell)
+        }
+        Err(e) => {
+            eprintln!(
+                "[rep {} | {n} services | {}] SET-UP FAILED: {e:#}",
+                rep + 1,
+                mode.name()
+            );
+            setups.push(Setup {
+                rep,
+                services: n,
+                mode,
+                secs: None,
+                error: Some(format!("{e:#}")),
+            });
+            None
+        }
+    }
+}
+
+/// One run of `workload` in `cell` (a failed run if the cell could not be
+/// set up), printed on a line that starts with `label`.
+#[allow(clippy::too_many_arguments)]
+pub fn measure(
+    label: &str,
+    rep: usize,
+    services: usize,
+    mode: Mode,
+    cell: Option<&Cell>,
+    workload: Workload,
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+    pinning: Pinning,
+) -> Run {
+    let outcome = match cell {
+        Some(cell) => cell.run_pinned(workload, threads, warmup, duration, pinning),
+        None => Err(anyhow::anyhow!("set-up failed")),
+    };
+    let (result, error) = match outcome {
+        Ok(r) => {
+            let errs = if r.errors > 0 {
+                format!(" ERRORS {} {:?}", r.errors, r.error_kinds)
+            } else {
+                String::new()
+            };
+            let lat = r
+                .p99_us
+                .map(|p| format!(" p50 {:.0} p99 {p:.0} µs", r.p50_us.unwrap_or(0.0)))
+                .unwrap_or_default();
+            println!(
+                "  {label} {:<6} x{threads}: {}{}{lat}{errs}",
+                workload.name(),
+                human(primary(workload, &r)),
+                if workload == Workload::Stream {
+                    "bit/s"
+                } else {
+                    " ops/s"
+                },
+            );
+            (Some(r), None)
+        }
+        Err(e) => {
+            eprintln!("  {label} {} x{threads}: FAILED: {e:#}", workload.name());
+            (None, Some(format!("{e:#}")))
+        }
+    };
+    Run {
+        rep,
+        services,
+        mode,
+        workload,
+        threads,
+        result,
+        error,
+    }
 }
 
 /// Median, minimum and maximum of a set of values.
@@ -380,8 +428,8 @@ mod tests {
     fn every_mode_runs_once_per_rep_and_count() {
         let plan = Plan::full();
         let cells = plan.cells();
-        // haproxy only at 1 service.
-        assert_eq!(cells.len(), 3 * (4 * 5 + 1));
+        // haproxy only at 1 service, svclb-nocount at all counts but 100,000.
+        assert_eq!(cells.len(), 3 * (4 * 5 + 1 + 3));
         for rep in 0..3 {
             for &n in &plan.service_counts {
                 let modes: Vec<Mode> = cells
@@ -389,7 +437,12 @@ mod tests {
                     .filter(|c| c.0 == rep && c.1 == n)
                     .map(|c| c.2)
                     .collect();
-                assert_eq!(modes.len(), if n == 1 { 6 } else { 5 });
+                let expected = match n {
+                    1 => 7,
+                    100_000 => 5,
+                    _ => 6,
+                };
+                assert_eq!(modes.len(), expected, "{n} services");
             }
         }
     }

@@ -3,26 +3,49 @@
 //!
 //! Needs root. Writes BENCHMARKS.md and benchmarks.json into `--out`
 //! (default: docs/ for the full sweep, target/bench/ for `--quick`).
+//!
+//! Three parts: the data-plane sweep, the control-plane figures, and the
+//! cost of packet counting (svclb against `svclbd --no-packet-counters`).
+//! `--only counting` measures the last alone (about 5 minutes) and keeps
+//! everything else of the benchmarks.json already in `--out`.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
-use clap::Parser;
-use svclb_bench::{control, machine, report, sweep};
+use clap::{Parser, ValueEnum};
+use svclb_bench::{control, counting, machine, report, sweep};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// The data-plane sweep.
+    Sweep,
+    /// The control-plane figures.
+    Control,
+    /// The cost of packet counting (svclb vs svclb-nocount vs direct,
+    /// STREAM and RR, 1 service, interleaved); about 5 minutes.
+    Counting,
+}
 
 #[derive(Parser)]
 #[command(name = "svclb-bench", about = "svclb benchmark sweep (run as root)")]
 struct Cli {
-    /// The short sweep (well under 2 minutes): 1 repetition, 1 and 1,000 services.
+    /// The short sweep (about 2 minutes): 1 repetition, 1 and 1,000 services.
     #[arg(long)]
     quick: bool,
+    /// Measure this part only. With `counting`, the rest of the report
+    /// comes from the benchmarks.json already in --out (if any).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
     /// Where to write BENCHMARKS.md and benchmarks.json.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Override the repetitions.
+    /// Override the repetitions (of the sweep and of the counting measurement).
     #[arg(long)]
     reps: Option<usize>,
+    /// Override the client thread counts (comma-separated; sweep and counting).
+    #[arg(long, value_delimiter = ',')]
+    threads: Option<Vec<usize>>,
     /// Override the service counts (comma-separated).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
@@ -35,9 +58,13 @@ struct Cli {
     /// Skip the control-plane figures.
     #[arg(long)]
     no_control: bool,
-    /// Skip the data-plane sweep (control-plane figures only).
+    /// Skip the data-plane sweep.
     #[arg(long)]
     no_sweep: bool,
+    /// Skip the counting-cost measurement (its figures are kept from the
+    /// benchmarks.json already in --out).
+    #[arg(long)]
+    no_counting: bool,
     /// Measure nothing: render BENCHMARKS.md again from this benchmarks.json
     /// (into --out, keeping the notes there).
     #[arg(long, value_name = "JSON")]
@@ -68,16 +95,33 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         sweep::Plan::full()
     };
+    let mut counting_plan = if cli.quick {
+        counting::CountingPlan::quick()
+    } else {
+        counting::CountingPlan::full()
+    };
     if let Some(r) = cli.reps {
         plan.repetitions = r.max(1);
+        counting_plan.repetitions = r.max(1);
+    }
+    if let Some(t) = &cli.threads {
+        let t: Vec<usize> = t.iter().map(|&t| t.max(1)).collect();
+        plan.threads.clone_from(&t);
+        counting_plan.threads = t;
     }
     if let Some(s) = cli.services {
         plan.service_counts = s;
     }
     if let Some(d) = cli.duration_ms {
         plan.duration_ms = d.max(1);
+        counting_plan.duration_ms = d.max(1);
     }
     if let Some(names) = cli.modes {
+        for n in &names {
+            if svclb_bench::modes::Mode::parse(n).is_none() {
+                bail!("unknown mode {n:?}");
+            }
+        }
         plan.modes = svclb_bench::modes::Mode::ALL
             .into_iter()
             .filter(|m| names.iter().any(|n| n == m.name()))
@@ -89,35 +133,59 @@ fn run(cli: Cli) -> Result<()> {
     let out = cli
         .out
         .unwrap_or_else(|| PathBuf::from(if cli.quick { "target/bench" } else { "docs" }));
+    let wants = |part: Part, skip: bool| cli.only.map_or(!skip, |only| only == part);
+    let (do_sweep, do_control, do_counting) = (
+        wants(Part::Sweep, cli.no_sweep),
+        wants(Part::Control, cli.no_control),
+        wants(Part::Counting, cli.no_counting),
+    );
+    let json_path = out.join("benchmarks.json");
+    let previous = json_path
+        .exists()
+        .then(|| report::read_json(&json_path))
+        .transpose()?;
     let machine = machine::describe();
     println!(
         "machine: {} | kernel {} | {} x {} | {}",
         machine.os, machine.kernel, machine.cpus, machine.cpu, machine.perf
     );
-    let data = if cli.no_sweep {
-        sweep::SweepData::default()
-    } else {
+    let data = if do_sweep {
         sweep::run(&plan)
+    } else {
+        sweep::SweepData::default()
     };
-    let control = (!cli.no_control).then(|| {
+    let counting =
+        do_counting.then(|| counting::run(&counting_plan, utc_now(), machine.svclb_commit.clone()));
+    let control = do_control.then(|| {
         control::run(&if cli.quick {
             control::ControlPlan::quick()
         } else {
             control::ControlPlan::full()
         })
     });
-    let generated_utc = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let r = report::Report {
-        generated_utc,
-        summaries: sweep::summarize(&data),
-        plan,
-        machine,
-        control,
-        sweep: data,
+    // Failed runs of this invocation (not of figures kept from before).
+    let failed = data
+        .runs
+        .iter()
+        .chain(counting.iter().flat_map(|c| &c.runs))
+        .filter(|x| x.result.is_none())
+        .count();
+    let r = match previous {
+        // Counting alone: everything else stays as it was.
+        Some(mut previous) if cli.only == Some(Part::Counting) => {
+            println!("keeping the rest of {}", json_path.display());
+            previous.counting = counting;
+            previous
+        }
+        previous => report::Report {
+            generated_utc: utc_now(),
+            summaries: sweep::summarize(&data),
+            plan,
+            machine,
+            control,
+            sweep: data,
+            counting: counting.or_else(|| previous.and_then(|p| p.counting)),
+        },
     };
     println!("\ntargets:");
     for t in report::targets(&r) {
@@ -133,9 +201,17 @@ fn run(cli: Cli) -> Result<()> {
         );
     }
     report::write(&out, &r)?;
-    let failed = r.sweep.runs.iter().filter(|x| x.result.is_none()).count();
+
     if failed > 0 {
         bail!("{failed} runs failed (see above); the report was written anyway");
     }
     Ok(())
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }

@@ -43,9 +43,10 @@ enum Cmd {
         /// Per-operation timeout.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
-        /// Pin the load threads to this CPU.
-        #[arg(long)]
-        cpu: Option<usize>,
+        /// Pin the load threads to this CPU; with a comma-separated list,
+        /// thread i to the (i mod length)th.
+        #[arg(long, value_delimiter = ',')]
+        cpu: Vec<usize>,
     },
     /// Connects until a connect reaches the server that answers EXPECT (an
     /// identity server's first line); prints `ready` after the first connect,
@@ -91,7 +92,7 @@ fn run(cli: Cli) -> Result<()> {
                 warmup: Duration::from_millis(warmup_ms),
                 duration: Duration::from_millis(duration_ms.clamp(1, 600_000)),
                 timeout: Duration::from_millis(timeout_ms.clamp(1, 60_000)),
-                cpu,
+                cpus: cpu,
             };
             let result = load::run(&spec)?;
             println!("{}", serde_json::to_string(&result)?);
