@@ -227,51 +227,52 @@ const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096)";
 
 /// `ipvsadm -L -n --stats`.
 pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
+    format_columns(
+        services,
+        "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes",
+        |c: &Counters, _: &Rates| [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes],
+        exact,
+    )
+}
+
+/// `ipvsadm -L -n --rate`: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
+pub fn format_rate(services: &[ServiceReport]) -> String {
+    format_columns(
+        services,
+        "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS",
+        |_: &Counters, r: &Rates| [r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps],
+        false,
+    )
+}
+
+/// The five-number layouts (`--stats`, `--rate`): a 33-column name, then
+/// ipvsadm's 9-column numbers, for each service and its backends.
+fn format_columns(
+    services: &[ServiceReport],
+    title: &str,
+    columns: impl Fn(&Counters, &Rates) -> [u64; 5],
+    exact: bool,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{HEADER}");
-    let _ = writeln!(
-        s,
-        "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes"
-    );
+    let _ = writeln!(s, "{title}");
     let _ = writeln!(s, "  -> RemoteAddress:Port");
-    let row = |s: &mut String, c: &Counters| {
-        for v in [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes] {
+    let row = |s: &mut String, name: String, values: [u64; 5]| {
+        let _ = write!(s, "{name}");
+        for v in values {
             s.push_str(&large_num(v, exact));
         }
         s.push('\n');
     };
     for svc in services {
-        let _ = write!(s, "{:<33}", service_name(svc));
-        row(&mut s, &svc.stats);
+        row(
+            &mut s,
+            format!("{:<33}", service_name(svc)),
+            columns(&svc.stats, &svc.rates),
+        );
         for b in &svc.backends {
-            let _ = write!(s, "  -> {:<28}", real_server(b.address, b.port));
-            row(&mut s, &b.stats);
-        }
-    }
-    s
-}
-
-/// `ipvsadm -L -n --rate`: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
-pub fn format_rate(services: &[ServiceReport]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "{HEADER}");
-    let _ = writeln!(
-        s,
-        "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS"
-    );
-    let _ = writeln!(s, "  -> RemoteAddress:Port");
-    let row = |s: &mut String, r: &Rates| {
-        for v in [r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps] {
-            s.push_str(&large_num(v, false));
-        }
-        s.push('\n');
-    };
-    for svc in services {
-        let _ = write!(s, "{:<33}", service_name(svc));
-        row(&mut s, &svc.rates);
-        for b in &svc.backends {
-            let _ = write!(s, "  -> {:<28}", real_server(b.address, b.port));
-            row(&mut s, &b.rates);
+            let name = format!("  -> {:<28}", real_server(b.address, b.port));
+            row(&mut s, name, columns(&b.stats, &b.rates));
         }
     }
     s
