@@ -30,7 +30,7 @@ enum Part {
 #[derive(Parser)]
 #[command(name = "svclb-bench", about = "svclb benchmark sweep (run as root)")]
 struct Cli {
-    /// The short sweep (about 2 minutes): 1 repetition, 1 and 1,000 services.
+    /// The short sweep (under 2 minutes): 1 repetition, 1 and 1,000 services.
     #[arg(long)]
     quick: bool,
     /// Measure this part only. With `counting`, the rest of the report
