@@ -33,8 +33,8 @@ struct Cli {
     /// The short sweep (under 2 minutes): 1 repetition, 1 and 1,000 services.
     #[arg(long)]
     quick: bool,
-    /// Measure this part only. With `counting`, the rest of the report
-    /// comes from the benchmarks.json already in --out (if any).
+    /// Measure this part only. With `counting` or `control`, the rest of the
+    /// report comes from the benchmarks.json already in --out (if any).
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// Where to write BENCHMARKS.md and benchmarks.json.
@@ -175,6 +175,12 @@ fn run(cli: Cli) -> Result<()> {
         Some(mut previous) if cli.only == Some(Part::Counting) => {
             println!("keeping the rest of {}", json_path.display());
             previous.counting = counting;
+            previous
+        }
+        // Control alone: likewise, with the new control-plane figures.
+        Some(mut previous) if cli.only == Some(Part::Control) => {
+            println!("keeping the rest of {}", json_path.display());
+            previous.control = control;
             previous
         }
         previous => report::Report {
