@@ -119,27 +119,10 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
-    let port_be = if slot.port_be != 0 {
-        slot.port_be
-    } else {
-        target.port_be
-    };
+    let port_be = dest_port(&slot, target);
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
-        // A UDP socket may be connected again: undo what it counted before.
-        release_conn(state);
-        *state = SockState {
-            vip: target.key.addr,
-            backend: slot.addr,
-            vip_port_be: target.port_be,
-            backend_port_be: port_be,
-            backend_id: slot.backend_id,
-            mark,
-            generation: svc.generation,
-            conn: 0,
-            flags: 0,
-        };
-        set_conn_state(state, CONN_INACTIVE);
+        remember(state, target, &slot, port_be, mark, &svc, 0);
     }
     count_new_connection(slot.backend_id);
     Ok(Some((slot.addr, port_be)))
@@ -185,16 +168,46 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
-    let port_be = if slot.port_be != 0 {
+    let port_be = dest_port(&slot, target);
+    count_new_connection(slot.backend_id);
+    // Without socket storage (memory pressure) it is balanced, unremembered.
+    if let Some(state) = state {
+        remember(
+            state,
+            target,
+            &slot,
+            port_be,
+            mark,
+            &svc,
+            SOCK_F_UNCONNECTED,
+        );
+    }
+    Ok(Some((slot.addr, port_be)))
+}
+
+/// The backend's port, or the client's for an all-ports slot (`-> task:0`).
+#[inline(always)]
+fn dest_port(slot: &Slot, target: &Target) -> u16 {
+    if slot.port_be != 0 {
         slot.port_be
     } else {
         target.port_be
-    };
-    count_new_connection(slot.backend_id);
-    // Without socket storage (memory pressure) it is balanced, unremembered.
-    let Some(state) = state else {
-        return Ok(Some((slot.addr, port_be)));
-    };
+    }
+}
+
+/// Records a socket's new association (a UDP socket may be connected or
+/// re-targeted again: what it counted before is undone first); it starts
+/// as an inactive connection, as in IPVS.
+#[inline(always)]
+fn remember(
+    state: &mut SockState,
+    target: &Target,
+    slot: &Slot,
+    port_be: u16,
+    mark: u32,
+    svc: &ServiceValue,
+    flags: u32,
+) {
     release_conn(state);
     *state = SockState {
         vip: target.key.addr,
@@ -205,10 +218,9 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         mark,
         generation: svc.generation,
         conn: 0,
-        flags: SOCK_F_UNCONNECTED,
+        flags,
     };
     set_conn_state(state, CONN_INACTIVE);
-    Ok(Some((slot.addr, port_be)))
 }
 
 /// A service whose active generation misses a slot means the maps were
