@@ -62,6 +62,11 @@ pub enum Mode {
     /// measure what the counting costs).
     #[serde(rename = "svclb-nocount")]
     SvclbNocount,
+    /// svclb with `svclbd --packet-counters-hook-only`: programs that do
+    /// nothing on the two counting hooks (the hook's own cost, the floor
+    /// under any per-packet counting). The counting measurement only.
+    #[serde(rename = "svclb-hookonly")]
+    SvclbHookOnly,
     #[serde(rename = "iptables-nft")]
     IptablesNft,
     #[serde(rename = "iptables-legacy")]
@@ -88,6 +93,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Svclb => "svclb",
             Mode::SvclbNocount => "svclb-nocount",
+            Mode::SvclbHookOnly => "svclb-hookonly",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::Nftables => "nftables",
@@ -96,12 +102,15 @@ impl Mode {
     }
 
     pub fn parse(name: &str) -> Option<Mode> {
-        Mode::ALL.into_iter().find(|m| m.name() == name)
+        Mode::ALL
+            .into_iter()
+            .chain([Mode::SvclbHookOnly])
+            .find(|m| m.name() == name)
     }
 
     /// Whether svclbd runs in this mode (with or without its packet counters).
     pub fn is_svclb(self) -> bool {
-        matches!(self, Mode::Svclb | Mode::SvclbNocount)
+        matches!(self, Mode::Svclb | Mode::SvclbNocount | Mode::SvclbHookOnly)
     }
 
     /// haproxy does not proxy UDP.
@@ -503,13 +512,15 @@ impl Cell {
         let t0 = Instant::now();
         let (targets, extra) = match mode {
             Mode::Direct => (addrs.clone(), Extra::None),
-            Mode::Svclb | Mode::SvclbNocount => {
+            Mode::Svclb | Mode::SvclbNocount | Mode::SvclbHookOnly => {
                 let dir = TempDir::new("svclb")?;
                 let config = dir.write("services.toml", &svclb_config(&set))?;
                 let pins = PinDir::new();
                 let mut extra = SVCLBD_ARGS.to_vec();
-                if mode == Mode::SvclbNocount {
-                    extra.push("--no-packet-counters");
+                match mode {
+                    Mode::SvclbNocount => extra.push("--no-packet-counters"),
+                    Mode::SvclbHookOnly => extra.push("--packet-counters-hook-only"),
+                    _ => {}
                 }
                 let daemon = start_svclbd_with(
                     &pins,

@@ -252,6 +252,16 @@ fn counting_targets(c: &CountingData) -> Vec<Target> {
                     .unwrap_or_default()
             ));
             met = Some(met.unwrap_or(true) && ratio >= 1.0 - MAX_COST);
+            if let Some(floor) = c
+                .find(Mode::SvclbHookOnly, w, t)
+                .and_then(|x| x.ratio_to_nocount)
+            {
+                figs.push(format!(
+                    "the hook alone (no-op programs) {} with {t} thread{}",
+                    cost_text(floor),
+                    if t == 1 { "" } else { "s" }
+                ));
+            }
         }
         out.push(Target {
             target: format!(
@@ -729,7 +739,7 @@ fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Optio
     let _ = writeln!(md, "## Cost of packet counting\n");
     let _ = writeln!(
         md,
-        "Issue 4: the packet counting must not cost a translated TCP stream more than {max:.0}% of its throughput, nor a request/response on an established connection more than {max:.0}% of its rate, against the same workload with counting off. `svclb-nocount` is svclb with `svclbd --no-packet-counters`: the two `cgroup_skb` counting programs (egress and ingress) are not attached, everything else is the same (connect-time translation, `sock_ops`, `sock_release`). Each packet of a translated socket runs one of them: a socket-storage lookup, then a per-CPU counter update; a socket svclb did not translate pays the lookup only.\n",
+        "Issue 4: the packet counting must not cost a translated TCP stream more than {max:.0}% of its throughput, nor a request/response on an established connection more than {max:.0}% of its rate, against the same workload with counting off. `svclb-nocount` is svclb with `svclbd --no-packet-counters`: the two `cgroup_skb` counting programs (egress and ingress) are not attached, everything else is the same (connect-time translation, `sock_ops`, `sock_release`). Each packet of a translated socket runs one of them: a socket-storage lookup, then a per-CPU counter update; a socket svclb did not translate pays the lookup only. `svclb-hookonly` attaches programs that do nothing in their place (`svclbd --packet-counters-hook-only`): what the kernel's `cgroup_skb` hook costs by itself, the floor under any per-packet counting on these hooks.\n",
         max = MAX_COST * 100.0
     );
     let loads: Vec<String> = c.loadavg.iter().map(|l| format!("{l:.1}")).collect();
@@ -747,10 +757,15 @@ fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Optio
     let _ = writeln!(md, "{}", notes.unwrap_or_else(|| "(none yet)".to_string()));
     let _ = writeln!(md, "{COUNTING_NOTES_END}\n");
 
-    let modes: Vec<Mode> = [Mode::Direct, Mode::SvclbNocount, Mode::Svclb]
-        .into_iter()
-        .filter(|m| p.modes.contains(m))
-        .collect();
+    let modes: Vec<Mode> = [
+        Mode::Direct,
+        Mode::SvclbNocount,
+        Mode::SvclbHookOnly,
+        Mode::Svclb,
+    ]
+    .into_iter()
+    .filter(|m| p.modes.contains(m))
+    .collect();
     let _ = writeln!(
         md,
         "Median (min–max) over {} repetitions at {} service{}; STREAM in Gbit/s, RR in transactions/s. **svclb / svclb-nocount** is the ratio of the medians; *paired* is the same ratio within each repetition (the two runs seconds apart): median (min–max). Cost = 1 − ratio of medians.\n",
@@ -762,6 +777,10 @@ fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Optio
     for m in &modes {
         let _ = write!(md, " {} |", m.name());
     }
+    let hook_only = modes.contains(&Mode::SvclbHookOnly);
+    if hook_only {
+        let _ = write!(md, " svclb-hookonly / svclb-nocount (paired) |");
+    }
     let _ = writeln!(
         md,
         " **svclb / svclb-nocount** | paired | cost | within {:.0}% |",
@@ -769,6 +788,9 @@ fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Optio
     );
     let _ = write!(md, "| --- | --- |");
     for _ in &modes {
+        let _ = write!(md, " --- |");
+    }
+    if hook_only {
         let _ = write!(md, " --- |");
     }
     let _ = writeln!(md, " --- | --- | --- | --- |");
@@ -795,6 +817,18 @@ fn counting_markdown(md: &mut String, r: &Report, c: &CountingData, notes: Optio
                         None => "failed".into(),
                     },
                     None => "–".into(),
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            if hook_only {
+                let floor = c.find(Mode::SvclbHookOnly, w, t);
+                let cell = match (
+                    floor.and_then(|x| x.ratio_to_nocount),
+                    floor.and_then(|x| x.paired_to_nocount),
+                ) {
+                    (Some(r), Some(p)) => format!("{r:.3} ({:.3})", p.median),
+                    (Some(r), None) => format!("{r:.3}"),
+                    _ => "–".into(),
                 };
                 let _ = write!(md, " {cell} |");
             }

@@ -67,6 +67,7 @@ impl Plan {
         match mode {
             Mode::Haproxy => self.haproxy_counts.contains(&n),
             Mode::SvclbNocount => self.nocount_counts.contains(&n),
+            Mode::SvclbHookOnly => false,
             _ => true,
         }
     }

@@ -44,6 +44,9 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "svclb_peer6";
     pub const SKB_EGRESS: &str = "svclb_egress";
     pub const SKB_INGRESS: &str = "svclb_ingress";
+    /// No-op stand-ins for the two counters, for measuring the hook alone.
+    pub const SKB_EGRESS_NOP: &str = "svclb_egr_nop";
+    pub const SKB_INGRESS_NOP: &str = "svclb_ingr_nop";
     pub const SOCK_OPS: &str = "svclb_sockops";
     pub const SOCK_RELEASE: &str = "svclb_release";
 }
@@ -298,6 +301,10 @@ pub const CONN_ACTIVE: u32 = 2;
 /// [`SockState::flags`]: an unconnected UDP socket (sendmsg): only packets
 /// to or from `backend` belong to it.
 pub const SOCK_F_UNCONNECTED: u32 = 1;
+/// [`SockState::flags`]: a UDP socket, connected or not: it may also talk to
+/// peers other than its backend, so its packets' peer address is checked.
+/// Kept here so the per-packet counter need not read the socket itself.
+pub const SOCK_F_UDP: u32 = 1 << 1;
 
 /// Affinity is per client: svclb's clients are local, so a client is a
 /// network namespace (its cookie), i.e. a container.

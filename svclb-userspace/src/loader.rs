@@ -89,6 +89,29 @@ const PROGRAMS: [(&str, Hook); 12] = [
     (program_names::SENDMSG6, Hook::SockAddr),
 ];
 
+/// What [`Loaded::attach`] puts on the two cgroup_skb hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PacketCounters {
+    /// The counters: InPkts, OutPkts, InBytes, OutBytes.
+    #[default]
+    On,
+    /// Nothing (and an earlier attachment's counters are removed): the
+    /// In/Out columns stop counting, everything else works.
+    Off,
+    /// Programs that do nothing: the kernel's hook runs for every packet,
+    /// nothing is counted. Measures the hook's own cost.
+    HookOnly,
+}
+
+/// The no-op stand-in of a counter program.
+fn nop_counter(name: &str) -> &'static str {
+    if name == program_names::SKB_EGRESS {
+        program_names::SKB_EGRESS_NOP
+    } else {
+        program_names::SKB_INGRESS_NOP
+    }
+}
+
 /// Names of the programs attached to every cgroup.
 pub fn program_names() -> impl Iterator<Item = &'static str> {
     PROGRAMS.iter().map(|(name, _)| *name)
@@ -98,8 +121,8 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
 pub struct Loaded {
     ebpf: Ebpf,
     pins: PinDir,
-    /// Whether [`Loaded::attach`] attaches the cgroup_skb packet counters.
-    packet_counters: bool,
+    /// What [`Loaded::attach`] attaches to the cgroup_skb hooks.
+    packet_counters: PacketCounters,
 }
 
 /// Fails with a clear message when not privileged enough to load programs.
@@ -163,7 +186,17 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         0,
     )?;
 
-    for (name, hook) in PROGRAMS {
+    let nops = [
+        (
+            program_names::SKB_EGRESS_NOP,
+            Hook::Skb(CgroupSkbAttachType::Egress),
+        ),
+        (
+            program_names::SKB_INGRESS_NOP,
+            Hook::Skb(CgroupSkbAttachType::Ingress),
+        ),
+    ];
+    for (name, hook) in PROGRAMS.into_iter().chain(nops) {
         let prog = ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object has no program {name}"))?;
@@ -178,7 +211,7 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
     Ok(Loaded {
         ebpf,
         pins: pins.clone(),
-        packet_counters: true,
+        packet_counters: PacketCounters::On,
     })
 }
 
@@ -188,12 +221,11 @@ fn is_packet_counter(hook: Hook) -> bool {
 }
 
 impl Loaded {
-    /// With `false`, [`Loaded::attach`] leaves out the cgroup_skb packet
-    /// counters (and removes those an earlier attachment pinned): InPkts,
-    /// OutPkts, InBytes and OutBytes stop counting, everything else works.
-    /// For measuring what the counting costs (`svclbd --no-packet-counters`).
-    pub fn set_packet_counters(&mut self, on: bool) {
-        self.packet_counters = on;
+    /// Anything but [`PacketCounters::On`] is for measuring what the
+    /// counting costs (`svclbd --no-packet-counters`,
+    /// `--packet-counters-hook-only`).
+    pub fn set_packet_counters(&mut self, counters: PacketCounters) {
+        self.packet_counters = counters;
     }
 
     /// Forwards what the programs log (aya-log, rare paths only) to the
@@ -223,7 +255,8 @@ impl Loaded {
         let dir = self.pins.links().join(cgroup.pin_name());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, hook) in PROGRAMS {
-            if !self.packet_counters && is_packet_counter(hook) {
+            let counter = is_packet_counter(hook);
+            if counter && self.packet_counters == PacketCounters::Off {
                 let path = dir.join(name);
                 if path.exists() {
                     detach_pinned_link(&path)
@@ -233,14 +266,21 @@ impl Loaded {
                 }
                 continue;
             }
+            // The stand-in is pinned under the counter's name, so that the
+            // next attachment replaces it like any other link.
+            let program = if counter && self.packet_counters == PacketCounters::HookOnly {
+                nop_counter(name)
+            } else {
+                name
+            };
             let prog = self
                 .ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?;
+                .program_mut(program)
+                .with_context(|| format!("no program {program}"))?;
             let file = fs::File::open(&cgroup.absolute)
                 .with_context(|| format!("opening cgroup {}", cgroup.absolute.display()))?;
             let mode = CgroupAttachMode::Single;
-            let context = || format!("attaching {name} to {}", cgroup.absolute.display());
+            let context = || format!("attaching {program} to {}", cgroup.absolute.display());
             let link: FdLink = match hook {
                 Hook::SockAddr => {
                     let p = <&mut CgroupSockAddr>::try_from(prog)?;

@@ -1,7 +1,7 @@
 //! Raw bpf(2) calls the tests use to check svclb from outside: pinning a
 //! map of a chosen layout (to test that svclb refuses foreign pins) and
 //! counting the programs attached to a cgroup (to test that an upgrade
-//! leaves exactly one link per program).
+//! leaves exactly one link per program) and naming them.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -13,9 +13,14 @@ use anyhow::{Context, Result};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 /// `BPF_MAP_TYPE_HASH`.
 pub const MAP_TYPE_HASH: u32 = 1;
+/// `BPF_CGROUP_INET_INGRESS`, `BPF_CGROUP_INET_EGRESS`: the packet counters.
+pub const ATTACH_INET_INGRESS: u32 = 0;
+pub const ATTACH_INET_EGRESS: u32 = 1;
 /// `BPF_CGROUP_INET4_CONNECT`: where svclb's connect4 program attaches.
 pub const ATTACH_INET4_CONNECT: u32 = 10;
 
@@ -90,4 +95,38 @@ pub fn cgroup_prog_count(dir: &Path, attach_type: u32) -> Result<u32> {
     bpf(BPF_PROG_QUERY, &mut attr)
         .with_context(|| format!("BPF_PROG_QUERY on {}", dir.display()))?;
     Ok(attr.u32_at(24))
+}
+
+/// The names of the programs attached to the cgroup at `dir` for
+/// `attach_type` (attached there directly).
+pub fn cgroup_prog_names(dir: &Path, attach_type: u32) -> Result<Vec<String>> {
+    let cgroup = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let mut ids = [0u32; 64];
+    let mut attr = Attr::new();
+    attr.put_u32(0, cgroup.as_raw_fd() as u32);
+    attr.put_u32(4, attach_type);
+    attr.put_u64(16, ids.as_mut_ptr() as u64);
+    attr.put_u32(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)
+        .with_context(|| format!("BPF_PROG_QUERY on {}", dir.display()))?;
+    let count = attr.u32_at(24) as usize;
+    let mut names = Vec::new();
+    for &id in &ids[..count.min(ids.len())] {
+        let mut attr = Attr::new();
+        attr.put_u32(0, id);
+        let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).context("BPF_PROG_GET_FD_BY_ID")?;
+        // SAFETY: the kernel just returned this fd to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // struct bpf_prog_info up to name[16] at offset 64.
+        let mut info = [0u8; 80];
+        let mut attr = Attr::new();
+        attr.put_u32(0, fd.as_raw_fd() as u32);
+        attr.put_u32(4, info.len() as u32);
+        attr.put_u64(8, info.as_mut_ptr() as u64);
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+        let name = &info[64..80];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+    }
+    Ok(names)
 }

@@ -1646,7 +1646,8 @@ backends = [{ address = "172.50.0.41", port = 8080 }]
 }
 
 // ---------------------------------------------------------------------------
-// Counting off (`svclbd --no-packet-counters`, for measuring its cost)
+// Counting off (`svclbd --no-packet-counters`, and the hook alone with
+// `--packet-counters-hook-only`: for measuring what counting costs)
 
 /// The programs pinned for the sandbox cgroup, from `svclb-ctl attachments`.
 fn attached_programs(fx: &ApiFixture) -> Vec<String> {
@@ -1685,7 +1686,7 @@ fn packet_totals(fx: &ApiFixture) -> (u64, u64, u64) {
 }
 
 #[test]
-fn no_packet_counters_leaves_out_the_skb_programs_and_only_them() {
+fn no_packet_counters_leaves_out_the_skb_programs_and_only_them_and_hook_only_attaches_no_ops() {
     let mut fx = ApiFixture::start();
     let config = svclb_tests::daemon::write_temp("svclb.toml", API_CONFIG).unwrap();
     let cgroup = fx.sandbox.cgroup_path().to_str().unwrap().to_string();
@@ -1725,15 +1726,41 @@ fn no_packet_counters_leaves_out_the_skb_programs_and_only_them() {
     assert_eq!(packet_totals(&fx), (50, 0, 0));
     wait_gauges(&fx.pins, (0, 0), "closed connections leave the gauges");
 
+    // The hook alone (`--packet-counters-hook-only`, what the benchmark's
+    // svclb-hookonly measures): no-op programs on both hooks, under the
+    // counters' pin names; nothing is counted.
+    fx.daemon.take().unwrap().stop().unwrap();
+    let hook = args(&["--packet-counters-hook-only"]);
+    let hook: Vec<&str> = hook.iter().map(String::as_str).collect();
+    fx.daemon = Some(svclb_tests::Svclbd::start(&fx.pins, &hook).unwrap());
+    assert_eq!(attached_programs(&fx), with);
+    let on_hooks = |attach_type| {
+        svclb_tests::bpf::cgroup_prog_names(fx.sandbox.cgroup_path(), attach_type).unwrap()
+    };
+    assert_eq!(
+        on_hooks(svclb_tests::bpf::ATTACH_INET_EGRESS),
+        ["svclb_egr_nop"]
+    );
+    assert_eq!(
+        on_hooks(svclb_tests::bpf::ATTACH_INET_INGRESS),
+        ["svclb_ingr_nop"]
+    );
+    fx.tcp_spread(addr(VIP, PORT), 50, true);
+    assert_eq!(packet_totals(&fx), (100, 0, 0));
+
     // Counting on again: the links come back and count.
     fx.daemon.take().unwrap().stop().unwrap();
     let on = args(&[]);
     let on: Vec<&str> = on.iter().map(String::as_str).collect();
     fx.daemon = Some(svclb_tests::Svclbd::start(&fx.pins, &on).unwrap());
     assert_eq!(attached_programs(&fx), with);
+    assert_eq!(
+        on_hooks(svclb_tests::bpf::ATTACH_INET_EGRESS),
+        ["svclb_egress"]
+    );
     fx.tcp_spread(addr(VIP, PORT), 50, true);
     let (conns, in_pkts, rest) = packet_totals(&fx);
-    assert_eq!(conns, 100);
+    assert_eq!(conns, 150);
     assert!(
         in_pkts >= 150 && rest > 0,
         "counting again: {in_pkts} {rest}"

@@ -9,7 +9,7 @@ use clap::Parser;
 use svclb::{
     config::{Config, DesiredState},
     dataplane::Dataplane,
-    loader::{self, Capacities},
+    loader::{self, Capacities, PacketCounters},
     notify,
     pins::PinDir,
     reconcile,
@@ -75,6 +75,10 @@ struct Args {
     /// OutBytes stay as they are); for measuring what counting costs.
     #[arg(long)]
     no_packet_counters: bool,
+    /// Attach programs that do nothing in the counters' place: measures
+    /// what the kernel's cgroup_skb hook costs by itself (nothing is counted).
+    #[arg(long, hide = true, conflicts_with = "no_packet_counters")]
+    packet_counters_hook_only: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SVCLB_LOG", default_value = "info")]
     log: String,
@@ -129,9 +133,12 @@ async fn run(args: Args) -> Result<()> {
         },
     )?;
     loaded.spawn_log_forwarder()?;
-    loaded.set_packet_counters(!args.no_packet_counters);
     if args.no_packet_counters {
+        loaded.set_packet_counters(PacketCounters::Off);
         warn!("--no-packet-counters: packets and bytes are not counted");
+    } else if args.packet_counters_hook_only {
+        loaded.set_packet_counters(PacketCounters::HookOnly);
+        warn!("--packet-counters-hook-only: no-op programs on the counting hooks, packets and bytes are not counted");
     }
     let mut dp = Dataplane::open(&pins)?;
     dp.keep_snapshots();
