@@ -286,7 +286,7 @@ fn cost_text(ratio: f64) -> String {
     if cost >= 0.05 {
         format!("cost {cost:.1}%")
     } else {
-        format!("no cost measured (svclb {:+.1}%)", -cost)
+        format!("no cost measured ({:+.1}%)", -cost)
     }
 }
 

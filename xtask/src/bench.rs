@@ -2,7 +2,7 @@
 //! with setup's test tools), build release binaries, then run the sweep
 //! (`svclb-bench`, in the bench/ crate) as root. See docs/BENCHMARKS.md.
 //! `cargo xtask bench -- --only counting` measures the cost of packet
-//! counting alone (about 7 minutes) and keeps the rest of docs/benchmarks.json.
+//! counting alone (about 13 minutes) and keeps the rest of docs/benchmarks.json.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@
 //!
 //! Three parts: the data-plane sweep, the control-plane figures, and the
 //! cost of packet counting (svclb against `svclbd --no-packet-counters`).
-//! `--only counting` measures the last alone (about 7 minutes) and keeps
+//! `--only counting` measures the last alone (about 13 minutes) and keeps
 //! everything else of the benchmarks.json already in `--out`.
 
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ enum Part {
     /// The control-plane figures.
     Control,
     /// The cost of packet counting (svclb vs svclb-nocount vs svclb-hookonly vs direct,
-    /// STREAM and RR, 1 service, interleaved); about 7 minutes.
+    /// STREAM and RR, 1 service, interleaved); about 13 minutes.
     Counting,
 }
 
