@@ -19,7 +19,12 @@ use tracing::{debug, warn};
 
 use svclb_common::RateState;
 
-use crate::{dataplane::Dataplane, pins::PinDir, stats};
+use crate::{
+    dataplane::Dataplane,
+    pins::PinDir,
+    stats,
+    sync::dns::{Role, ServiceStatus, StatusHandle},
+};
 
 /// Extra gauges other parts of svclbd publish (e.g. DNS discovery state),
 /// rendered after the data-plane metrics.
@@ -198,6 +203,90 @@ pub fn render(pins: &PinDir) -> Result<String> {
     Ok(String::from_utf8(out)?)
 }
 
+/// DNS discovery's state, for alerting on a name that stopped answering:
+/// per queried name the addresses in use, whether they are stale, the
+/// failed queries in a row and when an answer was last used; per service
+/// whether its current answers were refused (the last valid set is kept).
+pub fn discovery_text(services: &[ServiceStatus]) -> Result<String> {
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec> {
+        let g = GaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let labels = ["service", "query", "role"];
+    let addresses = gauge(
+        "svclb_discovery_addresses",
+        "Addresses in use from the name's last good answer.",
+        &labels,
+    )?;
+    let stale = gauge(
+        "svclb_discovery_stale",
+        "1 while the name's addresses are older than DNS says or cannot say (it fails, or answers NXDOMAIN within stale_grace).",
+        &labels,
+    )?;
+    let failures = gauge(
+        "svclb_discovery_consecutive_failures",
+        "Failed queries of the name in a row.",
+        &labels,
+    )?;
+    let last_success = gauge(
+        "svclb_discovery_last_success_timestamp_seconds",
+        "When an answer for the name was last used (Unix time); absent until one is.",
+        &labels,
+    )?;
+    let rejected = gauge(
+        "svclb_discovery_rejected",
+        "1 while the service's current answers are refused (its last valid set is kept).",
+        &["service"],
+    )?;
+    for svc in services {
+        rejected
+            .with_label_values(&[&svc.service])
+            .set(if svc.rejected.is_some() { 1.0 } else { 0.0 });
+        for name in &svc.names {
+            let role = match name.role {
+                Role::Vips => "vips",
+                Role::Tasks => "tasks",
+            };
+            let l = [svc.service.as_str(), name.query.as_str(), role];
+            addresses
+                .with_label_values(&l)
+                .set(name.addresses.len() as f64);
+            stale
+                .with_label_values(&l)
+                .set(if name.stale { 1.0 } else { 0.0 });
+            failures
+                .with_label_values(&l)
+                .set(f64::from(name.consecutive_failures));
+            if let Some(at) = name.last_success {
+                let secs = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                last_success.with_label_values(&l).set(secs);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// [`discovery_text`] of a live discovery, for [`serve`]'s extra metrics.
+pub fn discovery_metrics(status: StatusHandle) -> ExtraMetrics {
+    Arc::new(move || {
+        let services = match status.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        discovery_text(&services).unwrap_or_else(|e| {
+            warn!("rendering the discovery metrics: {e:#}");
+            String::new()
+        })
+    })
+}
+
 /// Binds the metrics endpoint (before svclbd says it is ready, so a scrape
 /// right after READY finds it).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -358,4 +447,57 @@ pub fn monotonic_ns() -> u64 {
     };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::sync::dns::NameStatus;
+
+    fn name(query: &str, role: Role, addrs: &[&str], stale: bool, failures: u32) -> NameStatus {
+        NameStatus {
+            query: query.into(),
+            role,
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            last_success: (failures == 0).then(|| UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            consecutive_failures: failures,
+            stale,
+            adopted: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn discovery_metrics_say_which_name_is_stale() {
+        let text = discovery_text(&[ServiceStatus {
+            service: "api".into(),
+            names: vec![
+                name("api", Role::Vips, &["10.0.1.2"], false, 0),
+                name("tasks.api", Role::Tasks, &["10.0.1.3", "10.0.1.4"], true, 3),
+            ],
+            rejected: None,
+        }])
+        .unwrap();
+        for line in [
+            r#"svclb_discovery_addresses{query="tasks.api",role="tasks",service="api"} 2"#,
+            r#"svclb_discovery_stale{query="tasks.api",role="tasks",service="api"} 1"#,
+            r#"svclb_discovery_stale{query="api",role="vips",service="api"} 0"#,
+            r#"svclb_discovery_consecutive_failures{query="tasks.api",role="tasks",service="api"} 3"#,
+            r#"svclb_discovery_last_success_timestamp_seconds{query="api",role="vips",service="api"} 1700000000"#,
+            r#"svclb_discovery_rejected{service="api"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        // Never answered: no timestamp rather than 0.
+        assert!(
+            !text.contains(r#"svclb_discovery_last_success_timestamp_seconds{query="tasks.api""#)
+        );
+    }
+
+    #[test]
+    fn no_discovered_service_no_discovery_metrics() {
+        assert_eq!(discovery_text(&[]).unwrap(), "");
+    }
 }

@@ -362,6 +362,18 @@ fn dns_discovery_follows_the_server_and_survives_its_loss() {
         seen.keys().map(String::as_str).collect::<Vec<_>>(),
         &tasks[..2]
     );
+    // /metrics says how discovery is doing, per name.
+    let scrape = discovery_scraper(
+        &sandbox,
+        daemon.metrics_addr().expect("svclbd serves metrics"),
+    );
+    let (addresses, stale, failures, last_success) = scrape();
+    assert_eq!((addresses, stale, failures), (2.0, 0.0, 0.0));
+    let answered = last_success.expect("a last success time");
+    assert!(
+        (unix_now() - answered).abs() < 60.0,
+        "last success {answered} is now"
+    );
 
     let within = Duration::from_secs(TTL + 1);
     let changes: [(&str, &[&str]); 3] = [
@@ -405,7 +417,54 @@ fn dns_discovery_follows_the_server_and_survives_its_loss() {
         seen.keys().map(String::as_str).collect::<Vec<_>>(),
         &tasks[3..5]
     );
+    // And /metrics shows it: still 2 addresses, stale, failing, the last
+    // success from before the server went away.
+    let (addresses, stale, failures, last_success) = scrape();
+    assert_eq!((addresses, stale), (2.0, 1.0));
+    assert!(failures >= 1.0, "{failures} failures in a row");
+    let last = last_success.expect("a last success time");
+    assert!(
+        unix_now() - last >= (3 * TTL) as f64,
+        "the last success ({last}) is from before the server went away"
+    );
     drop(daemon);
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Scrapes svclbd's /metrics (served in the client netns) for the
+/// discovery state of `tasks.api`: (addresses, stale, consecutive
+/// failures, last success).
+fn discovery_scraper(
+    sandbox: &Sandbox,
+    addr: std::net::SocketAddr,
+) -> impl Fn() -> (f64, f64, f64, Option<f64>) + '_ {
+    move || {
+        let (status, text) =
+            sandbox.in_client(|| svclb_tests::http::get(addr, "/metrics").unwrap());
+        assert_eq!(status, 200, "{text}");
+        if let Err(e) = svclb_tests::http::promtool_check(&text) {
+            panic!("{e:#}\n{text}");
+        }
+        let of = |metric: &str| {
+            svclb_tests::http::sample(
+                &text,
+                &format!(r#"{metric}{{query="tasks.api",role="tasks",service="api"}}"#),
+            )
+        };
+        (
+            of("svclb_discovery_addresses")
+                .unwrap_or_else(|| panic!("no discovery metrics:\n{text}")),
+            of("svclb_discovery_stale").unwrap(),
+            of("svclb_discovery_consecutive_failures").unwrap(),
+            of("svclb_discovery_last_success_timestamp_seconds"),
+        )
+    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use svclb_tests::http::get as http_get;
 use svclb_tests::{PinDir, Sandbox, StatsRow, TcpIdServer, UdpIdServer};
 
 // ---------------------------------------------------------------------------
@@ -1277,23 +1278,6 @@ backends = ["172.50.0.40"]
 // ---------------------------------------------------------------------------
 // 5. Prometheus
 
-/// A plain HTTP/1.0 GET on loopback: (status code, body).
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    assert!(addr.ip().is_loopback(), "loopback only: {addr}");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
-}
-
 /// One sample of the exposition format: name, labels, value.
 #[derive(Debug)]
 struct Sample {
@@ -1487,26 +1471,9 @@ backends = [{ address = "172.50.0.41", port = 8080 }]
     assert_eq!(status, 404, "only /metrics is served");
 
     // promtool's lint: exit 0 means no problem at all.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    if let Err(e) = svclb_tests::http::promtool_check(&text) {
+        panic!("{e:#}\n{text}");
+    }
 
     // Names, labels and values: the ones svclb-ctl shows (`stats --json`,
     // whose numbers are those of `stats --exact`, row for row).

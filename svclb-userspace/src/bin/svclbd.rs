@@ -153,7 +153,12 @@ async fn run(args: Args) -> Result<()> {
     }
     if !args.no_metrics {
         let listener = svclb::metrics::bind(args.metrics_addr).await?;
-        tokio::spawn(svclb::metrics::serve(listener, pins.clone(), None));
+        let discovery_metrics = svclb::metrics::discovery_metrics(discovery.status_handle());
+        tokio::spawn(svclb::metrics::serve(
+            listener,
+            pins.clone(),
+            Some(discovery_metrics),
+        ));
     }
     // IPVS's estimator samples every 2 s, on a thread of its own.
     svclb::metrics::RateSampler::new(pins.clone()).spawn();

@@ -33,7 +33,8 @@
 //! down or answers NXDOMAIN changes nothing.
 //!
 //! [`Discovery::status_handle`] shares the state of every name (last
-//! success, consecutive failures, stale) with whoever reports metrics.
+//! success, consecutive failures, stale) with `/metrics` (`svclb_discovery_*`,
+//! see [`crate::metrics::discovery_text`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
