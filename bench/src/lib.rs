@@ -15,7 +15,6 @@
 
 pub mod control;
 pub mod counting;
-pub mod daemon;
 pub mod hist;
 pub mod load;
 pub mod machine;

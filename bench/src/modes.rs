@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use svclb_tests::{daemon, PinDir, Sandbox};
-
-use crate::daemon::Daemon;
+use svclb_tests::{daemon, PinDir, Sandbox, Svclbd};
 
 use crate::load::{LoadResult, Workload};
 use crate::server::EchoServers;
@@ -449,7 +447,7 @@ impl Drop for KillOnDrop {
 enum Extra {
     None,
     Svclb {
-        daemon: Daemon,
+        daemon: Svclbd,
         _pins: PinDir,
         _dir: TempDir,
     },
@@ -667,7 +665,7 @@ pub fn online_cpus() -> usize {
 /// Starts svclbd with the sweep's capacities, attached to `cgroup`, without
 /// its file watch (config changes come by SIGHUP or svclb-ctl) and without
 /// its metrics endpoint (nothing scrapes it here).
-pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Daemon> {
+pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Result<Svclbd> {
     start_svclbd_with(
         pins,
         config,
@@ -677,6 +675,10 @@ pub fn start_svclbd(pins: &PinDir, config: Option<&Path>, cgroup: &Path) -> Resu
         SVCLBD_ARGS,
     )
 }
+
+/// How long svclbd may take to say READY=1: with 100,000 services the
+/// start-up (load, apply, attach) takes tens of seconds on this machine kind.
+const READY_WITHIN: Duration = Duration::from_secs(180);
 
 /// svclbd's flags in the bench: no file watch, no metrics endpoint.
 const SVCLBD_ARGS: &[&str] = &["--log", "warn", "--no-watch", "--no-metrics"];
@@ -688,7 +690,7 @@ pub fn start_svclbd_with(
     max_services: u32,
     max_backends: u32,
     extra: &[&str],
-) -> Result<Daemon> {
+) -> Result<Svclbd> {
     let cgroup = cgroup.to_str().context("cgroup path")?.to_string();
     let (ms, mb) = (max_services.to_string(), max_backends.to_string());
     let mut args: Vec<&str> = vec![
@@ -705,7 +707,7 @@ pub fn start_svclbd_with(
         config_arg = config.to_str().context("config path")?.to_string();
         args.extend(["--config", &config_arg]);
     }
-    Daemon::start(pins, &args)
+    Svclbd::start_within(pins, &args, READY_WITHIN, |_| Ok(()))
 }
 
 fn start_haproxy(sandbox: &Sandbox, dir: &TempDir) -> Result<(KillOnDrop, SocketAddrV4)> {

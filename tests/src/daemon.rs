@@ -106,6 +106,9 @@ pub fn ctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// How long [`Svclbd::start`] waits for svclbd to say READY=1.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+
 /// A running svclbd; killed on drop (the pins stay until the [`PinDir`] drops).
 #[derive(Debug)]
 pub struct Svclbd {
@@ -127,6 +130,18 @@ impl Svclbd {
     pub fn start_with(
         pin_dir: &PinDir,
         args: &[&str],
+        configure: impl FnOnce(&mut Command) -> Result<()>,
+    ) -> Result<Svclbd> {
+        Self::start_within(pin_dir, args, READY_WITHIN, configure)
+    }
+
+    /// Like [`Svclbd::start_with`], waiting up to `ready_within` for READY=1:
+    /// a large data plane (the bench's 100,000 services) takes tens of
+    /// seconds to load, apply and attach.
+    pub fn start_within(
+        pin_dir: &PinDir,
+        args: &[&str],
+        ready_within: Duration,
         configure: impl FnOnce(&mut Command) -> Result<()>,
     ) -> Result<Svclbd> {
         let id = NEXT_PIN.fetch_add(1, Ordering::Relaxed);
@@ -166,7 +181,7 @@ impl Svclbd {
             log,
             metrics_addr,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ready_within;
         let mut buf = [0u8; 256];
         let result = loop {
             if let Ok(n) = notify.recv(&mut buf) {
@@ -182,7 +197,7 @@ impl Svclbd {
             }
             if Instant::now() > deadline {
                 break Err(anyhow::anyhow!(
-                    "svclbd was not ready within 30 s:\n{}",
+                    "svclbd was not ready within {ready_within:?}:\n{}",
                     daemon.log_text()
                 ));
             }
