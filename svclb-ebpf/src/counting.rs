@@ -15,9 +15,7 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, sock_ops},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
-use svclb_common::{
-    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_UDP, SOCK_F_UNCONNECTED,
-};
+use svclb_common::{SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP};
 
 use crate::{
     maps::{SOCKS, STATS},
@@ -64,7 +62,7 @@ fn peer_is_backend(ctx: &SkBuffContext, state: &SockState, egress: bool) -> bool
 /// Runs for every packet of every socket in the attached cgroups, so it
 /// stays minimal: the socket pointer goes to the storage lookup as it is
 /// (the helper itself takes only full sockets), and what the packet needs
-/// (UDP or not) is read from the storage, not from the socket.
+/// (TCP or not) is read from the storage, not from the socket.
 #[inline(always)]
 fn count(ctx: &SkBuffContext, egress: bool) {
     let skb = ctx.skb.skb;
@@ -77,8 +75,7 @@ fn count(ctx: &SkBuffContext, egress: bool) {
     // A UDP socket may also send to (and, unconnected, receive from) other
     // peers: only what it exchanges with its backend is the backend's. A
     // TCP socket has one peer and skips the check.
-    if state.flags & (SOCK_F_UDP | SOCK_F_UNCONNECTED) != 0 && !peer_is_backend(ctx, state, egress)
-    {
+    if state.flags & SOCK_F_TCP == 0 && !peer_is_backend(ctx, state, egress) {
         return;
     }
     let len = u64::from(unsafe { (*skb).len });

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use svclb_common::{
-    ServiceValue, Slot, SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_UDP,
+    ServiceValue, Slot, SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_TCP,
     SOCK_F_UNCONNECTED,
 };
 
@@ -122,7 +122,7 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     let port_be = dest_port(&slot, target);
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
-        let flags = if proto == IPPROTO_UDP { SOCK_F_UDP } else { 0 };
+        let flags = if proto == IPPROTO_TCP { SOCK_F_TCP } else { 0 };
         remember(state, target, &slot, port_be, mark, &svc, flags);
     }
     count_new_connection(slot.backend_id);
@@ -180,7 +180,7 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
             port_be,
             mark,
             &svc,
-            SOCK_F_UNCONNECTED | SOCK_F_UDP,
+            SOCK_F_UNCONNECTED,
         );
     }
     Ok(Some((slot.addr, port_be)))

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use svclb_common::SockState;
 use svclb_tests::http::get as http_get;
 use svclb_tests::{PinDir, Sandbox, StatsRow, TcpIdServer, UdpIdServer};
 
@@ -617,6 +618,75 @@ fn a_udp_socket_counts_only_what_it_exchanges_with_its_backend() {
 
     let conns: u64 = backend_rows(&fx.pins).values().map(|r| r.conns).sum();
     assert_eq!(conns, 2, "one connection per socket that reached the VIP");
+}
+
+/// The record svclb keeps for `socket` in its socket storage map, and a way
+/// to overwrite it (as an earlier svclb would have written it).
+fn with_sock_record(
+    pins: &PinDir,
+    socket: &impl std::os::fd::AsRawFd,
+    edit: impl FnOnce(&mut SockState),
+) {
+    let path = pins.path().join(svclb_common::map_names::SOCKS);
+    let data = aya::maps::MapData::from_pin(&path).expect("the pinned socket storage map");
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let mut socks: aya::maps::SkStorage<_, SockState> = map.try_into().unwrap();
+    let mut record = socks.get(socket, 0).expect("the socket has svclb's record");
+    edit(&mut record);
+    socks.insert(socket, record, 0).unwrap();
+}
+
+/// Sockets recorded by an earlier svclb (before records said "TCP", an
+/// upgrade keeps the sockets and their records) are still counted exactly:
+/// their packets get the peer check, which a TCP socket always passes and
+/// a UDP socket's datagrams to others fail.
+#[test]
+fn records_written_by_an_earlier_svclb_are_counted_exactly() {
+    let mut fx = ApiFixture::start();
+    let other = SocketAddr::new(svclb_tests::sandbox::BACKENDS_V4.into(), PORT);
+    fx.udp.push(UdpIdServer::start(&fx.sandbox, other).unwrap());
+    let nft = NftCounters::install(&fx.sandbox, &TASKS, PORT);
+    let _guard = fx.sandbox.enter_cgroup().unwrap();
+    let pins = &fx.pins;
+    fx.sandbox.in_client(|| {
+        // UDP, connected to the VIP; its record loses its flags.
+        let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        udp.connect(addr(VIP, PORT)).unwrap();
+        udp_round(&udp, None, b"before");
+        with_sock_record(pins, &udp, |r| {
+            assert_eq!(r.flags & svclb_common::SOCK_F_TCP, 0, "a UDP record");
+            r.flags = 0;
+        });
+        udp.send_to(b"aside", other).unwrap();
+        for _ in 0..3 {
+            udp_round(&udp, None, b"after");
+        }
+        // TCP; its record loses the TCP flag.
+        let mut tcp = TcpStream::connect_timeout(&addr(VIP, PORT), TIMEOUT).unwrap();
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        with_sock_record(pins, &tcp, |r| {
+            assert_ne!(r.flags & svclb_common::SOCK_F_TCP, 0, "a TCP record");
+            r.flags = 0;
+        });
+        for _ in 0..5 {
+            tcp.write_all(b"ping\n").unwrap();
+            let mut buf = [0u8; 256];
+            assert!(tcp.read(&mut buf).unwrap() > 0);
+        }
+        // The task closes first (after our FIN): its FIN reaches the full
+        // socket, not a TIME_WAIT one (the documented deviation).
+        tcp.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        tcp.read_to_end(&mut rest).unwrap();
+    });
+    let (ours, theirs) = settled(&fx, &nft);
+    assert_eq!(ours, theirs, "svclb (left) and nft (right)");
+    let sent: u64 = ours.values().map(|f| f.to_pkts).sum();
+    assert!(
+        sent >= 4 + 5,
+        "the rewritten sockets were counted: {ours:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
