@@ -65,11 +65,11 @@ impl CountingPlan {
         }
     }
 
-    /// A smoke run (about 30 s): too few repetitions to resolve 3%.
+    /// A smoke run (about 30 s): far too few repetitions to resolve 3%.
     pub fn quick() -> CountingPlan {
         CountingPlan {
             name: "quick".into(),
-            repetitions: 3,
+            repetitions: 2,
             warmup_ms: 100,
             duration_ms: 400,
             ..CountingPlan::full()
