@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::Workload;
 use crate::modes::{online_cpus, Mode, Pinning};
-use crate::sweep::{measure, primary, set_up, Run, Setup, Spread};
+use crate::sweep::{compare, measure, primary, set_up, Run, Setup, Spread};
 
 /// The bound: counting may cost at most 3% (svclb >= 0.97 x svclb-nocount).
 pub const MAX_COST: f64 = 0.03;
@@ -219,23 +219,9 @@ pub fn summarize(runs: &[Run]) -> Vec<CountingSummary> {
     let spread = |runs: &[&Run], f: &dyn Fn(&Run) -> Option<f64>| {
         Spread::of(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
     };
-    let ratio = |mine: &[&Run], base: Option<&Vec<&Run>>| -> (Option<f64>, Option<Spread>) {
-        let Some(base) = base else {
-            return (None, None);
-        };
-        let of_medians = match (spread(mine, &value), spread(base, &value)) {
-            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
-            _ => None,
-        };
-        let paired: Vec<f64> = mine
-            .iter()
-            .filter_map(|r| {
-                let b = value(base.iter().find(|b| b.rep == r.rep)?)?;
-                let a = value(r)?;
-                (b > 0.0).then(|| a / b)
-            })
-            .collect();
-        (of_medians, Spread::of(&paired))
+    let ratio = |mine: &[&Run], base: Option<&Vec<&Run>>| match base {
+        Some(base) => compare(mine, base, &value),
+        None => (None, None),
     };
     groups
         .iter()

@@ -119,6 +119,15 @@ struct ThreadTally {
 }
 
 impl ThreadTally {
+    /// A request/response (or connection) that succeeded, started at `t`.
+    fn ok(&mut self, t: Instant, now: Instant, counted: bool) {
+        if counted {
+            self.ops += 1;
+            self.bytes += 1;
+            self.hist.record((now - t).as_nanos() as u64);
+        }
+    }
+
     fn error(&mut self, e: &io::Error, counted: bool) {
         if counted {
             *self.errors.entry(error_kind(e)).or_default() += 1;
@@ -286,13 +295,7 @@ fn crr(spec: &LoadSpec, w: &Window, rng: &mut Rng) -> ThreadTally {
         })();
         let now = Instant::now();
         match outcome {
-            Ok(()) => {
-                if w.counts(t, now) {
-                    tally.ops += 1;
-                    tally.bytes += 1;
-                    tally.hist.record((now - t).as_nanos() as u64);
-                }
-            }
+            Ok(()) => tally.ok(t, now, w.counts(t, now)),
             Err(e) => tally.error(&e, w.counts(t, now)),
         }
     }
@@ -331,13 +334,7 @@ fn rr(spec: &LoadSpec, w: &Window, rng: &mut Rng) -> ThreadTally {
         let outcome = send_all(fd, b"r").and_then(|()| recv_exact(fd, &mut buf));
         let now = Instant::now();
         match outcome {
-            Ok(()) => {
-                if w.counts(t, now) {
-                    tally.ops += 1;
-                    tally.bytes += 1;
-                    tally.hist.record((now - t).as_nanos() as u64);
-                }
-            }
+            Ok(()) => tally.ok(t, now, w.counts(t, now)),
             Err(e) => {
                 conn = None;
                 tally.error(&e, w.counts(t, now));
@@ -436,13 +433,7 @@ fn udp(spec: &LoadSpec, w: &Window, rng: &mut Rng, thread: usize) -> ThreadTally
         })();
         let now = Instant::now();
         match outcome {
-            Ok(()) => {
-                if w.counts(t, now) {
-                    tally.ops += 1;
-                    tally.bytes += 1;
-                    tally.hist.record((now - t).as_nanos() as u64);
-                }
-            }
+            Ok(()) => tally.ok(t, now, w.counts(t, now)),
             Err(e) => {
                 // ECONNREFUSED (an ICMP unreachable) sticks to the socket; start afresh.
                 if e.raw_os_error() != Some(libc::EAGAIN) {

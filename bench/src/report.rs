@@ -74,11 +74,15 @@ pub fn targets(r: &Report) -> Vec<Target> {
     let threads = &r.plan.threads;
     let swept = !r.sweep.runs.is_empty();
     for w in [Workload::Crr, Workload::Rr].into_iter().filter(|_| swept) {
-        let ratios: Vec<(usize, usize, f64)> = counts
-            .iter()
-            .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
-            .filter_map(|(n, t)| Some((n, t, find(s, n, Mode::Svclb, w, t)?.ratio?)))
-            .collect();
+        // (services, threads, figure) of svclb's cells for this workload.
+        let cells = |figure: fn(&Summary) -> Option<f64>| -> Vec<(usize, usize, f64)> {
+            counts
+                .iter()
+                .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
+                .filter_map(|(n, t)| Some((n, t, figure(find(s, n, Mode::Svclb, w, t)?)?)))
+                .collect()
+        };
+        let ratios = cells(|x| x.ratio);
         let worst = ratios.iter().min_by(|a, b| a.2.total_cmp(&b.2));
         out.push(Target {
             target: format!(
@@ -100,11 +104,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
             },
             met: worst.map(|w| w.2 >= 0.95),
         });
-        let p99: Vec<(usize, usize, f64)> = counts
-            .iter()
-            .flat_map(|&n| threads.iter().map(move |&t| (n, t)))
-            .filter_map(|(n, t)| Some((n, t, find(s, n, Mode::Svclb, w, t)?.p99_ratio?)))
-            .collect();
+        let p99 = cells(|x| x.p99_ratio);
         let worst = p99.iter().max_by(|a, b| a.2.total_cmp(&b.2));
         out.push(Target {
             target: format!(
@@ -285,8 +285,10 @@ fn cost_text(ratio: f64) -> String {
     let cost = (1.0 - ratio) * 100.0;
     if cost >= 0.05 {
         format!("cost {cost:.1}%")
+    } else if cost > -0.05 {
+        "no cost measured".into()
     } else {
-        format!("no cost measured ({:+.1}%)", -cost)
+        format!("no cost measured (+{:.1}%)", -cost)
     }
 }
 

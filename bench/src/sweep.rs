@@ -328,6 +328,31 @@ impl Spread {
     }
 }
 
+/// `mine` against `base` (the same cell in another mode): the ratio of the
+/// medians of `value`, and the ratios within each repetition (the runs
+/// that were measured side by side).
+pub fn compare(
+    mine: &[&Run],
+    base: &[&Run],
+    value: &dyn Fn(&Run) -> Option<f64>,
+) -> (Option<f64>, Option<Spread>) {
+    let median =
+        |runs: &[&Run]| Spread::of(&runs.iter().filter_map(|r| value(r)).collect::<Vec<_>>());
+    let of_medians = match (median(mine), median(base)) {
+        (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+        _ => None,
+    };
+    let paired: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| {
+            let b = value(base.iter().find(|b| b.rep == r.rep)?)?;
+            let a = value(r)?;
+            (b > 0.0).then(|| a / b)
+        })
+        .collect();
+    (of_medians, Spread::of(&paired))
+}
+
 /// The statistics of one (services, mode, workload, threads) over the repetitions.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
@@ -370,43 +395,28 @@ pub fn summarize(data: &SweepData) -> Vec<Summary> {
     };
     let mut out = Vec::new();
     for (&(services, mode, workload, threads), runs) in &groups {
-        let value = spread(runs, &|r| Some(primary(workload, r)));
-        let p99 = spread(runs, &|r| r.p99_us);
+        let value = |r: &Run| r.result.as_ref().map(|x| primary(workload, x));
+        let p99 = |r: &Run| r.result.as_ref()?.p99_us;
         let direct = groups.get(&(services, Mode::Direct, workload, threads));
-        let direct_value = direct.and_then(|d| spread(d, &|r| Some(primary(workload, r))));
-        let direct_p99 = direct.and_then(|d| spread(d, &|r| r.p99_us));
-        let paired: Vec<f64> = runs
-            .iter()
-            .filter_map(|r| {
-                let mine = primary(workload, r.result.as_ref()?);
-                let d = direct?.iter().find(|d| d.rep == r.rep)?;
-                let theirs = primary(workload, d.result.as_ref()?);
-                (theirs > 0.0).then(|| mine / theirs)
-            })
-            .collect();
+        let (ratio, paired_ratio) = direct.map_or((None, None), |d| compare(runs, d, &value));
+        let p99_ratio = direct.and_then(|d| compare(runs, d, &p99).0);
         out.push(Summary {
             services,
             mode,
             workload,
             threads,
-            value,
+            value: spread(runs, &|r| Some(primary(workload, r))),
             p50_us: spread(runs, &|r| r.p50_us),
-            p99_us: p99,
+            p99_us: spread(runs, &|r| r.p99_us),
             p999_us: spread(runs, &|r| r.p999_us),
             errors: runs
                 .iter()
                 .filter_map(|r| r.result.as_ref().map(|x| x.errors))
                 .sum(),
             failed_runs: runs.iter().filter(|r| r.result.is_none()).count(),
-            ratio: match (value, direct_value) {
-                (Some(v), Some(d)) if d.median > 0.0 => Some(v.median / d.median),
-                _ => None,
-            },
-            paired_ratio: Spread::of(&paired),
-            p99_ratio: match (p99, direct_p99) {
-                (Some(v), Some(d)) if d.median > 0.0 => Some(v.median / d.median),
-                _ => None,
-            },
+            ratio,
+            paired_ratio,
+            p99_ratio,
         });
     }
     out

@@ -298,14 +298,12 @@ pub const CONN_NONE: u32 = 0;
 pub const CONN_INACTIVE: u32 = 1;
 pub const CONN_ACTIVE: u32 = 2;
 
-/// [`SockState::flags`]: an unconnected UDP socket (sendmsg): only packets
-/// to or from `backend` belong to it.
-pub const SOCK_F_UNCONNECTED: u32 = 1;
 /// [`SockState::flags`]: a TCP socket: its one peer is its backend, so the
 /// per-packet counter skips the peer-address check that a UDP socket (which
 /// may also talk to others) needs. Recorded here so that the counter need
 /// not read the socket; a record without it (a UDP socket, or one written
 /// by an svclb before this flag) is checked, which is right for both.
+/// (Bit 0 marked unconnected UDP sockets in those; nothing reads it now.)
 pub const SOCK_F_TCP: u32 = 1 << 1;
 
 /// Affinity is per client: svclb's clients are local, so a client is a

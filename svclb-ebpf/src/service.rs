@@ -73,14 +73,20 @@ fn caller_scope() -> u64 {
     scope
 }
 
-/// Picks a backend slot of `svc` for a client (`netns_cookie`), honouring
-/// affinity: the client's earlier backend while it is fresh and scheduled.
+/// Picks a backend slot of `svc` for a client (`client()`: its network
+/// namespace cookie), honouring affinity: the client's earlier backend while
+/// it is fresh and scheduled.
 #[inline(always)]
-pub fn pick(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> {
+pub fn pick(mark: u32, svc: &ServiceValue, client: impl Fn() -> u64) -> Option<Slot> {
     if svc.count == 0 {
         return None;
     }
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    // Only affinity and the hashing schedulers need to know the client: the
+    // others skip the helper call.
+    let by_client =
+        affinity || svc.scheduler == Scheduler::Mh as u32 || svc.scheduler == Scheduler::Sh as u32;
+    let netns_cookie = if by_client { client() } else { 0 };
     let key = AffinityKey {
         netns_cookie,
         mark,

@@ -11,7 +11,6 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use svclb_common::{
     ServiceValue, Slot, SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_TCP,
-    SOCK_F_UNCONNECTED,
 };
 
 use crate::{
@@ -117,8 +116,7 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     if svc.count == 0 {
         return Err(());
     }
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
+    let slot = pick_or_warn(ctx, mark, &svc)?;
     let port_be = dest_port(&slot, target);
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
@@ -167,21 +165,13 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
             return Ok(Some((state.backend, state.backend_port_be)));
         }
     }
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let slot = pick_or_warn(ctx, mark, &svc, cookie)?;
+    let slot = pick_or_warn(ctx, mark, &svc)?;
     let port_be = dest_port(&slot, target);
     count_new_connection(slot.backend_id);
     // Without socket storage (memory pressure) it is balanced, unremembered.
     if let Some(state) = state {
-        remember(
-            state,
-            target,
-            &slot,
-            port_be,
-            mark,
-            &svc,
-            SOCK_F_UNCONNECTED,
-        );
+        // UDP: no flag, its packets get the peer check.
+        remember(state, target, &slot, port_be, mark, &svc, 0);
     }
     Ok(Some((slot.addr, port_be)))
 }
@@ -227,13 +217,10 @@ fn remember(
 /// A service whose active generation misses a slot means the maps were
 /// written out of order: refuse the connection, and say so (rare path).
 #[inline(always)]
-fn pick_or_warn(
-    ctx: &SockAddrContext,
-    mark: u32,
-    svc: &ServiceValue,
-    cookie: u64,
-) -> Result<Slot, ()> {
-    match pick(mark, svc, cookie) {
+fn pick_or_warn(ctx: &SockAddrContext, mark: u32, svc: &ServiceValue) -> Result<Slot, ()> {
+    // The client is the caller's network namespace (a container).
+    let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    match pick(mark, svc, client) {
         Some(slot) => Ok(slot),
         None => {
             warn!(

@@ -277,14 +277,33 @@ impl std::error::Error for ConfigError {}
 /// Reads and validates a config file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        origin: origin.clone(),
-        line: None,
-        column: None,
-        field: None,
-        message: format!("cannot read the file: {e}"),
-    })?;
-    parse_str(&text, &origin)
+    parse_bytes(&read_file(path, &origin)?, &origin)
+}
+
+/// A config file's bytes, or the error that names it.
+pub fn read_file(path: &Path, origin: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::of_whole_file(origin, format!("cannot read the file: {e}")))
+}
+
+/// Parses and validates a config file's bytes, which must be UTF-8.
+pub fn parse_bytes(bytes: &[u8], origin: &str) -> Result<Config, ConfigError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ConfigError::of_whole_file(origin, format!("the file is not UTF-8: {e}")))?;
+    parse_str(text, origin)
+}
+
+impl ConfigError {
+    /// An error about the file as a whole, not a place in it.
+    fn of_whole_file(origin: &str, message: String) -> ConfigError {
+        ConfigError {
+            origin: origin.to_string(),
+            line: None,
+            column: None,
+            field: None,
+            message,
+        }
+    }
 }
 
 /// Parses and validates config text; `origin` names it in error messages.

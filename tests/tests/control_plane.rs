@@ -451,11 +451,17 @@ fn discovery_scraper(
         if let Err(e) = svclb_tests::http::promtool_check(&text) {
             panic!("{e:#}\n{text}");
         }
+        let samples = svclb_tests::http::parse_exposition(&text);
         let of = |metric: &str| {
-            svclb_tests::http::sample(
-                &text,
-                &format!(r#"{metric}{{query="tasks.api",role="tasks",service="api"}}"#),
-            )
+            let labels = [
+                ("query", "tasks.api"),
+                ("role", "tasks"),
+                ("service", "api"),
+            ];
+            samples
+                .iter()
+                .find(|s| s.is(metric, &labels))
+                .map(|s| s.value)
         };
         (
             of("svclb_discovery_addresses")

@@ -1348,45 +1348,6 @@ backends = ["172.50.0.40"]
 // ---------------------------------------------------------------------------
 // 5. Prometheus
 
-/// One sample of the exposition format: name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_exposition(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap();
-                let labels = body
-                    .split(',')
-                    .filter(|kv| !kv.is_empty())
-                    .map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap();
-                        (k.to_string(), v.trim_matches('"').to_string())
-                    })
-                    .collect();
-                (name.to_string(), labels)
-            }
-            None => (series.to_string(), BTreeMap::new()),
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value: value.parse().unwrap(),
-        });
-    }
-    out
-}
-
 /// A real Prometheus server on loopback, with its own config and data
 /// directory; killed and removed on drop (also when the test panics).
 struct Prometheus {
@@ -1547,7 +1508,7 @@ backends = [{ address = "172.50.0.41", port = 8080 }]
 
     // Names, labels and values: the ones svclb-ctl shows (`stats --json`,
     // whose numbers are those of `stats --exact`, row for row).
-    let samples = parse_exposition(&text);
+    let samples = svclb_tests::http::parse_exposition(&text);
     let stats = ctl_json(&fx.pins, &["stats"]);
     let exact = svclb_tests::parse_stats(&fx.pins.ctl(&["stats", "--exact"]).unwrap()).unwrap();
     let rows = json_rows(&stats);
@@ -1590,7 +1551,7 @@ backends = [{ address = "172.50.0.41", port = 8080 }]
                 b["weight"].as_u64().unwrap(),
             ];
             for (metric, want) in BACKEND_METRICS.iter().zip(want) {
-                let found: Vec<&Sample> = samples
+                let found: Vec<&svclb_tests::http::Sample> = samples
                     .iter()
                     .filter(|s| {
                         s.name == *metric

@@ -91,8 +91,7 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
             .args(["test", "--no-fail-fast", "-p", "svclb-tests", "--"])
             .arg("--test-threads=1")
             .args(extra_args)
-            .env("SVCLB_BIN_DIR", &bin_dir)
-            .env("SVCLB_REQUIRE_PRIVILEGED", "1");
+            .env("SVCLB_BIN_DIR", &bin_dir);
         match run_tests(&mut integration, &log_dir.join("integration-tests.log")) {
             Ok(outcome) => {
                 totals.add(outcome.counts);

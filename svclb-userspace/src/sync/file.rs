@@ -44,22 +44,10 @@ impl ConfigFile {
     /// Reads and validates the file, whatever it was before.
     pub fn load(&mut self) -> Result<Config, ConfigError> {
         let origin = self.path.display().to_string();
-        let bytes = std::fs::read(&self.path).map_err(|e| ConfigError {
-            origin: origin.clone(),
-            line: None,
-            column: None,
-            field: None,
-            message: format!("cannot read the file: {e}"),
-        })?;
-        self.last_read = Some(bytes.clone());
-        let text = String::from_utf8(bytes).map_err(|e| ConfigError {
-            origin: origin.clone(),
-            line: None,
-            column: None,
-            field: None,
-            message: format!("the file is not UTF-8: {e}"),
-        })?;
-        config::parse_str(&text, &origin)
+        let bytes = config::read_file(&self.path, &origin)?;
+        let parsed = config::parse_bytes(&bytes, &origin);
+        self.last_read = Some(bytes);
+        parsed
     }
 
     /// Like [`ConfigFile::load`], but `None` when the bytes are the ones
