@@ -16,6 +16,10 @@ use crate::setup;
 pub const TARGET: &str = "bpfel-unknown-none";
 /// The eBPF crate's binary name, hence the object's file name.
 const BIN: &str = "svclb";
+/// Debian's compiler (package rustc-web) and the cargo of the same release
+/// (package cargo-web): rustc-web does not bring a cargo of its own.
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 /// Read by the userspace build.rs instead of the default path when set.
 const OBJECT_ENV: &str = "SVCLB_EBPF_OBJECT";
 
@@ -37,8 +41,13 @@ pub fn setup_and_build() -> Result<()> {
 }
 
 pub fn build() -> Result<()> {
+    for (tool, package) in [(DEBIAN_CARGO, "cargo-web"), (DEBIAN_RUSTC, "rustc-web")] {
+        if !Path::new(tool).is_file() {
+            bail!("{tool} is missing: the eBPF build needs Debian's `{package}`; run `cargo xtask setup` as root");
+        }
+    }
     let path = std::env::var("PATH").unwrap_or_default();
-    let mut cargo = Command::new("/usr/bin/cargo");
+    let mut cargo = Command::new(DEBIAN_CARGO);
     cargo
         .current_dir(workspace_root())
         .args(["build", "-p", "svclb-ebpf", "--release", "--target", TARGET])
@@ -49,7 +58,7 @@ pub fn build() -> Result<()> {
             "PATH",
             format!("{}:{path}", cargo_home().join("bin").display()),
         )
-        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC", DEBIAN_RUSTC)
         // aya-ebpf needs #![feature(asm_experimental_arch)] on a stable rustc.
         .env("RUSTC_BOOTSTRAP", "1")
         // Same flags as aya-build: the arch cfg selects aya-ebpf's pt_regs

@@ -12,10 +12,13 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, cargo_home, header, host_cargo, is_root, output_if_ok};
 
-/// Debian's rustc 1.96 with a prebuilt `core` for the BPF targets, and the
-/// LLVM 22 that bpf-linker is built against (docs/TOOLCHAIN.md).
+/// Debian's rustc 1.96 with a prebuilt `core` for the BPF targets, the cargo
+/// of the same release that drives it (`rustc-web` ships /usr/bin/rustc only;
+/// /usr/bin/cargo is `cargo-web`), and the LLVM 22 that bpf-linker is built
+/// against (docs/TOOLCHAIN.md).
 const BUILD_PACKAGES: &[&str] = &[
     "rustc-web",
+    "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
     "libpolly-22-dev",
