@@ -240,32 +240,57 @@ impl Dataplane {
 
     /// The scope bits of `networks`, registering names that have none yet
     /// (a bit, once given, stays: services and attachments refer to it).
+    /// Bits come from the one allocator, [`new_network_bits`], over what the
+    /// map holds now; a registration moves the apply serial, so no kept
+    /// snapshot (this process's or svclbd's) hands the same bit out again.
     pub fn network_scope(&mut self, networks: &[String]) -> Result<u64> {
-        let mut scope = 0u64;
         for name in networks {
             crate::config::check_network(name).map_err(anyhow::Error::msg)?;
-            let key = NetworkName::new(name).context("network name too long")?;
-            let bit = match self.networks.get(&key, 0) {
-                Ok(bit) => bit,
-                Err(_) => {
-                    let used: Vec<u32> = self
-                        .networks
-                        .iter()
-                        .filter_map(|e| e.ok())
-                        .map(|(_, b)| b)
-                        .collect();
-                    let bit = (0..64).find(|b| !used.contains(b)).with_context(|| {
-                        format!(
-                            "network {name:?}: svclb distinguishes at most 64 networks per node"
-                        )
-                    })?;
-                    self.networks.insert(key, bit, 0)?;
-                    bit
-                }
-            };
-            scope |= 1u64 << bit;
         }
-        Ok(scope)
+        let mut bits = self.read_networks()?;
+        let new = new_network_bits(&bits, networks)?;
+        if !new.is_empty() {
+            self.register_networks(&new)?;
+            self.applied()?;
+            bits.extend(new);
+        }
+        Ok(networks
+            .iter()
+            .fold(0u64, |scope, name| scope | 1u64 << bits[name]))
+    }
+
+    /// Network name -> scope bit, as the map holds them now.
+    fn read_networks(&self) -> Result<BTreeMap<String, u32>> {
+        let mut bits = BTreeMap::new();
+        for entry in self.networks.iter() {
+            let (name, bit) = entry?;
+            bits.insert(name.as_string(), bit);
+        }
+        Ok(bits)
+    }
+
+    /// Writes bits for new network names: the only writer of the networks
+    /// map. Each is checked against the map as it is now, since another
+    /// process may have registered names after the caller's snapshot was
+    /// read: a bit already given to another name (or a name already given
+    /// another bit) is refused before anything is written.
+    pub(crate) fn register_networks(&mut self, new: &[(String, u32)]) -> Result<()> {
+        let now = self.read_networks()?;
+        for (name, bit) in new {
+            if let Some(have) = now.get(name).filter(|have| *have != bit) {
+                bail!("network {name:?} was registered with bit {have} by another svclb process during this change; try again");
+            }
+            if let Some((other, _)) = now.iter().find(|(n, b)| *b == bit && *n != name) {
+                bail!("network bit {bit} was given to {other:?} by another svclb process during this change; try again");
+            }
+        }
+        for (name, bit) in new {
+            let key = NetworkName::new(name).context("network name too long")?;
+            self.networks
+                .insert(key, bit, 0)
+                .context("registering a network")?;
+        }
+        Ok(())
     }
 
     /// Puts the processes of a cgroup (by cgroup id) on `networks`; none
@@ -336,7 +361,7 @@ impl Dataplane {
                     name: meta.name(),
                     vip: meta.vip(),
                     port,
-                    scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::Random),
+                    scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::DEFAULT),
                     value,
                     slots,
                     backends: Vec::new(),
@@ -364,11 +389,7 @@ impl Dataplane {
                 mark,
             );
         }
-        let mut networks = BTreeMap::new();
-        for entry in self.networks.iter() {
-            let (name, bit) = entry?;
-            networks.insert(name.as_string(), bit);
-        }
+        let networks = self.read_networks()?;
         for svc in services.values_mut() {
             svc.backends.sort_by_key(|b| (b.addr, b.port));
         }
@@ -380,6 +401,29 @@ impl Dataplane {
             networks,
         })
     }
+}
+
+/// The scope bits for the names in `wanted` that `existing` has none for:
+/// each takes the lowest bit free. The one allocator of network bits, for
+/// an apply's plan and for an attachment alike.
+pub fn new_network_bits<'a>(
+    existing: &BTreeMap<String, u32>,
+    wanted: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<(String, u32)>> {
+    let mut used: u64 = existing.values().fold(0, |u, b| u | 1u64 << b);
+    let mut new: Vec<(String, u32)> = Vec::new();
+    for name in wanted {
+        if existing.contains_key(name) || new.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if used == u64::MAX {
+            bail!("network {name:?}: svclb distinguishes at most 64 networks per node");
+        }
+        let bit = used.trailing_ones();
+        used |= 1u64 << bit;
+        new.push((name.clone(), bit));
+    }
+    Ok(new)
 }
 
 /// A map delete that finds nothing is fine: the entry is gone either way.

@@ -29,8 +29,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use svclb_common::{
-    addr_words, family_of, schedule::other_generation, BackendInfo, NetworkName, PortKey,
-    Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
+    addr_words, family_of, schedule::other_generation, BackendInfo, PortKey, Scheduler,
+    ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
     SVC_F_AFFINITY, VIP_F_PORTS,
 };
 
@@ -38,7 +38,7 @@ use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
     config::{protocol_name, DesiredState, ServicePort},
-    dataplane::{Capacity, Dataplane, Snapshot},
+    dataplane::{new_network_bits, Capacity, Dataplane, Snapshot},
 };
 
 /// Docker's firewall-mark counter starts at 256; so do marks svclb picks.
@@ -557,28 +557,15 @@ fn assign_networks(
     plan: &mut Plan,
 ) -> Result<BTreeMap<String, u32>> {
     let mut bits = current.networks.clone();
-    for name in desired.services.iter().flat_map(|s| &s.networks) {
-        if bits.contains_key(name) {
-            continue;
-        }
-        let used: BTreeSet<u32> = bits.values().copied().collect();
-        let Some(bit) = (0..64).find(|b| !used.contains(b)) else {
-            bail!("network {name:?}: svclb distinguishes at most 64 networks per node");
-        };
-        bits.insert(name.clone(), bit);
-        plan.new_networks.push((name.clone(), bit));
-    }
+    let new = new_network_bits(&bits, desired.services.iter().flat_map(|s| &s.networks))?;
+    bits.extend(new.iter().cloned());
+    plan.new_networks = new;
     Ok(bits)
 }
 
 /// Writes `plan` into the maps, in the order described in the module docs.
 pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
-    for (name, bit) in &plan.new_networks {
-        let key = NetworkName::new(name).context("network name too long")?;
-        dp.networks
-            .insert(key, bit, 0)
-            .context("registering a network")?;
-    }
+    dp.register_networks(&plan.new_networks)?;
     for (id, info) in &plan.new_backends {
         dp.reset_backend_stats(*id)?;
         dp.backends

@@ -453,9 +453,187 @@ backends = ["172.50.0.41"]
 
 /// A second cgroup next to the sandbox's, removed on drop.
 struct ExtraCgroup(std::path::PathBuf);
+impl ExtraCgroup {
+    fn new(sandbox: &Sandbox, suffix: &str) -> ExtraCgroup {
+        let cg = ExtraCgroup(sandbox.cgroup_path().with_file_name(format!(
+            "{}-{suffix}",
+            sandbox.cgroup_path().file_name().unwrap().to_str().unwrap()
+        )));
+        std::fs::create_dir(&cg.0).unwrap();
+        cg
+    }
+}
 impl Drop for ExtraCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The identity line a TCP connect to `target`:8080 gets, from a process
+/// in the sandbox's client namespace and in `cgroup` from its first
+/// instruction.
+fn identity_from(sandbox: &Sandbox, cgroup: &std::path::Path, target: &str) -> String {
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args([
+        "-c",
+        &format!("exec 3<>/dev/tcp/{target}/8080 && head -n1 <&3"),
+    ]);
+    sandbox.client_command(&mut cmd, false).unwrap();
+    let procs = cgroup.join("cgroup.procs");
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(procs.to_str().unwrap()).unwrap();
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    String::from_utf8_lossy(&cmd.output().unwrap().stdout)
+        .trim()
+        .to_string()
+}
+
+const FRONT_ONLY: &str = r#"
+[[service]]
+name = "everyone"
+vip = "172.50.0.38"
+backends = ["172.50.0.41"]
+"#;
+
+/// The same, plus a service for network backnet only, on the VIP .37.
+const WITH_BACKNET: &str = r#"
+[[service]]
+name = "everyone"
+vip = "172.50.0.38"
+backends = ["172.50.0.41"]
+
+[[service]]
+name = "back"
+vip = "172.50.0.37"
+networks = ["backnet"]
+backends = ["172.50.0.40", "172.50.0.41"]
+"#;
+
+/// A scoping regression (the defects issue, item 2): svclbd attached its
+/// cgroup on network frontnet, kept the snapshot of its startup apply
+/// (which knew no network), and a reload that added a backnet-only
+/// service handed backnet frontnet's bit, so frontnet's processes were
+/// balanced to it. Here cgroups are attached on frontnet in every order
+/// around the apply that adds backnet: by svclbd at start (then the file
+/// changes: svclbd's reload), by svclb-ctl before that reload, by
+/// svclb-ctl after it, and around an `svclb-ctl apply` of yet another
+/// network. None of them is balanced to backnet's service; a cgroup on
+/// backnet is (so the check can tell).
+#[test]
+fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
+    let sandbox = Sandbox::new().unwrap();
+    let mut servers = Vec::new();
+    for t in TASKS.iter().chain([&VIP]) {
+        sandbox.add_backend_addr(t.parse().unwrap()).unwrap();
+        servers.push(TcpIdServer::start(&sandbox, addr(t, PORT)).unwrap());
+    }
+    let pins = PinDir::new();
+    let config = write_temp("front-only.toml", FRONT_ONLY).unwrap();
+    let at_start = sandbox.cgroup_path().to_str().unwrap().to_string();
+    let daemon = Svclbd::start(
+        &pins,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            &at_start,
+            "--network",
+            "frontnet",
+        ],
+    )
+    .unwrap();
+    let attach = |cg: &ExtraCgroup, network: &str| {
+        pins.ctl(&[
+            "attach",
+            "--cgroup",
+            cg.0.to_str().unwrap(),
+            "--network",
+            network,
+        ])
+        .unwrap();
+    };
+    let before_reload = ExtraCgroup::new(&sandbox, "before");
+    attach(&before_reload, "frontnet");
+
+    // svclbd's own reload, from the snapshot it kept.
+    std::fs::write(&config, WITH_BACKNET).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pins.ctl(&["list"]).unwrap().contains("172.50.0.40") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "svclbd did not apply the changed file:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let after_reload = ExtraCgroup::new(&sandbox, "after");
+    attach(&after_reload, "frontnet");
+    // Another process's apply of a third network, then svclbd's again.
+    let third = write_temp(
+        "third.toml",
+        &format!("{WITH_BACKNET}\n[[service]]\nname = \"third\"\nvip = \"172.50.0.39\"\nnetworks = [\"thirdnet\"]\nbackends = [\"172.50.0.40\"]\n"),
+    )
+    .unwrap();
+    pins.ctl(&["apply", third.to_str().unwrap()]).unwrap();
+    let after_apply = ExtraCgroup::new(&sandbox, "apply");
+    attach(&after_apply, "frontnet");
+    let on_backnet = ExtraCgroup::new(&sandbox, "backnet");
+    attach(&on_backnet, "backnet");
+
+    let attachments = pins.ctl(&["attachments"]).unwrap();
+    println!("{attachments}");
+    let frontnet_lines: Vec<&str> = attachments
+        .lines()
+        .filter(|l| l.contains("frontnet"))
+        .collect();
+    assert_eq!(frontnet_lines.len(), 4, "{attachments}");
+    for line in &frontnet_lines {
+        assert!(
+            !line.contains("backnet") && !line.contains("thirdnet"),
+            "a frontnet cgroup is listed on another network: {line}"
+        );
+    }
+    let frontnet: [&std::path::Path; 4] = [
+        sandbox.cgroup_path(),
+        &before_reload.0,
+        &after_reload.0,
+        &after_apply.0,
+    ];
+    for cg in frontnet {
+        for _ in 0..10 {
+            assert_eq!(
+                identity_from(&sandbox, cg, VIP),
+                VIP,
+                "{}: on frontnet, backnet's VIP must be a plain address",
+                cg.display()
+            );
+        }
+        assert_eq!(
+            identity_from(&sandbox, cg, "172.50.0.38"),
+            "172.50.0.41",
+            "{}: an unscoped service is still balanced",
+            cg.display()
+        );
+    }
+    let backnet_seen: Vec<String> = (0..10)
+        .map(|_| identity_from(&sandbox, &on_backnet.0, VIP))
+        .collect();
+    assert!(
+        backnet_seen.iter().all(|who| TASKS.contains(&who.as_str())),
+        "on backnet the VIP is balanced to its tasks: {backnet_seen:?}"
+    );
+    for cg in [&before_reload, &after_reload, &after_apply, &on_backnet] {
+        pins.ctl(&["detach", "--cgroup", cg.0.to_str().unwrap()])
+            .unwrap();
     }
 }
 
@@ -483,11 +661,7 @@ fn services_can_be_limited_to_networks_of_attached_cgroups() {
     )
     .unwrap();
     // A second attached cgroup, on no network.
-    let other = ExtraCgroup(sandbox.cgroup_path().with_file_name(format!(
-        "{}-other",
-        sandbox.cgroup_path().file_name().unwrap().to_str().unwrap()
-    )));
-    std::fs::create_dir(&other.0).unwrap();
+    let other = ExtraCgroup::new(&sandbox, "other");
     pins.ctl(&["attach", "--cgroup", other.0.to_str().unwrap()])
         .unwrap();
     let attachments = pins.ctl(&["attachments"]).unwrap();
@@ -501,30 +675,7 @@ fn services_can_be_limited_to_networks_of_attached_cgroups() {
         "two cgroups attached at once: {attachments}"
     );
 
-    let run_in = |cgroup: &std::path::Path, target: &str| -> String {
-        let mut cmd = Command::new("/bin/bash");
-        cmd.args([
-            "-c",
-            &format!("exec 3<>/dev/tcp/{target}/8080 && head -n1 <&3"),
-        ]);
-        sandbox.client_command(&mut cmd, false).unwrap();
-        let procs = cgroup.join("cgroup.procs");
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            let procs = std::ffi::CString::new(procs.to_str().unwrap()).unwrap();
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                Ok(())
-            });
-        }
-        String::from_utf8_lossy(&cmd.output().unwrap().stdout)
-            .trim()
-            .to_string()
-    };
+    let run_in = |cgroup: &std::path::Path, target: &str| identity_from(&sandbox, cgroup, target);
     let mut front_seen = Vec::new();
     for _ in 0..20 {
         front_seen.push(run_in(sandbox.cgroup_path(), VIP));
