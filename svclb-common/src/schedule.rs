@@ -17,9 +17,9 @@
 //!   (`slots[counter++ % count]`); `rr` is `wrr` with every weight > 0
 //!   taken as 1 (IPVS's rr, too, ignores weights other than 0).
 //! - `mh`: [`crate::maglev::maglev_table`], indexed by a hash of the
-//!   client: the data plane takes the high 32 bits of
-//!   [`crate::hash::mix64`]`(netns cookie ^ mark)` through [`slot_for_hash`].
-//!   A client is the socket's network namespace (a container).
+//!   client: [`client_slot`], [`crate::hash::hash_u64`]`(netns cookie ^ mark)`
+//!   through [`slot_for_hash`]. A client is the socket's network namespace
+//!   (a container).
 //! - `sh`: [`weighted_slots`], indexed the same way. Like IPVS's sh, a
 //!   change of the backend set remaps most clients; `mh` is the consistent one.
 //! - `lc`/`wlc`: one slot per backend of weight > 0; the program compares
@@ -45,6 +45,16 @@ pub const fn other_generation(active_base: u32) -> u32 {
 #[inline(always)]
 pub const fn slot_for_hash(hash: u32, count: u32) -> u32 {
     ((hash as u64 * count as u64) >> 32) as u32
+}
+
+/// The slot an `mh` or `sh` service gives a client, the client being its
+/// network namespace (cookie): [`crate::hash::hash_u64`] of the cookie
+/// mixed with the service's mark (so two services spread the same clients
+/// differently), through [`slot_for_hash`]. The data plane calls exactly
+/// this; the tests predict the kernel's choice with it.
+#[inline(always)]
+pub const fn client_slot(netns_cookie: u64, mark: u32, count: u32) -> u32 {
+    slot_for_hash(crate::hash::hash_u64(netns_cookie ^ mark as u64), count)
 }
 
 #[cfg(feature = "user")]
@@ -342,5 +352,23 @@ mod tests {
         let e = 100_000.0 / 7.0;
         let chi2: f64 = c.iter().map(|x| (x - e) * (x - e) / e).sum();
         assert!(chi2 < 22.46, "chi2 {chi2}");
+    }
+
+    /// The client's slot is the tested hash of (cookie ^ mark) through the
+    /// tested reduction, and two services spread the same clients apart.
+    #[test]
+    fn client_slot_is_hash_u64_of_cookie_and_mark() {
+        for (cookie, mark, count) in [(1u64, 317u32, 4u32), (4096, 256, 7), (u64::MAX, 1, 65521)] {
+            let want = slot_for_hash(crate::hash::hash_u64(cookie ^ u64::from(mark)), count);
+            assert_eq!(client_slot(cookie, mark, count), want);
+            assert!(client_slot(cookie, mark, count) < count);
+        }
+        let differ = (1..1000u64)
+            .filter(|&c| client_slot(c, 317, 64) != client_slot(c, 318, 64))
+            .count();
+        assert!(
+            differ > 900,
+            "marks 317 and 318 place {differ} of 999 clients apart"
+        );
     }
 }

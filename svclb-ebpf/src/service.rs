@@ -4,6 +4,7 @@
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns,
 };
+use svclb_common::schedule::client_slot;
 use svclb_common::{
     AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState, VipKey,
     CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS, SVC_F_AFFINITY, VIP_F_PORTS,
@@ -159,7 +160,7 @@ fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> 
             None => (unsafe { bpf_get_prandom_u32() }) % count,
         },
         s if s == Scheduler::Mh as u32 || s == Scheduler::Sh as u32 => {
-            reduce(mix64(netns_cookie ^ u64::from(mark)), count)
+            client_slot(netns_cookie, mark, count)
         }
         s if s == Scheduler::Lc as u32 || s == Scheduler::Wlc as u32 => {
             return least_connection(mark, svc);
@@ -295,20 +296,4 @@ pub fn set_conn_state(state: &mut SockState, to: u32) {
 #[inline(always)]
 pub fn release_conn(state: &mut SockState) {
     set_conn_state(state, CONN_NONE);
-}
-
-/// splitmix64's finalizer: a cheap, well-mixed hash of a 64-bit key.
-#[inline(always)]
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Maps a hash onto [0, n) by multiply-shift, without a division.
-#[inline(always)]
-fn reduce(hash: u64, n: u32) -> u32 {
-    (((hash >> 32) * u64::from(n)) >> 32) as u32
 }

@@ -17,6 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{addr, PORT, TIMEOUT};
+use svclb_common::schedule::client_slot;
+use svclb_common::Scheduler;
 use svclb_tests::daemon::write_temp;
 use svclb_tests::{ExtraClients, PinDir, Sandbox, Svclbd, TcpIdServer};
 
@@ -469,9 +471,49 @@ fn backend_per_client(clients: &ExtraClients, per_client: usize, what: &str) -> 
         .collect()
 }
 
+/// The slot table svclb builds for equal-weight `tasks`: slot k's task.
+fn slot_table(scheduler: Scheduler, tasks: &[&str]) -> Vec<String> {
+    let planned: Vec<svclb::schedule::PlannedBackend> = tasks
+        .iter()
+        .map(|t| svclb::schedule::PlannedBackend {
+            addr: t.parse().unwrap(),
+            port: None,
+            weight: 1,
+        })
+        .collect();
+    let idx = svclb::schedule::plan_slots(scheduler, &planned).unwrap();
+    idx.into_iter()
+        .map(|i| tasks[i as usize].to_string())
+        .collect()
+}
+
+/// The calling thread's network namespace cookie (SO_NETNS_COOKIE), the
+/// key mh and sh hash.
+fn netns_cookie() -> u64 {
+    // An unbound socket: it needs no address in the namespace.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_NETNS_COOKIE: {}", io::Error::last_os_error());
+    cookie
+}
+
 /// mh and sh hash the client's network namespace: the same client gets the
 /// same backend on every connect, and different clients spread over the
-/// backends.
+/// backends. Each client gets exactly the backend that svclb-common's
+/// `client_slot` (the function the program calls) predicts from its
+/// cookie, so the unit-tested hash is the one the kernel runs.
 #[test]
 fn hashing_schedulers_keep_each_client_on_one_backend() {
     let fx = Fx::start(&api("mh", &equal(&TASKS), ""));
@@ -492,6 +534,25 @@ fn hashing_schedulers_keep_each_client_on_one_backend() {
             used.len() >= 3,
             "{scheduler}: 40 clients used only {used:?}: is the key the client?"
         );
+        let table = slot_table(Scheduler::from_name(scheduler).unwrap(), &TASKS);
+        let predicted = |cookie: u64| -> &String {
+            &table[client_slot(cookie, MARK, table.len() as u32) as usize]
+        };
+        let own_cookie = fx.sandbox.in_client(netns_cookie);
+        assert_eq!(
+            own.iter().next().unwrap(),
+            predicted(own_cookie),
+            "{scheduler}: the sandbox client (netns cookie {own_cookie})"
+        );
+        for (i, got) in per_client.iter().enumerate() {
+            let cookie = clients.in_client(i, netns_cookie);
+            assert_eq!(
+                got,
+                predicted(cookie),
+                "{scheduler}: client {} (netns cookie {cookie}) is not where client_slot puts it",
+                clients.addr(i)
+            );
+        }
         // Asked again later (other clients in between): the same answers.
         assert_eq!(
             backend_per_client(&clients, 1, scheduler),
@@ -536,20 +597,7 @@ fn maglev_moves_few_clients_when_a_backend_leaves() {
     assert_eq!(moved, on_gone + survivors_moved);
 
     // The table itself, as svclb builds it (for the record).
-    let table = |tasks: &[&str]| {
-        let planned: Vec<svclb::schedule::PlannedBackend> = tasks
-            .iter()
-            .map(|t| svclb::schedule::PlannedBackend {
-                addr: t.parse().unwrap(),
-                port: None,
-                weight: 1,
-            })
-            .collect();
-        let idx = svclb::schedule::plan_slots(svclb_common::Scheduler::Mh, &planned).unwrap();
-        idx.into_iter()
-            .map(|i| tasks[i as usize].to_string())
-            .collect::<Vec<_>>()
-    };
+    let table = |tasks: &[&str]| slot_table(Scheduler::Mh, tasks);
     let (t4, t3) = (table(&TASKS), table(&TASKS[..3]));
     let m = t4.len() as f64;
     let table_moved = t4.iter().zip(&t3).filter(|(a, b)| a != b).count() as f64 / m;
