@@ -135,6 +135,11 @@ pub enum Scheduler {
 }
 
 impl Scheduler {
+    /// A service's scheduler when none is given: round robin, what Docker
+    /// Swarm programs into IPVS for every service (libnetwork), so an
+    /// operator replacing it sees the same `FWM  317 rr`.
+    pub const DEFAULT: Scheduler = Scheduler::Rr;
+
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Scheduler::Random),

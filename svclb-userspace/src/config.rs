@@ -10,7 +10,7 @@
 //! name = "api"
 //! vip = "172.50.0.37"
 //! mark = 0x13d            # optional: svclbd picks one when absent
-//! scheduler = "random"    # optional, default "random"
+//! scheduler = "rr"        # optional, default "rr" (Swarm's)
 //! backends = ["172.50.0.40", "172.50.0.41"]
 //!
 //! [[service]]
@@ -784,7 +784,7 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
         }
 
         let scheduler = match svc.scheduler {
-            None => Some(Scheduler::Random),
+            None => Some(Scheduler::DEFAULT),
             Some(s) => {
                 let found = Scheduler::from_name(s.get_ref());
                 if found.is_none() {
@@ -1220,14 +1220,14 @@ backends = [{ address = "172.50.0.34" }]
                     "db",
                     v4(172, 50, 0, 20),
                     Some(0x128),
-                    Scheduler::Random,
+                    Scheduler::Rr,
                     vec![backend(v4(172, 50, 0, 21))],
                 ),
                 ServiceSpec::new(
                     "cache",
                     v4(172, 50, 0, 18),
                     Some(0x13b),
-                    Scheduler::Random,
+                    Scheduler::Rr,
                     vec![backend(v4(172, 50, 0, 34))],
                 ),
             ],
@@ -1304,7 +1304,7 @@ backends = [{ address = "172.50.0.21" }, "172.50.0.22"]
         );
         let svc = &state.services[0];
         assert_eq!(svc.mark, None);
-        assert_eq!(svc.scheduler, Scheduler::Random);
+        assert_eq!(svc.scheduler, Scheduler::Rr, "Swarm's default");
         assert_eq!(
             svc.backends,
             vec![backend(v4(172, 50, 0, 21)), backend(v4(172, 50, 0, 22))]
@@ -1792,7 +1792,7 @@ scheduler = "random"
                     name: "web".into(),
                     vip: None,
                     mark: None,
-                    scheduler: Scheduler::Random,
+                    scheduler: Scheduler::Rr,
                 },
                 DiscoveredSpec {
                     name: "db".into(),
