@@ -25,10 +25,11 @@ pub mod map_names {
     pub const SCOPES: &str = "svclb_scopes";
     pub const NETWORKS: &str = "svclb_networks";
     pub const RATES: &str = "svclb_rates";
+    pub const UDP_CONNS: &str = "svclb_udp_conns";
     /// Every map that svclb pins.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         VIPS, PORTS, SERVICES, SLOTS, BACKENDS, STATS, CONNS, META, LAYOUT, SOCKS, RR, AFFINITY,
-        SCOPES, NETWORKS, RATES,
+        SCOPES, NETWORKS, RATES, UDP_CONNS,
     ];
 }
 
@@ -215,6 +216,10 @@ pub struct ServiceValue {
 /// [`ServiceValue::flags`]: the same client gets the same backend for
 /// `affinity_secs` (IPVS persistence, kube-proxy ClientIP affinity).
 pub const SVC_F_AFFINITY: u32 = 1;
+/// [`ServiceValue::flags`]: when a backend leaves, leave the sockets svclb
+/// connected to it alone (the service's `terminate_on_removal = false`);
+/// without it, svclbd ends them. Userspace only: the programs ignore it.
+pub const SVC_F_KEEP_SOCKETS: u32 = 1 << 1;
 
 /// Key of one schedule slot of a service.
 #[repr(C)]
@@ -297,6 +302,21 @@ pub struct SockState {
     /// `SOCK_F_*` bits.
     pub flags: u32,
 }
+
+/// A connected UDP socket that svclb translated, by socket cookie
+/// (`svclb_udp_conns`): the kernel's socket diagnostics report a TCP
+/// socket's [`SockState`] but not a UDP socket's, so ending the UDP sockets
+/// of a backend that left finds them here (svclb-userspace's terminate.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpConn {
+    pub backend_id: u32,
+    pub mark: u32,
+}
+
+/// Capacity of `svclb_udp_conns` (LRU: past it, the oldest connected UDP
+/// sockets are forgotten, and only their ending on a backend's removal is lost).
+pub const MAX_UDP_CONNS: u32 = 65_536;
 
 /// [`SockState::conn`] values.
 pub const CONN_NONE: u32 = 0;
@@ -419,6 +439,7 @@ mod user {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for ConnGauge {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for UdpConn {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RateState {}

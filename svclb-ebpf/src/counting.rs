@@ -11,14 +11,14 @@ use aya_ebpf::{
         bpf_sock, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED,
     },
-    helpers::bpf_sk_storage_get,
+    helpers::{bpf_get_socket_cookie, bpf_sk_storage_get},
     macros::{cgroup_skb, cgroup_sock, sock_ops},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 use svclb_common::{SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP};
 
 use crate::{
-    maps::{SOCKS, STATS},
+    maps::{SOCKS, STATS, UDP_CONNS},
     service::set_conn_state,
 };
 
@@ -165,6 +165,10 @@ pub fn svclb_release(ctx: SockContext) -> i32 {
     let tcp = unsafe { (*sk).protocol } == u32::from(IPPROTO_TCP);
     if !(tcp && state.flags & SOCK_F_STATE_CB != 0) {
         set_conn_state(state, CONN_NONE);
+    }
+    if !tcp {
+        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+        let _ = UDP_CONNS.remove(&cookie);
     }
     1
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use svclb_common::{
     AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge, LayoutValue, NetworkName,
-    PortKey, RateState, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, VipKey, VipValue,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+    PortKey, RateState, ServiceMeta, ServiceValue, Slot, SlotKey, SockState, UdpConn, VipKey,
+    VipValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, MAX_UDP_CONNS,
 };
 
 #[map(name = "svclb_vips")]
@@ -45,6 +45,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// Attached cgroup id -> the networks (scope bits) its processes are on.
 #[map(name = "svclb_scopes")]
 pub static SCOPES: HashMap<u64, u64> = HashMap::with_max_entries(16_384, 0);
+
+/// Socket cookie -> backend of a connected UDP socket svclb translated.
+#[map(name = "svclb_udp_conns")]
+pub static UDP_CONNS: LruHashMap<u64, UdpConn> = LruHashMap::with_max_entries(MAX_UDP_CONNS, 0);
 
 #[btf_map(name = "svclb_socks")]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();

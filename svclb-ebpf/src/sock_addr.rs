@@ -4,17 +4,18 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
 use svclb_common::{
-    ServiceValue, Slot, SockState, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_TCP,
+    ServiceValue, Slot, SockState, UdpConn, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_F_TCP,
 };
 
 use crate::{
-    maps::SOCKS,
+    maps::{SOCKS, UDP_CONNS},
     service::{count_new_connection, pick, release_conn, resolve, set_conn_state, Dest},
 };
 
@@ -123,6 +124,14 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         let flags = if proto == IPPROTO_TCP { SOCK_F_TCP } else { 0 };
         remember(state, target, &slot, port_be, mark, &svc, flags);
     }
+    if proto == IPPROTO_UDP {
+        // Found again by cookie if its backend leaves (terminate.rs).
+        let conn = UdpConn {
+            backend_id: slot.backend_id,
+            mark,
+        };
+        let _ = UDP_CONNS.insert(&socket_cookie(ctx), &conn, 0);
+    }
     count_new_connection(slot.backend_id);
     Ok(Some((slot.addr, port_be)))
 }
@@ -138,7 +147,13 @@ fn forget(ctx: &SockAddrContext) {
     if let Some(state) = unsafe { state.as_mut() } {
         release_conn(state);
         state.mark = 0;
+        let _ = UDP_CONNS.remove(&socket_cookie(ctx));
     }
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
 /// sendmsg() on an unconnected UDP socket: each datagram to a VIP goes to

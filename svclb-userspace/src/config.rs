@@ -118,6 +118,8 @@ pub struct DiscoveredSpec {
     /// the maps, else get the lowest free one.
     pub mark: Option<u32>,
     pub scheduler: Scheduler,
+    /// [`ServiceSpec::terminate_on_removal`] of the discovered services.
+    pub terminate_on_removal: bool,
 }
 
 /// How svclbd asks DNS (the `[dns]` table).
@@ -176,6 +178,10 @@ pub struct ServiceSpec {
     /// Empty: every attached cgroup.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// When a backend leaves, end the sockets svclb connected to it, so
+    /// their clients fail over at once (TCP gets ECONNABORTED, a connected
+    /// UDP socket an error on its next call). Off: they drain by themselves.
+    pub terminate_on_removal: bool,
 }
 
 /// The port part of a per-port service.
@@ -220,6 +226,7 @@ impl ServiceSpec {
             port: None,
             affinity: None,
             networks: Vec::new(),
+            terminate_on_removal: true,
         }
     }
 }
@@ -461,6 +468,7 @@ struct RawService {
     protocol: Option<Spanned<String>>,
     affinity: Option<Spanned<RawDuration>>,
     networks: Option<Spanned<Vec<Spanned<String>>>>,
+    terminate_on_removal: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -717,6 +725,8 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
                 frontends.insert((vip, port), (i, vip_span));
             }
         }
+        // Clients fail over at once unless the service asks to drain.
+        let terminate_on_removal = svc.terminate_on_removal.unwrap_or(true);
         let affinity = match &svc.affinity {
             None => None,
             Some(a) => match parse_duration(a.get_ref()) {
@@ -910,6 +920,7 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
                     vip,
                     mark: mark.map(|(_, m)| m),
                     scheduler,
+                    terminate_on_removal,
                 });
             }
         } else if let (Some(vip), Some(scheduler)) = (vip, scheduler) {
@@ -922,6 +933,7 @@ fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
                 port,
                 affinity,
                 networks,
+                terminate_on_removal,
             });
         }
     }
@@ -1793,12 +1805,14 @@ scheduler = "random"
                     vip: None,
                     mark: None,
                     scheduler: Scheduler::Rr,
+                    terminate_on_removal: true,
                 },
                 DiscoveredSpec {
                     name: "db".into(),
                     vip: Some(v4(172, 50, 0, 20)),
                     mark: Some(0x128),
                     scheduler: Scheduler::Random,
+                    terminate_on_removal: true,
                 },
             ]
         );

@@ -15,7 +15,12 @@ use crate::{config::ServicePort, pins::PinDir};
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 15] = [
+pub const EXPECTED_LAYOUT: [(&str, usize, usize); 16] = [
+    (
+        map_names::UDP_CONNS,
+        size_of::<u64>(),
+        size_of::<svclb_common::UdpConn>(),
+    ),
     (
         map_names::NETWORKS,
         size_of::<NetworkName>(),
@@ -92,6 +97,7 @@ pub struct Capacity {
 
 /// The pinned maps, typed.
 pub struct Dataplane {
+    pins: PinDir,
     pub vips: HashMap<MapData, VipKey, VipValue>,
     layout: Array<MapData, LayoutValue>,
     /// svclbd keeps the snapshot of its last apply (see [`Dataplane::keep_snapshots`]).
@@ -153,6 +159,7 @@ impl Dataplane {
         let (networks, _) = open_map(pins, map_names::NETWORKS)?;
         let (rates, _) = open_map(pins, map_names::RATES)?;
         Ok(Dataplane {
+            pins: pins.clone(),
             layout,
             kept: None,
             keep: false,
@@ -174,6 +181,11 @@ impl Dataplane {
                 slots: slots_max,
             },
         })
+    }
+
+    /// Where these maps are pinned.
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
     }
 
     /// Sums one backend's per-CPU counters.

@@ -18,6 +18,7 @@
 //! - [`notify`]: telling systemd (or a test) that svclbd is ready.
 //! - [`target`]: what to attach to: a cgroup, a process's, a container's.
 //! - [`docker`]: asking the Docker Engine API for a container's PID.
+//! - [`terminate`]: ending the sockets connected to a backend that left.
 
 pub mod cgroup;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod schedule;
 pub mod stats;
 pub mod sync;
 pub mod target;
+pub mod terminate;
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at build time.
 pub fn ebpf_object() -> &'static [u8] {

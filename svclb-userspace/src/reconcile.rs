@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use svclb_common::{
     addr_words, family_of, schedule::other_generation, BackendInfo, PortKey, Scheduler,
     ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
-    SVC_F_AFFINITY, VIP_F_PORTS,
+    SVC_F_AFFINITY, SVC_F_KEEP_SOCKETS, VIP_F_PORTS,
 };
 
 use crate::schedule::{plan_slots, PlannedBackend};
@@ -181,6 +181,9 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Marks given to services that had none in the config, by name.
     pub marks: BTreeMap<String, u32>,
+    /// Backends this plan removes, for ending the sockets connected to them
+    /// once they are out of the maps (crate::terminate).
+    pub departed: Vec<DepartedBackend>,
     new_backends: Vec<(u32, BackendInfo)>,
     edited_backends: Vec<(u32, BackendInfo)>,
     new_networks: Vec<(String, u32)>,
@@ -208,6 +211,18 @@ impl Plan {
             && self.removed_services.is_empty()
             && self.removed_backends.is_empty()
     }
+}
+
+/// A backend that an apply takes out of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepartedBackend {
+    pub service: String,
+    pub mark: u32,
+    /// Its id while it was in the maps: the sockets' records name it.
+    pub id: u32,
+    pub addr: IpAddr,
+    /// The service's `terminate_on_removal`.
+    pub end_sockets: bool,
 }
 
 /// A range of slot numbers.
@@ -348,10 +363,13 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
             .networks
             .iter()
             .fold(0u64, |m, n| m | scope_bits.get(n).map_or(0, |b| 1u64 << b));
-        let (flags, affinity_secs) = match spec.affinity {
+        let (mut flags, affinity_secs) = match spec.affinity {
             Some(secs) => (SVC_F_AFFINITY, secs),
             None => (0, 0),
         };
+        if !spec.terminate_on_removal {
+            flags |= SVC_F_KEEP_SOCKETS;
+        }
 
         let (value, new_slots, retired) = match old {
             Some(old) if old.slots == slots && old.scheduler == spec.scheduler => (
@@ -481,6 +499,13 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         .filter(|v| !vip_table.contains_key(v))
         .copied()
         .collect();
+    // Whether a departing backend's sockets are ended: the service's
+    // setting as desired now, or as it was for a service that leaves too.
+    let ends_sockets: HashMap<u32, bool> = marks
+        .iter()
+        .zip(&desired.services)
+        .map(|(&mark, spec)| (mark, spec.terminate_on_removal))
+        .collect();
     for svc in current.services.values() {
         if !desired_marks.contains(&svc.mark) {
             plan.removed_services.push((
@@ -502,6 +527,16 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         for b in &svc.backends {
             if !kept_ids.contains(&b.id) {
                 plan.removed_backends.push(b.id);
+                plan.departed.push(DepartedBackend {
+                    service: svc.name.clone(),
+                    mark: svc.mark,
+                    id: b.id,
+                    addr: b.addr,
+                    end_sockets: ends_sockets
+                        .get(&svc.mark)
+                        .copied()
+                        .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0),
+                });
                 plan.changes.push(Change::RemoveBackend {
                     mark: svc.mark,
                     addr: b.addr,

@@ -390,8 +390,8 @@ fn per_port_services_win_over_all_ports_ones() {
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
     });
     let list = fx.pins.ctl(&["list"]).unwrap();
-    assert!(list.contains("TCP  172.50.0.37:80 random"), "{list}");
-    assert!(list.contains("UDP  172.50.0.37:80 random"), "{list}");
+    assert!(list.contains("TCP  172.50.0.37:80 rr"), "{list}");
+    assert!(list.contains("UDP  172.50.0.37:80 rr"), "{list}");
     assert!(list.contains("  -> 172.50.0.41:8080"), "{list}");
 }
 

@@ -180,6 +180,12 @@ fn run(args: Args) -> Result<()> {
             for change in &plan.changes {
                 println!("{change}");
             }
+            for e in svclb::terminate::after_apply(&pins, &plan) {
+                println!(
+                    "ended {} socket(s) connected to {} of {} (FWM {})",
+                    e.sockets, e.addr, e.service, e.mark
+                );
+            }
         }
         Command::Attach(AttachArgs { target, networks }) => {
             let cg = target.resolve()?;

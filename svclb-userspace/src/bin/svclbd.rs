@@ -154,11 +154,9 @@ async fn run(args: Args) -> Result<()> {
     if !args.no_metrics {
         let listener = svclb::metrics::bind(args.metrics_addr).await?;
         let discovery_metrics = svclb::metrics::discovery_metrics(discovery.status_handle());
-        tokio::spawn(svclb::metrics::serve(
-            listener,
-            pins.clone(),
-            Some(discovery_metrics),
-        ));
+        let extra: svclb::metrics::ExtraMetrics =
+            std::sync::Arc::new(move || discovery_metrics() + &svclb::terminate::ENDED.render());
+        tokio::spawn(svclb::metrics::serve(listener, pins.clone(), Some(extra)));
     }
     // IPVS's estimator samples every 2 s, on a thread of its own.
     svclb::metrics::RateSampler::new(pins.clone()).spawn();
@@ -259,6 +257,7 @@ fn apply(dp: &mut Dataplane, desired: &DesiredState, why: &str) -> Result<()> {
     for change in &plan.changes {
         info!(%change, "{why}");
     }
+    svclb::terminate::after_apply(dp.pins(), &plan);
     for (name, mark) in &plan.marks {
         tracing::debug!(service = %name, mark, "mark assigned");
     }

@@ -353,6 +353,7 @@ impl ServiceState {
                 port: None,
                 affinity: None,
                 networks: Vec::new(),
+                terminate_on_removal: self.spec.terminate_on_removal,
             })
             .collect()
     }
@@ -744,6 +745,7 @@ mod tests {
             vip: None,
             mark: None,
             scheduler: Scheduler::Random,
+            terminate_on_removal: true,
         }
     }
 
