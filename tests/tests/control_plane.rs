@@ -246,7 +246,7 @@ backends = ["172.50.0.21"]
     let diff = fx.pins.ctl(&["diff", next]).unwrap();
     let lines: BTreeSet<&str> = diff.lines().collect();
     for expected in [
-        "+ -A -f 296 -s random    # db 172.50.0.20",
+        "+ -A -f 296 -s rr    # db 172.50.0.20",
         "+ -a -f 296 -r 172.50.0.21:0 -m -w 1",
         "~ -e -f 317 -r 172.50.0.40:0 -m -w 2    # weight was 1",
         "+ -a -f 317 -r 172.50.0.42:0 -m -w 1",
