@@ -4,7 +4,11 @@
 use std::{collections::BTreeMap, mem::size_of, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use std::os::fd::AsFd;
+
+use aya::maps::{
+    Array, HashMap, IterableMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use svclb_common::{
     map_names, words_addr, AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge,
     LayoutValue, NetworkName, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot,
@@ -198,6 +202,11 @@ impl Dataplane {
         Ok(total)
     }
 
+    /// The serial every apply moves: what a cached view of the maps checks.
+    pub fn apply_serial(&self) -> Result<u32> {
+        Ok(self.layout.get(&0, 0)?.apply_serial)
+    }
+
     /// Keeps the snapshot of each apply for the next one, valid while no
     /// other process (`svclb-ctl apply`) writes the maps: a change then goes
     /// live without first reading every map (a tenth of a second at 10,000
@@ -348,20 +357,21 @@ impl Dataplane {
 
     /// Reads every service, its backends and its active schedule.
     pub fn snapshot(&self) -> Result<Snapshot> {
+        self.read_snapshot(true)
+    }
+
+    /// Like [`Dataplane::snapshot`], without the schedule slots (16,381 per
+    /// `mh` service): what listings, statistics and scrapes need.
+    pub fn snapshot_without_slots(&self) -> Result<Snapshot> {
+        self.read_snapshot(false)
+    }
+
+    fn read_snapshot(&self, with_slots: bool) -> Result<Snapshot> {
+        let values: std::collections::HashMap<u32, ServiceValue> =
+            entries(&self.services)?.into_iter().collect();
         let mut services: BTreeMap<u32, ServiceState> = BTreeMap::new();
-        for entry in self.meta.iter() {
-            let (mark, meta) = entry?;
-            let value = self.services.get(&mark, 0).unwrap_or_default();
-            let mut slots = Vec::with_capacity(value.count as usize);
-            for k in 0..value.count {
-                let key = SlotKey {
-                    mark,
-                    slot: value.slot_base.wrapping_add(k),
-                };
-                slots.push(self.slots.get(&key, 0).with_context(|| {
-                    format!("service FWM {mark}: slot {} is missing", key.slot)
-                })?);
-            }
+        for (mark, meta) in entries(&self.meta)? {
+            let value = values.get(&mark).copied().unwrap_or_default();
             let port = (meta.port_proto != 0).then_some(ServicePort {
                 port: meta.port_proto as u16,
                 protocol: (meta.port_proto >> 16) as u8,
@@ -375,27 +385,41 @@ impl Dataplane {
                     port,
                     scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::DEFAULT),
                     value,
-                    slots,
+                    slots: Vec::new(),
                     backends: Vec::new(),
                 },
             );
         }
-        for entry in self.backends.iter() {
-            let (id, info) = entry?;
+        if with_slots {
+            let slots: std::collections::HashMap<SlotKey, Slot> =
+                entries(&self.slots)?.into_iter().collect();
+            for (&mark, svc) in services.iter_mut() {
+                let value = svc.value;
+                svc.slots.reserve(value.count as usize);
+                for k in 0..value.count {
+                    let key = SlotKey {
+                        mark,
+                        slot: value.slot_base.wrapping_add(k),
+                    };
+                    svc.slots.push(*slots.get(&key).with_context(|| {
+                        format!("service FWM {mark}: slot {} is missing", key.slot)
+                    })?);
+                }
+            }
+        }
+        for (id, info) in entries(&self.backends)? {
             if let Some(svc) = services.get_mut(&info.mark) {
                 svc.backends.push(BackendState::from_info(id, &info));
             }
         }
         let mut vips = BTreeMap::new();
         let mut vip_flags = BTreeMap::new();
-        for entry in self.vips.iter() {
-            let (key, value) = entry?;
+        for (key, value) in entries(&self.vips)? {
             vips.insert(key.ip(), value.mark);
             vip_flags.insert(key.ip(), value.flags);
         }
         let mut ports = BTreeMap::new();
-        for entry in self.ports.iter() {
-            let (key, mark) = entry?;
+        for (key, mark) in entries(&self.ports)? {
             ports.insert(
                 (words_addr(key.addr), u16::from_be(key.port_be), key.proto),
                 mark,
@@ -412,6 +436,77 @@ impl Dataplane {
             ports,
             networks,
         })
+    }
+
+    /// Each backend's counters, summed over CPUs, indexed by backend id up
+    /// to the largest of `ids` (ids are handed out lowest first, so the
+    /// range is dense): the per-CPU array is read whole up to there in a few
+    /// batch syscalls when there are many, else entry by entry.
+    pub fn counters_by_id(&self, ids: &[u32]) -> Result<Vec<BackendStats>> {
+        let len = ids.iter().max().map_or(0, |m| *m as usize + 1);
+        let mut out = vec![BackendStats::default(); len];
+        if ids.len() > BATCH_FROM {
+            let read = crate::batch::read_all_per_cpu::<u32, BackendStats>(
+                self.stats.map().fd().as_fd(),
+                Some(len),
+                |t, v| t.add(v),
+            )?;
+            if let Some(all) = read {
+                for (id, s) in all {
+                    if let Some(slot) = out.get_mut(id as usize) {
+                        *slot = s;
+                    }
+                }
+                return Ok(out);
+            }
+        }
+        for &id in ids {
+            out[id as usize] = self.backend_stats(id)?;
+        }
+        Ok(out)
+    }
+
+    /// Each backend's counters, gauges and rate estimator, for `ids`: read
+    /// whole (a few batch syscalls) when there are many, else one by one.
+    pub fn backend_figures(
+        &self,
+        ids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, BackendFigures>> {
+        let stats = self.counters_by_id(ids)?;
+        let mut out: std::collections::HashMap<u32, BackendFigures> = ids
+            .iter()
+            .map(|&id| {
+                let figures = BackendFigures {
+                    stats: stats[id as usize],
+                    ..Default::default()
+                };
+                (id, figures)
+            })
+            .collect();
+        if ids.len() > BATCH_FROM {
+            let fd = self.conns.map().fd().as_fd();
+            let conns = crate::batch::read_all::<u32, ConnGauge>(fd, Some(stats.len()))?;
+            let fd = self.rates.map().fd().as_fd();
+            let rates = crate::batch::read_all::<u32, RateState>(fd, None)?;
+            if let (Some(conns), Some(rates)) = (conns, rates) {
+                for (id, g) in conns {
+                    if let Some(f) = out.get_mut(&id) {
+                        f.conns = g;
+                    }
+                }
+                for (id, r) in rates {
+                    if let Some(f) = out.get_mut(&id) {
+                        f.rate = r;
+                    }
+                }
+                return Ok(out);
+            }
+        }
+        for (&id, f) in out.iter_mut() {
+            f.conns = self.backend_conns(id)?;
+            f.rate = self.rates.get(&id, 0).unwrap_or_default();
+        }
+        Ok(out)
     }
 }
 
@@ -436,6 +531,29 @@ pub fn new_network_bits<'a>(
         new.push((name.clone(), bit));
     }
     Ok(new)
+}
+
+/// Past this many backends, [`Dataplane::backend_figures`] reads the maps
+/// whole rather than entry by entry.
+const BATCH_FROM: usize = 64;
+
+/// What the maps hold for one backend besides its identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendFigures {
+    pub stats: BackendStats,
+    pub conns: ConnGauge,
+    pub rate: RateState,
+}
+
+/// Every entry of a hash map: a few batch syscalls where the kernel has
+/// them (5.6), else one lookup per entry.
+fn entries<K: aya::Pod + Default, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>> {
+    if let Some(all) = crate::batch::read_all::<K, V>(map.map().fd().as_fd(), None)? {
+        return Ok(all);
+    }
+    Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
 }
 
 /// A map delete that finds nothing is fine: the entry is gone either way.

@@ -6,6 +6,7 @@
 //! - [`config`]: the desired state, as a TOML file.
 //! - [`sync`]: the sources of the desired state (the file, watched; DNS
 //!   discovery) merged into one state to apply.
+//! - [`batch`]: reading a whole map in a few syscalls.
 //! - [`pins`]: the bpffs directory where maps and links are pinned.
 //! - [`cgroup`]: finding cgroup v2 and naming cgroups.
 //! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
@@ -20,6 +21,7 @@
 //! - [`docker`]: asking the Docker Engine API for a container's PID.
 //! - [`terminate`]: ending the sockets connected to a backend that left.
 
+pub mod batch;
 pub mod cgroup;
 pub mod config;
 pub mod dataplane;

@@ -17,8 +17,6 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use svclb_common::RateState;
-
 use crate::{
     dataplane::Dataplane,
     pins::PinDir,
@@ -360,94 +358,6 @@ fn respond(
 
 /// Default metrics address: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
-
-/// Keeps the rate estimators of every backend (IPVS's 2 s EWMA) on a
-/// thread of its own, so that sampling a large node never delays a config
-/// change. The estimators live in memory; the pinned rates map, which
-/// `svclb-ctl rate` reads and a restarted svclbd continues from, is written
-/// only where an estimate moved (an idle backend costs one counter read).
-pub struct RateSampler {
-    pins: PinDir,
-    /// Per backend id: whose estimator it is (mark, address) and its state.
-    states: std::collections::HashMap<u32, ((u32, [u32; 4]), RateState)>,
-}
-
-impl RateSampler {
-    pub fn new(pins: PinDir) -> Self {
-        RateSampler {
-            pins,
-            states: Default::default(),
-        }
-    }
-
-    /// Samples every 2 s until the process exits.
-    pub fn spawn(mut self) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
-            .name("svclb-rates".into())
-            .spawn(move || {
-                let period = std::time::Duration::from_secs(crate::rates::SAMPLE_INTERVAL_SECS);
-                let mut next = std::time::Instant::now();
-                loop {
-                    if let Err(e) = self.sample(monotonic_ns()) {
-                        warn!("sampling rates: {e:#}");
-                    }
-                    next += period;
-                    std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
-                }
-            })
-            .expect("spawning the rate sampler")
-    }
-
-    /// One sample of every backend.
-    pub fn sample(&mut self, now_ns: u64) -> Result<()> {
-        let mut dp = Dataplane::open(&self.pins)?;
-        let mut live = std::collections::HashSet::new();
-        let backends: Vec<(u32, svclb_common::BackendInfo)> =
-            dp.backends.iter().filter_map(|e| e.ok()).collect();
-        for (id, info) in backends {
-            live.insert(id);
-            let owner = (info.mark, info.addr);
-            let counters = crate::rates::counters(&dp.backend_stats(id)?);
-            let entry = self.states.entry(id).or_insert_with(|| {
-                // A restarted svclbd continues the pinned estimator.
-                (owner, dp.rates.get(&id, 0).unwrap_or_default())
-            });
-            if entry.0 != owner {
-                // The id was given to another backend: a new estimator.
-                *entry = (owner, RateState::default());
-            }
-            let before = entry.1;
-            crate::rates::sample(&mut entry.1, counters, now_ns);
-            let moved =
-                before.avg != entry.1.avg || before.last != entry.1.last || before.sampled_ns == 0;
-            if moved {
-                dp.rates.insert(id, entry.1, 0)?;
-            }
-        }
-        // Estimators of backends that are gone would mislead a reused id.
-        self.states.retain(|id, _| live.contains(id));
-        let stale: Vec<u32> = dp
-            .rates
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live.contains(k))
-            .collect();
-        for id in stale {
-            let _ = dp.rates.remove(&id);
-        }
-        Ok(())
-    }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock of [`RateState::sampled_ns`].
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 #[cfg(test)]
 mod tests {

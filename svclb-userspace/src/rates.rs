@@ -4,8 +4,11 @@
 //! for bytes, 2^5), folded into an average with weight 1/4; the reported
 //! rate rounds the average back. svclbd samples; `svclb-ctl rate` reads.
 
+use anyhow::Result;
 use serde::Serialize;
 use svclb_common::{BackendStats, RateState};
+
+use crate::{dataplane::Dataplane, pins::PinDir};
 
 /// IPVS samples every 2 seconds.
 pub const SAMPLE_INTERVAL_SECS: u64 = 2;
@@ -73,6 +76,141 @@ pub fn sum(states: &[RateState]) -> RateState {
         }
     }
     total
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of [`RateState::sampled_ns`].
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Keeps the rate estimators of every backend (IPVS's 2 s EWMA) on a
+/// thread of its own, so that sampling a large node never delays a config
+/// change. The estimators live in memory; the pinned rates map, which
+/// `svclb-ctl rate` reads and a restarted svclbd continues from, is written
+/// only where an estimate moved. What a sample costs does not grow with
+/// the number of services by syscalls: the backend list is read again only
+/// after an apply (the layout's apply serial moved), and the counters of a
+/// large node are read whole in a few batch syscalls.
+pub struct RateSampler {
+    pins: PinDir,
+    /// Indexed by backend id (dense: ids are handed out lowest first):
+    /// whose estimator it is (mark, address) and its state.
+    states: Vec<Option<(BackendOwner, RateState)>>,
+    /// The backends as of this apply serial.
+    backends: Option<(u32, Vec<(u32, BackendOwner)>)>,
+}
+
+type BackendOwner = (u32, [u32; 4]);
+
+impl RateSampler {
+    pub fn new(pins: PinDir) -> Self {
+        RateSampler {
+            pins,
+            states: Vec::new(),
+            backends: None,
+        }
+    }
+
+    /// Samples every 2 s until the process exits.
+    pub fn spawn(mut self) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("svclb-rates".into())
+            .spawn(move || {
+                let period = std::time::Duration::from_secs(SAMPLE_INTERVAL_SECS);
+                let mut next = std::time::Instant::now();
+                loop {
+                    if let Err(e) = self.sample(monotonic_ns()) {
+                        tracing::warn!("sampling rates: {e:#}");
+                    }
+                    next += period;
+                    std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+                }
+            })
+            .expect("spawning the rate sampler")
+    }
+
+    /// One sample of every backend.
+    pub fn sample(&mut self, now_ns: u64) -> Result<()> {
+        let mut dp = Dataplane::open(&self.pins)?;
+        let serial = dp.apply_serial()?;
+        let refreshed = self.backends.as_ref().is_none_or(|(s, _)| *s != serial);
+        if refreshed {
+            let snapshot = dp.snapshot_without_slots()?;
+            let list = snapshot
+                .services
+                .values()
+                .flat_map(|svc| {
+                    svc.backends
+                        .iter()
+                        .map(move |b| (b.id, (svc.mark, svclb_common::addr_words(b.addr))))
+                })
+                .collect();
+            self.backends = Some((serial, list));
+        }
+        let Some((_, backends)) = &self.backends else {
+            return Ok(());
+        };
+        let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+        let stats = dp.counters_by_id(&ids)?;
+        let mut moved_states = Vec::new();
+        if self.states.len() < stats.len() {
+            self.states.resize(stats.len(), None);
+        }
+        for &(id, owner) in backends {
+            let entry = self.states[id as usize].get_or_insert_with(|| {
+                // A restarted svclbd continues the pinned estimator.
+                (owner, dp.rates.get(&id, 0).unwrap_or_default())
+            });
+            if entry.0 != owner {
+                // The id was given to another backend: a new estimator.
+                *entry = (owner, RateState::default());
+            }
+            let now = counters(&stats[id as usize]);
+            if entry.1.sampled_ns != 0 && entry.1.last == now && entry.1.avg == [0; 5] {
+                // Idle and settled: nothing to fold in, nothing to write.
+                entry.1.sampled_ns = now_ns;
+                continue;
+            }
+            let before = entry.1;
+            sample(&mut entry.1, now, now_ns);
+            let moved =
+                before.avg != entry.1.avg || before.last != entry.1.last || before.sampled_ns == 0;
+            if moved {
+                moved_states.push((id, entry.1));
+            }
+        }
+        for (id, state) in moved_states {
+            dp.rates.insert(id, state, 0)?;
+        }
+        // Estimators of backends that are gone would mislead a reused id;
+        // backends go only with an apply.
+        if refreshed {
+            let live: std::collections::HashSet<u32> = ids.into_iter().collect();
+            for (id, state) in self.states.iter_mut().enumerate() {
+                if !live.contains(&(id as u32)) {
+                    *state = None;
+                }
+            }
+            for id in stale_estimators(&dp, &live) {
+                let _ = dp.rates.remove(&id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pinned estimators whose backend is gone.
+fn stale_estimators(dp: &Dataplane, live: &std::collections::HashSet<u32>) -> Vec<u32> {
+    dp.rates
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !live.contains(k))
+        .collect()
 }
 
 #[cfg(test)]

@@ -129,20 +129,27 @@ pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
 
 /// Reads every service with its counters; services sorted by mark.
 pub fn collect(dp: &Dataplane) -> Result<Vec<ServiceReport>> {
-    collect_from(dp, &dp.snapshot()?)
+    collect_from(dp, &dp.snapshot_without_slots()?)
 }
 
 pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceReport>> {
+    let ids: Vec<u32> = snapshot
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter().map(|b| b.id))
+        .collect();
+    let figures = dp.backend_figures(&ids)?;
     let mut out = Vec::new();
     for svc in snapshot.services.values() {
         let mut total = Counters::default();
         let mut estimators = Vec::new();
         let mut backends = Vec::new();
         for b in &svc.backends {
-            let stats = Counters::from(dp.backend_stats(b.id)?);
+            let f = figures.get(&b.id).copied().unwrap_or_default();
+            let stats = Counters::from(f.stats);
             total.add(&stats);
-            let gauge = dp.backend_conns(b.id)?;
-            let estimator = dp.rates.get(&b.id, 0).unwrap_or_default();
+            let gauge = f.conns;
+            let estimator = f.rate;
             estimators.push(estimator);
             backends.push(BackendReport {
                 address: b.addr,
@@ -177,12 +184,7 @@ pub fn rates_age(dp: &Dataplane) -> Result<Option<std::time::Duration>> {
         .filter_map(|e| e.ok())
         .map(|(_, st)| st.sampled_ns)
         .max();
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    let now = rates::monotonic_ns();
     Ok(newest.map(|n| std::time::Duration::from_nanos(now.saturating_sub(n))))
 }
 

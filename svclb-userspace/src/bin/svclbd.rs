@@ -159,7 +159,7 @@ async fn run(args: Args) -> Result<()> {
         tokio::spawn(svclb::metrics::serve(listener, pins.clone(), Some(extra)));
     }
     // IPVS's estimator samples every 2 s, on a thread of its own.
-    svclb::metrics::RateSampler::new(pins.clone()).spawn();
+    svclb::rates::RateSampler::new(pins.clone()).spawn();
     info!(
         pin_dir = %pins.root().display(),
         services = desired.services.len(),

@@ -1,0 +1,130 @@
+//! Reading a whole map in a few syscalls (BPF_MAP_LOOKUP_BATCH, kernel
+//! 5.6), which aya 0.14 does not expose: at 100,000 services a snapshot or
+//! a scrape would otherwise make one or two syscalls per entry (hundreds of
+//! thousands), which is what kept svclbd busy while idle.
+//!
+//! A kernel without batch operations (EINVAL/ENOTSUPP on the first call)
+//! gets `None`, and the caller falls back to iterating.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries asked for per call.
+const CHUNK: usize = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every (key, value) of a hash or array map whose values are `V`; for an
+/// array, only its first `limit` entries when given. `None`: this kernel
+/// has no batch lookups for the map.
+pub fn read_all<K: Pod + Default, V: Pod>(
+    fd: BorrowedFd<'_>,
+    limit: Option<usize>,
+) -> io::Result<Option<Vec<(K, V)>>> {
+    let mut out = Vec::new();
+    let supported = for_each(fd, size_of::<V>(), limit, |k: K, bytes| {
+        out.push((k, unsafe {
+            std::ptr::read_unaligned(bytes.as_ptr().cast::<V>())
+        }));
+    })?;
+    Ok(supported.then_some(out))
+}
+
+/// Every (key, value) of a per-CPU map whose values are `V`, summed over
+/// the CPUs with `add`; `limit` and `None` as for [`read_all`].
+pub fn read_all_per_cpu<K: Pod + Default, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    limit: Option<usize>,
+    add: impl Fn(&mut V, &V),
+) -> io::Result<Option<Vec<(K, V)>>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    // The kernel lays each CPU's value out at an 8-byte stride.
+    let stride = size_of::<V>().div_ceil(8) * 8;
+    let mut out = Vec::new();
+    let supported = for_each(fd, stride * cpus, limit, |k: K, bytes| {
+        let mut total = V::default();
+        for cpu in 0..cpus {
+            let v = unsafe { std::ptr::read_unaligned(bytes[cpu * stride..].as_ptr().cast::<V>()) };
+            add(&mut total, &v);
+        }
+        out.push((k, total));
+    })?;
+    Ok(supported.then_some(out))
+}
+
+/// Whether a map's batch lookups are unsupported by this kernel.
+fn unsupported(e: &io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own; EINVAL from kernels before 5.6.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
+    )
+}
+
+/// Calls `f` with each key and its value's bytes (`value_len` of them),
+/// stopping after `limit` entries; false if batch lookups are unsupported.
+fn for_each<K: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    value_len: usize,
+    limit: Option<usize>,
+    mut f: impl FnMut(K, &[u8]),
+) -> io::Result<bool> {
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![0u8; value_len * CHUNK];
+    // The batch position the kernel hands back: a bucket number for hash
+    // maps, a key for arrays (8 bytes hold either for svclb's u32 keys).
+    let mut token = [0u64; 1];
+    let mut first = true;
+    let mut left = limit.unwrap_or(usize::MAX);
+    while left > 0 {
+        let ask = CHUNK.min(left);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: token.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: ask as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(ask);
+        for (i, key) in keys.iter().enumerate().take(n) {
+            f(*key, &values[i * value_len..(i + 1) * value_len]);
+        }
+        left -= n;
+        match err {
+            None => {}
+            // That was the last batch.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(true),
+            Some(e) if first && unsupported(&e) => return Ok(false),
+            Some(e) => return Err(e),
+        }
+        first = false;
+    }
+    Ok(true)
+}
