@@ -28,16 +28,6 @@ use crate::{
 /// rendered after the data-plane metrics.
 pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
-const BACKEND_LABELS: [&str; 7] = [
-    "service",
-    "local_address",
-    "local_port",
-    "remote_address",
-    "remote_port",
-    "proto",
-    "local_mark",
-];
-
 /// Renders the metrics text for the maps pinned at `pins`.
 pub fn render(pins: &PinDir) -> Result<String> {
     let dp = Dataplane::open(pins)?;
@@ -53,46 +43,6 @@ pub fn render(pins: &PinDir) -> Result<String> {
         registry.register(Box::new(g.clone()))?;
         Ok(g)
     };
-    let conns = counter(
-        "svclb_backend_connections_total",
-        "Connections scheduled to the backend (IPVS Conns).",
-        &BACKEND_LABELS,
-    )?;
-    let in_pkts = counter(
-        "svclb_backend_incoming_packets_total",
-        "Packets from clients to the backend (IPVS InPkts).",
-        &BACKEND_LABELS,
-    )?;
-    let out_pkts = counter(
-        "svclb_backend_outgoing_packets_total",
-        "Packets from the backend to clients (IPVS OutPkts).",
-        &BACKEND_LABELS,
-    )?;
-    let in_bytes = counter(
-        "svclb_backend_incoming_bytes_total",
-        "L3 bytes from clients to the backend (IPVS InBytes).",
-        &BACKEND_LABELS,
-    )?;
-    let out_bytes = counter(
-        "svclb_backend_outgoing_bytes_total",
-        "L3 bytes from the backend to clients (IPVS OutBytes).",
-        &BACKEND_LABELS,
-    )?;
-    let active = gauge(
-        "svclb_backend_connections_active",
-        "TCP connections in ESTABLISHED (IPVS ActiveConn).",
-        &BACKEND_LABELS,
-    )?;
-    let inactive = gauge(
-        "svclb_backend_connections_inactive",
-        "Other live connections (IPVS InActConn).",
-        &BACKEND_LABELS,
-    )?;
-    let weight = gauge(
-        "svclb_backend_weight",
-        "Backend weight; 0 is quiescent.",
-        &BACKEND_LABELS,
-    )?;
     let svc_labels = ["service", "local_address", "local_mark", "scheduler"];
     let services_up = gauge(
         "svclb_service_backends",
@@ -105,6 +55,8 @@ pub fn render(pins: &PinDir) -> Result<String> {
     )?;
     registry.register(Box::new(rate.clone()))?;
 
+    // Per backend, the label set once; written below family by family.
+    let mut backend_labels: Vec<(String, &stats::BackendReport)> = Vec::new();
     for svc in &services {
         let mark = format!("{:08X}", svc.mark);
         let vip = svc.vip.to_string();
@@ -132,29 +84,15 @@ pub fn render(pins: &PinDir) -> Result<String> {
             ),
         };
         for b in &svc.backends {
-            let remote = b.address.to_string();
-            let remote_port = b.port.unwrap_or(0).to_string();
-            let labels = [
-                svc.name.as_str(),
-                &vip,
-                &local_port,
-                &remote,
-                &remote_port,
-                &proto,
-                &local_mark,
-            ];
-            conns.with_label_values(&labels).inc_by(b.stats.conns);
-            in_pkts.with_label_values(&labels).inc_by(b.stats.in_pkts);
-            out_pkts.with_label_values(&labels).inc_by(b.stats.out_pkts);
-            in_bytes.with_label_values(&labels).inc_by(b.stats.in_bytes);
-            out_bytes
-                .with_label_values(&labels)
-                .inc_by(b.stats.out_bytes);
-            active.with_label_values(&labels).set(b.active_conns as i64);
-            inactive
-                .with_label_values(&labels)
-                .set(b.inactive_conns as i64);
-            weight.with_label_values(&labels).set(i64::from(b.weight));
+            backend_labels.push((
+                format!(
+                    "service=\"{}\",local_address=\"{vip}\",local_port=\"{local_port}\",remote_address=\"{}\",remote_port=\"{}\",proto=\"{proto}\",local_mark=\"{local_mark}\"",
+                    escape_label(&svc.name),
+                    b.address,
+                    b.port.unwrap_or(0),
+                ),
+                b,
+            ));
         }
     }
     // Node totals, like node_exporter's node_ipvs_*_total.
@@ -198,7 +136,89 @@ pub fn render(pins: &PinDir) -> Result<String> {
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
-    Ok(String::from_utf8(out)?)
+    let mut text = String::from_utf8(out)?;
+    write_backend_families(&mut text, &backend_labels);
+    Ok(text)
+}
+
+/// The per-backend families, one line per backend each: written directly
+/// rather than through a registry, whose per-series bookkeeping made a
+/// scrape of 100,000 backends take tens of seconds and gigabytes.
+fn write_backend_families(text: &mut String, backends: &[(String, &stats::BackendReport)]) {
+    use std::fmt::Write as _;
+    type Value = fn(&stats::BackendReport) -> u64;
+    let families: [(&str, &str, &str, Value); 8] = [
+        (
+            "svclb_backend_connections_total",
+            "counter",
+            "Connections scheduled to the backend (IPVS Conns).",
+            |b| b.stats.conns,
+        ),
+        (
+            "svclb_backend_incoming_packets_total",
+            "counter",
+            "Packets from clients to the backend (IPVS InPkts).",
+            |b| b.stats.in_pkts,
+        ),
+        (
+            "svclb_backend_outgoing_packets_total",
+            "counter",
+            "Packets from the backend to clients (IPVS OutPkts).",
+            |b| b.stats.out_pkts,
+        ),
+        (
+            "svclb_backend_incoming_bytes_total",
+            "counter",
+            "L3 bytes from clients to the backend (IPVS InBytes).",
+            |b| b.stats.in_bytes,
+        ),
+        (
+            "svclb_backend_outgoing_bytes_total",
+            "counter",
+            "L3 bytes from the backend to clients (IPVS OutBytes).",
+            |b| b.stats.out_bytes,
+        ),
+        (
+            "svclb_backend_connections_active",
+            "gauge",
+            "TCP connections in ESTABLISHED (IPVS ActiveConn).",
+            |b| b.active_conns,
+        ),
+        (
+            "svclb_backend_connections_inactive",
+            "gauge",
+            "Other live connections (IPVS InActConn).",
+            |b| b.inactive_conns,
+        ),
+        (
+            "svclb_backend_weight",
+            "gauge",
+            "Backend weight; 0 is quiescent.",
+            |b| u64::from(b.weight),
+        ),
+    ];
+    if backends.is_empty() {
+        return;
+    }
+    text.reserve(backends.len() * families.len() * (backends[0].0.len() + 48));
+    for (name, kind, help, value) in families {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, b) in backends {
+            let _ = writeln!(text, "{name}{{{labels}}} {}", value(b));
+        }
+    }
+}
+
+/// A label value as the text format quotes it.
+fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains(['\\', '"', '\n']) {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        v.into()
+    }
 }
 
 /// DNS discovery's state, for alerting on a name that stopped answering:
