@@ -260,6 +260,9 @@ impl Dataplane {
                         )
                     })?;
                     self.networks.insert(key, bit, 0)?;
+                    // A kept snapshot no longer lists every network: the
+                    // next plan must not hand this bit out again.
+                    self.kept = None;
                     bit
                 }
             };
@@ -276,6 +279,14 @@ impl Dataplane {
         }
         let scope = self.network_scope(networks)?;
         self.scopes.insert(cgroup_id, scope, 0)?;
+        Ok(())
+    }
+
+    /// Puts the processes of a cgroup on no network at all, explicitly: an
+    /// attached ancestor's networks do not apply to it (the deepest entry
+    /// wins), so it sees no network-scoped service.
+    pub fn set_cgroup_no_networks(&mut self, cgroup_id: u64) -> Result<()> {
+        self.scopes.insert(cgroup_id, 0u64, 0)?;
         Ok(())
     }
 
