@@ -478,13 +478,24 @@ impl Engine {
         Ok(())
     }
 
-    /// `api`-style: `replicas` identity servers.
+    /// `api`-style: `replicas` identity servers. Each has a health check,
+    /// as a Swarm service should: the engine puts a task behind the VIP once
+    /// it is healthy (listening), not as soon as its process starts.
     pub fn server_service(&mut self, name: &str, networks: &[&str], replicas: u32) -> Result<()> {
         let r = replicas.to_string();
         self.service(
             name,
             networks,
-            &["--replicas", &r],
+            &[
+                "--replicas",
+                &r,
+                "--health-cmd",
+                "/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8080), 1)'",
+                "--health-interval",
+                "500ms",
+                "--health-retries",
+                "1",
+            ],
             &["/usr/bin/python3", "/srv/server.py"],
         )?;
         self.wait_running(name, replicas as usize)?;

@@ -209,6 +209,20 @@ fn scale_and_kill_under_a_connect_loop() {
                 );
             }
         }
+        if failed != 0 {
+            let events = e
+                .docker(&[
+                    "events",
+                    "--since",
+                    "60s",
+                    "--until",
+                    "0s",
+                    "--format",
+                    "{{.TimeNano}} {{.Type}} {{.Action}} {{.Actor.ID}}",
+                ])
+                .unwrap_or_else(|e| e.to_string());
+            eprintln!("EVENTS\n{events}\nSVCLBD\n{}", daemon.log_text());
+        }
         assert_eq!(
             failed,
             0,
@@ -221,6 +235,49 @@ fn scale_and_kill_under_a_connect_loop() {
         assert!(failed.is_empty(), "{step}: {failed:?}");
         assert_eq!(per_task.keys().cloned().collect::<Vec<_>>(), ips, "{step}");
     }
+
+    // A rolling update (stop-first, one task at a time): every task replaced.
+    let old: Vec<String> = e.tasks("api").unwrap().into_iter().map(|t| t.id).collect();
+    let looping = e.connect_loop(&s.web, "api", 20).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    e.docker(&["service", "update", "-d", "--force", "api"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ips = loop {
+        let tasks = e.tasks("api").unwrap();
+        if tasks.len() == 2 && tasks.iter().all(|t| !old.contains(&t.id)) {
+            let mut v: Vec<String> = tasks.iter().map(|t| t.addrs[NET].clone()).collect();
+            v.sort();
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rolling update did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    seen_tasks.extend(ips.iter().cloned());
+    wait_backends(&pins, &ips, &daemon);
+    let attempts = looping.finish().unwrap();
+    let failed = fails(&attempts).len();
+    report.push(format!(
+        "update --force: {} connects, {failed} failed",
+        attempts.len()
+    ));
+    for a in &attempts {
+        if let Attempt::Ok { task_addr, .. } = a {
+            assert!(
+                seen_tasks.contains(task_addr),
+                "update: reached {task_addr}"
+            );
+        }
+    }
+    assert_eq!(
+        failed,
+        0,
+        "update --force: {:?}\n{report:?}",
+        fails(&attempts)
+    );
 
     // docker kill of a task: Swarm replaces it, with a new address.
     let looping = e.connect_loop(&s.web, "api", 12).unwrap();

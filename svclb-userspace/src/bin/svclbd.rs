@@ -58,6 +58,11 @@ struct Args {
     /// the cgroup2 mount, e.g. /docker); found from the engine by default.
     #[arg(long, value_name = "PATH", requires = "docker")]
     docker_cgroup_parent: Option<PathBuf>,
+    /// With --docker: read the engine's view this often, events or not. The
+    /// engine takes a task out of its VIP 2 s before it stops it and
+    /// announces nothing then, so this stays well under 2 s.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    docker_poll: std::time::Duration,
     /// A network the attached cgroups' processes are on (repeatable): they
     /// see the services limited to it.
     #[arg(long = "network", value_name = "NAME")]
@@ -224,7 +229,8 @@ async fn run(args: Args) -> Result<()> {
     } else {
         drop(docker_tx);
     }
-    let mut periodic = tokio::time::interval(sync::docker::PERIODIC);
+    let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::DEBOUNCE));
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.tick().await;
 
     loop {
@@ -232,7 +238,12 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             Some(wake) = docker_rx.recv(), if docker.is_some() => {
                 let why = match wake {
-                    Wake::Event(what) => what,
+                    Wake::Event { what, stopping } => {
+                        if let (Some(id), Some(d)) = (stopping, &mut docker) {
+                            d.container_stopping(id);
+                        }
+                        what
+                    }
                     Wake::Connected => {
                         if let Some(d) = &mut docker {
                             d.reconnected();
@@ -245,13 +256,17 @@ async fn run(args: Args) -> Result<()> {
                     }
                 };
                 // A quiet moment: a task start is a burst of events.
-                while let Ok(Some(_)) =
+                while let Ok(Some(more)) =
                     tokio::time::timeout(sync::docker::DEBOUNCE, docker_rx.recv()).await
-                {}
+                {
+                    if let (Wake::Event { stopping: Some(id), .. }, Some(d)) = (more, &mut docker) {
+                        d.container_stopping(id);
+                    }
+                }
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, &why).await;
             },
             _ = periodic.tick(), if docker.is_some() => {
-                docker_resync(&mut dp, &config, &mut docker, &mut discovery, "periodic Docker resync").await;
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, "Docker poll").await;
             },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

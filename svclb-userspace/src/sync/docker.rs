@@ -19,7 +19,12 @@
 //!   an explicit empty scope and sees none of them.
 //! - `GET /events` (container, network, service events): any event leads to
 //!   a resync of the whole view, after a few quiet milliseconds
-//!   ([`DEBOUNCE`]); so does a (re)connect, and a periodic timer.
+//!   ([`DEBOUNCE`]); so does a (re)connect. And the view is polled (every
+//!   second by default, svclbd --docker-poll): when a task is stopped (scale
+//!   down, update, drain) the engine takes it out of the VIP first, waits
+//!   2 s for the cluster to converge, then stops it, and no event tells of
+//!   the first step. Polling within those 2 s takes the task out of svclb's
+//!   schedule before its process goes away, so no connect reaches it.
 //!
 //! A service scaled to 0 vanishes from the network's `Services` while
 //! Docker's DNS still answers its VIP: it is kept, with no backend (so
@@ -58,8 +63,6 @@ use crate::docker;
 /// Quiet time after an event before resyncing: a task start comes with a
 /// burst of events (create, network connect, start).
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
-/// The safety net: a full resync this often, events or not.
-pub const PERIODIC: Duration = Duration::from_secs(30);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -120,8 +123,12 @@ impl Status {
 /// Why the event follower wakes svclbd up.
 #[derive(Debug)]
 pub enum Wake {
-    /// An event of this type and action.
-    Event(String),
+    /// An event of this type and action; `stopping`: the container (ID) a
+    /// terminating signal was just sent to.
+    Event {
+        what: String,
+        stopping: Option<String>,
+    },
     /// The event stream is (re)connected: resync, something may have been missed.
     Connected,
     /// The event stream broke.
@@ -145,6 +152,10 @@ pub struct DockerSync {
     pending: Option<Pending>,
     /// Docker's services changed and are not applied yet.
     dirty: bool,
+    /// Containers being stopped (a terminating signal was sent): their
+    /// addresses are no backend any more, though the engine still lists
+    /// them until they die.
+    stopping: std::collections::BTreeSet<String>,
     status: Arc<Status>,
 }
 
@@ -385,6 +396,7 @@ impl DockerSync {
             parent: None,
             pending: None,
             dirty: true,
+            stopping: Default::default(),
             status: Arc::new(Status::default()),
         })
     }
@@ -545,6 +557,14 @@ impl DockerSync {
         }
     }
 
+    /// A container is being stopped: take its addresses out of every
+    /// service at the next resync. The engine keeps a stopping task in its
+    /// view until the process is gone, and sends no event in between; new
+    /// connects must not go to a task that is shutting down.
+    pub fn container_stopping(&mut self, id: String) {
+        self.stopping.insert(id);
+    }
+
     /// The services from the last resync are in the maps.
     pub fn applied(&mut self) {
         self.dirty = false;
@@ -552,6 +572,30 @@ impl DockerSync {
 
     async fn read_view(&mut self) -> Result<View> {
         self.ensure_negotiated().await?;
+        let list = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|e| docker::explain(e, "GET /containers/json"))?;
+        // Addresses of the containers being stopped; a container no longer
+        // running is forgotten (the engine drops it from its view too).
+        let running: Vec<&str> = list.iter().filter_map(|c| c.id.as_deref()).collect();
+        self.stopping.retain(|id| running.contains(&id.as_str()));
+        let mut leaving: Vec<IpAddr> = Vec::new();
+        for c in &list {
+            if !c.id.as_ref().is_some_and(|id| self.stopping.contains(id)) {
+                continue;
+            }
+            let nets = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref());
+            for ep in nets.into_iter().flat_map(|m| m.values()) {
+                if let Some(ip) = ep.ip_address.as_deref().and_then(|a| a.parse().ok()) {
+                    leaving.push(ip);
+                }
+            }
+        }
         let nets = self
             .docker
             .list_networks(None::<ListNetworksOptions>)
@@ -580,7 +624,8 @@ impl DockerSync {
                 Err(e) if docker::is_not_found(&e) => continue,
                 Err(e) => return Err(docker::explain(e, &format!("GET /networks/{id}"))),
             };
-            for spec in services_of_network(&name, &inspect.services.unwrap_or_default()) {
+            for mut spec in services_of_network(&name, &inspect.services.unwrap_or_default()) {
+                spec.backends.retain(|b| !leaving.contains(&b.addr));
                 found.insert(spec.name.clone(), spec);
             }
             swarm.push(name);
@@ -623,11 +668,6 @@ impl DockerSync {
             found.insert(name.clone(), kept);
         }
         // Containers and the swarm networks they are on.
-        let list = self
-            .docker
-            .list_containers(None::<ListContainersOptions>)
-            .await
-            .map_err(|e| docker::explain(e, "GET /containers/json"))?;
         let mut containers = BTreeMap::new();
         for c in list {
             let Some(id) = c.id else { continue };
@@ -714,6 +754,22 @@ impl DockerSync {
     }
 }
 
+/// Signals `docker stop` (the usual stop signals) and `docker kill` send
+/// to end a container.
+fn is_terminating(signal: i32) -> bool {
+    matches!(signal, 2 | 3 | 9 | 15)
+}
+
+fn wake_matters(wake: &Wake) -> bool {
+    matches!(
+        wake,
+        Wake::Event {
+            stopping: Some(_),
+            ..
+        }
+    )
+}
+
 /// Follows `GET /events` and wakes svclbd up: on every relevant event, on
 /// each (re)connect, and when the stream breaks; reconnects with backoff.
 pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>) {
@@ -762,12 +818,29 @@ pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>
                         if action.starts_with("exec_") {
                             continue;
                         }
-                        let what = format!(
-                            "{} {action}",
-                            ev.typ.map(|t| t.to_string()).unwrap_or_default()
-                        );
-                        // A full channel already holds a wake-up.
-                        let _ = tx.try_send(Wake::Event(what));
+                        let typ = ev.typ.map(|t| t.to_string()).unwrap_or_default();
+                        let what = format!("{typ} {action}");
+                        let actor = ev.actor.unwrap_or_default();
+                        let signal = actor
+                            .attributes
+                            .as_ref()
+                            .and_then(|a| a.get("signal"))
+                            .and_then(|s| s.parse::<i32>().ok());
+                        let stopping = (typ == "container"
+                            && (action == "die"
+                                || (action == "kill" && signal.is_some_and(is_terminating))))
+                        .then_some(actor.id)
+                        .flatten();
+                        let wake = Wake::Event { what, stopping };
+                        if wake_matters(&wake) {
+                            // Must not be lost: it takes a task out now.
+                            if tx.send(wake).await.is_err() {
+                                return;
+                            }
+                        } else {
+                            // A full channel already holds a wake-up.
+                            let _ = tx.try_send(wake);
+                        }
                     }
                     Some(Err(e)) => break format!("{e}"),
                     None => break "the engine closed the event stream".to_owned(),
