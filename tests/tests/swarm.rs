@@ -460,13 +460,23 @@ fn engine_away_keeps_the_maps_and_a_restart_resyncs() {
         .wait_for_log("lost the Docker engine", Duration::from_secs(20))
         .unwrap();
     // Stopping dockerd stops the tasks too (Swarm has no live-restore); the
-    // maps still hold what the engine said last.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        listed_backends(&pins),
-        api.task_ips,
-        "nothing removed while the engine is away"
+    // maps still hold what the engine said last (less tasks it said were
+    // stopping), and discovery says it is stale.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&daemon, "svclb_docker_stale") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "not flagged stale:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = pins.ctl(&["list", "--json"]).unwrap();
+    assert!(
+        listed.contains("\"api@backend\""),
+        "api forgotten while the engine is away: {listed}"
     );
+    assert!(listed.contains(&format!("\"{}\"", api.vip)), "{listed}");
 
     s.engine.restart_dockerd().unwrap();
     // Swarm restarts the tasks, with new addresses or the same; svclb follows.
@@ -490,6 +500,7 @@ fn engine_away_keeps_the_maps_and_a_restart_resyncs() {
         std::thread::sleep(Duration::from_millis(200));
     }
     wait_backends(&pins, &ips, &daemon);
+    assert_eq!(metric(&daemon, "svclb_docker_stale"), Some(0.0));
     let attempts = s.engine.client(&web.id, "tcp", "api", 20).unwrap();
     let (per_task, failed) = tally(&attempts);
     assert!(failed.is_empty(), "{failed:?}\n{}", daemon.log_text());
@@ -516,6 +527,15 @@ fn attach_by_container_against_a_real_docker_engine() {
         by_container.relative.to_string_lossy().contains(&task.id),
         "{by_container:?}"
     );
+}
+
+/// One unlabelled sample of svclbd's /metrics.
+fn metric(daemon: &Svclbd, name: &str) -> Option<f64> {
+    let addr = daemon.metrics_addr()?;
+    let (_, text) = svclb_tests::http::get(addr, "/metrics").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn tokio_runtime() -> tokio::runtime::Runtime {
