@@ -91,6 +91,17 @@ pub fn run(test_tools: bool) -> Result<()> {
     Ok(())
 }
 
+/// What the Swarm demo needs: an engine and busybox for its image.
+pub fn swarm() -> Result<()> {
+    let mut packages = vec!["busybox-static"];
+    if docker_installed() {
+        println!("docker: an engine is installed already (dockerd and containerd on PATH)");
+    } else {
+        packages.push(DOCKER_PACKAGE);
+    }
+    apt(&packages)
+}
+
 fn apt(packages: &[&str]) -> Result<()> {
     let (present, missing): (Vec<&str>, Vec<&str>) =
         packages.iter().partition(|p| dpkg_installed(p));
