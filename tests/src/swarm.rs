@@ -17,7 +17,8 @@
 //! [`LOCK_PATH`]): engines share the host's `docker0` and
 //! `docker_gwbridge` names. Dropping an [`Engine`] (also on panic) removes
 //! its services and networks, leaves the swarm, stops dockerd and deletes
-//! its directories and the bridges it created.
+//! its directories, the bridges and the host iptables rules and chains that
+//! appeared while it ran, and puts ip_forward back as it was.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -217,7 +218,57 @@ pub struct Engine {
     /// Host links that did not exist before this engine started.
     created_links: Vec<String>,
     links_before: Vec<String>,
+    /// `iptables -t T -S` of the host before dockerd started, per table.
+    iptables_before: Vec<(&'static str, Vec<String>)>,
+    ip_forward_before: Option<String>,
     _lock: fs::File,
+}
+
+/// The host tables dockerd writes to.
+const IPTABLES_TABLES: [&str; 3] = ["filter", "nat", "mangle"];
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+fn iptables_rules(table: &str) -> Vec<String> {
+    Command::new("iptables")
+        .args(["-w", "-t", table, "-S"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes the host rules and chains that appeared since `before` was read
+/// (dockerd's DOCKER* chains, its docker0 and docker_gwbridge rules): rules
+/// first, newest first, then the chains they jumped to.
+fn remove_added_iptables(before: &[(&'static str, Vec<String>)]) {
+    for (table, old) in before {
+        let added: Vec<String> = iptables_rules(table)
+            .into_iter()
+            .filter(|r| !old.contains(r))
+            .collect();
+        for rule in added.iter().rev().filter(|r| r.starts_with("-A ")) {
+            let args: Vec<&str> = rule[3..].split_whitespace().collect();
+            let _ = Command::new("iptables")
+                .args(["-w", "-t", table, "-D"])
+                .args(&args)
+                .stderr(Stdio::null())
+                .status();
+        }
+        for chain in added.iter().filter_map(|r| r.strip_prefix("-N ")) {
+            for op in ["-F", "-X"] {
+                let _ = Command::new("iptables")
+                    .args(["-w", "-t", table, op, chain.trim()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
 
 fn host_links() -> Vec<String> {
@@ -277,6 +328,11 @@ impl Engine {
             containers: Vec::new(),
             created_links: Vec::new(),
             links_before: host_links(),
+            iptables_before: IPTABLES_TABLES
+                .iter()
+                .map(|t| (*t, iptables_rules(t)))
+                .collect(),
+            ip_forward_before: fs::read_to_string(IP_FORWARD).ok(),
             _lock: lock,
         };
         engine.start_dockerd()?;
@@ -771,6 +827,12 @@ impl Engine {
                 .args(["link", "del", link])
                 .stderr(Stdio::null())
                 .status();
+        }
+        remove_added_iptables(&self.iptables_before);
+        if let Some(before) = &self.ip_forward_before {
+            if fs::read_to_string(IP_FORWARD).ok().as_ref() != Some(before) {
+                let _ = fs::write(IP_FORWARD, before);
+            }
         }
         let _ = fs::remove_dir_all(&self.dir);
         let cg =

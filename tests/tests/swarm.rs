@@ -361,19 +361,22 @@ fn a_new_task_connects_from_its_first_instruction() {
 fn containers_see_only_their_networks_services() {
     let mut s = swarm(2);
     s.engine.network("other", "172.51.0.0/24").unwrap();
+    // A service of the other network only.
+    s.engine.server_service("db", &["other"], 1).unwrap();
     let pins = PinDir::new();
     let daemon = svclbd(&pins, &s.engine);
     let api = view(&s.engine);
     wait_backends(&pins, &api.task_ips, &daemon);
 
-    let total = |pins: &PinDir| -> u64 {
+    let conns = |pins: &PinDir, mark: u32| -> u64 {
         parse_stats(&pins.ctl(&["stats", "--exact"]).unwrap())
             .unwrap()
             .iter()
-            .filter(|r| r.name == format!("FWM  {}", api.local_lb_index))
+            .filter(|r| !r.is_backend && r.name == format!("FWM  {mark}"))
             .map(|r| r.conns)
             .sum()
     };
+    let total = |pins: &PinDir| conns(pins, api.local_lb_index);
     // On another network only: api's VIP means nothing to it.
     let outsider = s.engine.run_container("outsider", Some("other")).unwrap();
     // On no network at all.
@@ -406,6 +409,78 @@ fn containers_see_only_their_networks_services() {
     assert!(failed.is_empty(), "{failed:?}\n{}", daemon.log_text());
     assert_eq!(per_task.len(), 2);
     assert_eq!(total(&pins), before + 10);
+
+    // A container on two networks sees both networks' services: db too.
+    let db = s
+        .engine
+        .service_view("other", "db")
+        .unwrap()
+        .expect("db in other's view");
+    let db_before = conns(&pins, db.local_lb_index);
+    let attempts = s.engine.client(&both.id, "tcp", "db", 5).unwrap();
+    let (per_task, failed) = tally(&attempts);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(per_task.keys().cloned().collect::<Vec<_>>(), db.task_ips);
+    assert_eq!(conns(&pins, db.local_lb_index), db_before + 5);
+    // web, on backend only, is not balanced to db's VIP.
+    let attempts = s.engine.client(&s.web, "tcp", &db.vip, 3).unwrap();
+    assert!(
+        attempts.iter().all(|a| matches!(a, Attempt::Fail { .. })),
+        "web reached db: {attempts:?}"
+    );
+    assert_eq!(conns(&pins, db.local_lb_index), db_before + 5);
+}
+
+#[test]
+fn a_file_service_on_a_swarm_vip_is_refused_by_name() {
+    let s = swarm(2);
+    let api = view(&s.engine);
+    // The file claims api's VIP, and a second service with a free one.
+    let config = svclb_tests::daemon::write_temp(
+        "svclb.toml",
+        &format!(
+            "[[service]]\nname = \"mine\"\nvip = \"{}\"\nmark = 4000\nbackends = [\"10.99.0.1\"]\n\n\
+             [[service]]\nname = \"other\"\nvip = \"10.98.0.1\"\nmark = 4001\nbackends = [\"10.99.0.2\"]\n",
+            api.vip
+        ),
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let daemon = Svclbd::start(
+        &pins,
+        &[
+            "--docker",
+            "--docker-host",
+            &s.engine.host(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    daemon
+        .wait_for_log("Docker service refused", Duration::from_secs(10))
+        .unwrap();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("api@backend")
+            && log.contains(&format!("VIP {} is already the VIP of \"mine\"", api.vip)),
+        "{log}"
+    );
+    let listed = pins.ctl(&["list", "--json"]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let names: BTreeSet<String> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    // The file's services and web's are in; api is not.
+    assert!(
+        names.contains("mine") && names.contains("other") && names.contains("web@backend"),
+        "{names:?}"
+    );
+    assert!(!names.contains("api@backend"), "{names:?}");
+    let _ = std::fs::remove_file(config);
 }
 
 #[test]
