@@ -43,7 +43,8 @@ const ENGINE_READY_WITHIN: Duration = Duration::from_secs(60);
 /// The identity server each `api` task runs: answers every TCP connection
 /// and UDP datagram with `<hostname> <the address it was reached at>`
 /// (for UDP, its address from /etc/hosts),
-/// and keeps the number of accepted connections in /tmp/accepted.
+/// and keeps the number of connections it accepted from other containers in
+/// /tmp/accepted.
 pub const SERVER_PY: &str = r#"
 import socket, threading
 host = socket.gethostname()
@@ -63,7 +64,9 @@ s.listen(512)
 accepted = 0
 while True:
     c, peer = s.accept()
-    accepted += 1
+    # The health check's connections (from 127.0.0.1) are not traffic.
+    if peer[0] != "127.0.0.1":
+        accepted += 1
     try:
         c.sendall(("%s %s\n" % (host, c.getsockname()[0])).encode())
     except OSError:
@@ -210,6 +213,8 @@ pub struct Engine {
     dir: PathBuf,
     socket: PathBuf,
     cgroup_parent: String,
+    /// The network namespace dockerd runs in (a second node), or the host's.
+    netns: Option<String>,
     child: Option<Child>,
     image: Option<String>,
     services: Vec<String>,
@@ -221,7 +226,73 @@ pub struct Engine {
     /// `iptables -t T -S` of the host before dockerd started, per table.
     iptables_before: Vec<(&'static str, Vec<String>)>,
     ip_forward_before: Option<String>,
-    _lock: fs::File,
+    _lock: Option<fs::File>,
+}
+
+/// Removes the cgroup `parent` (and what is left under it) from every
+/// cgroup hierarchy: with the cgroupfs driver on cgroup v1, dockerd makes it
+/// in each controller's hierarchy as well as in the unified one. runc
+/// removes a container's cgroups just after the container is gone, hence
+/// the retries.
+fn remove_cgroups(parent: &str) {
+    fn remove_tree(dir: &Path) {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(dir);
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let roots: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect();
+    for _ in 0..20 {
+        let left: Vec<PathBuf> = roots
+            .iter()
+            .map(|r| r.join(parent.trim_start_matches('/')))
+            .filter(|d| d.exists())
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for d in &left {
+            remove_tree(d);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One private engine (or pair) at a time on the machine.
+fn lock() -> Result<fs::File> {
+    crate::util::require_root()?;
+    for (bin, package) in [("dockerd", "docker.io"), ("busybox", "busybox-static")] {
+        if !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(bin).exists())
+        {
+            bail!(
+                "{bin} is not installed: run `cargo xtask setup` (it installs Debian's {package})"
+            );
+        }
+    }
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_PATH)
+        .with_context(|| format!("opening {LOCK_PATH}"))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the private engine");
+    }
+    Ok(lock)
 }
 
 /// The host tables dockerd writes to.
@@ -294,25 +365,13 @@ impl Engine {
     /// Starts dockerd, waits for it and initialises the swarm. Fails (never
     /// skips) when the engine cannot run here, naming why.
     pub fn start() -> Result<Engine> {
-        crate::util::require_root()?;
-        for (bin, package) in [("dockerd", "docker.io"), ("busybox", "busybox-static")] {
-            if !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-                .iter()
-                .any(|d| Path::new(d).join(bin).exists())
-            {
-                bail!("{bin} is not installed: run `cargo xtask setup` (it installs Debian's {package})");
-            }
-        }
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_PATH)
-            .with_context(|| format!("opening {LOCK_PATH}"))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking the private engine");
-        }
+        let lock = lock()?;
+        Self::launch(None, Some("127.0.0.1"), Some(lock))
+    }
+
+    /// dockerd in the host's network namespace or in `netns`; with `init`,
+    /// a swarm is initialised advertising (and listening on) that address.
+    fn launch(netns: Option<String>, init: Option<&str>, lock: Option<fs::File>) -> Result<Engine> {
         let tag = format!("{}-{}", std::process::id(), crate::daemon::unique());
         let dir = PathBuf::from(format!("/tmp/svclb-swarm-{tag}"));
         let _ = fs::remove_dir_all(&dir);
@@ -321,6 +380,7 @@ impl Engine {
             socket: dir.join("docker.sock"),
             cgroup_parent: format!("/svclb-swarm-{tag}"),
             dir,
+            netns,
             child: None,
             image: None,
             services: Vec::new(),
@@ -336,10 +396,24 @@ impl Engine {
             _lock: lock,
         };
         engine.start_dockerd()?;
-        engine
-            .docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"])
-            .context("initialising the swarm")?;
+        if let Some(addr) = init {
+            engine
+                .docker(&[
+                    "swarm",
+                    "init",
+                    "--advertise-addr",
+                    addr,
+                    "--listen-addr",
+                    &format!("{addr}:2377"),
+                ])
+                .context("initialising the swarm")?;
+        }
         Ok(engine)
+    }
+
+    /// This node's swarm node ID.
+    pub fn node_id(&self) -> Result<String> {
+        self.docker(&["info", "--format", "{{.Swarm.NodeID}}"])
     }
 
     fn start_dockerd(&mut self) -> Result<()> {
@@ -347,7 +421,17 @@ impl Engine {
             .create(true)
             .append(true)
             .open(self.dir.join("dockerd.log"))?;
-        let mut cmd = Command::new("dockerd");
+        let mut cmd = match &self.netns {
+            // nsenter, not `ip netns exec`: that remounts /sys and hides
+            // the cgroup mounts dockerd needs.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", crate::netns::netns_path(ns).display()))
+                    .arg("dockerd");
+                c
+            }
+            None => Command::new("dockerd"),
+        };
         cmd.arg("--data-root")
             .arg(self.dir.join("data"))
             .arg("--exec-root")
@@ -393,6 +477,9 @@ impl Engine {
     /// Remembers the host links made since the engine started (docker0,
     /// docker_gwbridge, ...), to delete them at the end.
     fn note_links(&mut self) {
+        if self.netns.is_some() {
+            return;
+        }
         for link in host_links() {
             if !self.links_before.contains(&link) && !self.created_links.contains(&link) {
                 self.created_links.push(link);
@@ -538,36 +625,58 @@ impl Engine {
     /// as a Swarm service should: the engine puts a task behind the VIP once
     /// it is healthy (listening), not as soon as its process starts.
     pub fn server_service(&mut self, name: &str, networks: &[&str], replicas: u32) -> Result<()> {
-        let r = replicas.to_string();
-        self.service(
-            name,
-            networks,
-            &[
-                "--replicas",
-                &r,
-                "--health-cmd",
-                "/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8080), 1)'",
-                "--health-interval",
-                "500ms",
-                "--health-retries",
-                "1",
-            ],
-            &["/usr/bin/python3", "/srv/server.py"],
-        )?;
+        self.server_service_with(name, networks, replicas, &[])?;
         self.wait_running(name, replicas as usize)?;
         Ok(())
     }
 
-    /// `web`-style: one task that sleeps, for `docker exec`.
-    pub fn client_service(&mut self, name: &str, networks: &[&str]) -> Result<Container> {
+    /// Like [`Engine::server_service`] with more `docker service create`
+    /// options, not waiting for the tasks.
+    pub fn server_service_with(
+        &mut self,
+        name: &str,
+        networks: &[&str],
+        replicas: u32,
+        extra: &[&str],
+    ) -> Result<()> {
+        let r = replicas.to_string();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend_from_slice(&[
+            "--replicas",
+            &r,
+            "--health-cmd",
+            "/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8080), 1)'",
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "1",
+        ]);
         self.service(
             name,
             networks,
-            &["--replicas", "1"],
-            &["/bin/sleep", "100000"],
-        )?;
+            &args,
+            &["/usr/bin/python3", "/srv/server.py"],
+        )
+    }
+
+    /// `web`-style: one task that sleeps, for `docker exec`; `extra` as for
+    /// [`Engine::service`] (e.g. a placement constraint).
+    pub fn client_service_with(
+        &mut self,
+        name: &str,
+        networks: &[&str],
+        extra: &[&str],
+    ) -> Result<Container> {
+        let mut args = vec!["--replicas", "1"];
+        args.extend_from_slice(extra);
+        self.service(name, networks, &args, &["/bin/sleep", "100000"])?;
         let tasks = self.wait_running(name, 1)?;
         Ok(tasks.into_iter().next().expect("one task"))
+    }
+
+    /// `web`-style: one task that sleeps, for `docker exec`.
+    pub fn client_service(&mut self, name: &str, networks: &[&str]) -> Result<Container> {
+        self.client_service_with(name, networks, &[])
     }
 
     /// A plain (non-swarm) container on `network` (an attachable overlay),
@@ -828,6 +937,12 @@ impl Engine {
                 .stderr(Stdio::null())
                 .status();
         }
+        if self.netns.is_some() {
+            // Its bridges and rules are in its namespace, deleted with it.
+            let _ = fs::remove_dir_all(&self.dir);
+            remove_cgroups(&self.cgroup_parent);
+            return;
+        }
         remove_added_iptables(&self.iptables_before);
         if let Some(before) = &self.ip_forward_before {
             if fs::read_to_string(IP_FORWARD).ok().as_ref() != Some(before) {
@@ -835,9 +950,7 @@ impl Engine {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
-        let cg =
-            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_parent.trim_start_matches('/'));
-        let _ = fs::remove_dir(cg);
+        remove_cgroups(&self.cgroup_parent);
     }
 }
 
@@ -867,5 +980,114 @@ impl Drop for ConnectLoop {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Two swarm nodes on this one machine: node 1 (a manager) in the host's
+/// network namespace, node 2 (a worker) in a namespace of its own, joined
+/// over a veth pair (10.99.0.1 and 10.99.0.2, addresses that exist only on
+/// that pair). Overlay traffic between them is VXLAN over the veth.
+/// Dropped in order: node 2, node 1, then the namespace and the veth.
+pub struct TwoNodes {
+    pub node2: Engine,
+    pub node1: Engine,
+    _link: NodeLink,
+    _lock: fs::File,
+}
+
+/// The second node's namespace and the veth to it; deleted on drop.
+struct NodeLink {
+    netns: String,
+    host_if: String,
+}
+
+impl Drop for NodeLink {
+    fn drop(&mut self) {
+        let _ = crate::util::ip_command()
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+        let _ = crate::util::ip_command()
+            .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Node 1's address on the veth.
+pub const NODE1_ADDR: &str = "10.99.0.1";
+/// Node 2's.
+pub const NODE2_ADDR: &str = "10.99.0.2";
+
+impl TwoNodes {
+    /// Both engines, node 2 joined to node 1's swarm as a worker, the test
+    /// image loaded on both.
+    pub fn start() -> Result<TwoNodes> {
+        let lock = lock()?;
+        let pid = std::process::id();
+        let link = NodeLink {
+            netns: format!("svclb-n2-{pid}"),
+            host_if: format!("svn1-{pid}"),
+        };
+        let ip = |args: &[&str]| crate::util::run(crate::util::ip_command().args(args));
+        ip(&["netns", "add", &link.netns])?;
+        ip(&[
+            "link",
+            "add",
+            &link.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth-n2",
+            "netns",
+            &link.netns,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{NODE1_ADDR}/24"),
+            "dev",
+            &link.host_if,
+        ])?;
+        ip(&["link", "set", &link.host_if, "up"])?;
+        ip(&[
+            "-n",
+            &link.netns,
+            "addr",
+            "add",
+            &format!("{NODE2_ADDR}/24"),
+            "dev",
+            "eth-n2",
+        ])?;
+        ip(&["-n", &link.netns, "link", "set", "eth-n2", "up"])?;
+        ip(&["-n", &link.netns, "link", "set", "lo", "up"])?;
+
+        let mut node1 = Engine::launch(None, Some(NODE1_ADDR), None)?;
+        let node2 = Engine::launch(Some(link.netns.clone()), None, None)?;
+        let token = node1.docker(&["swarm", "join-token", "-q", "worker"])?;
+        node2
+            .docker(&[
+                "swarm",
+                "join",
+                "--advertise-addr",
+                NODE2_ADDR,
+                "--listen-addr",
+                &format!("{NODE2_ADDR}:2377"),
+                "--token",
+                &token,
+                &format!("{NODE1_ADDR}:2377"),
+            ])
+            .context("joining node 2 to node 1's swarm")?;
+        let image = node1.image()?;
+        let tar = node1.dir.join("image.tar");
+        node1.docker(&["save", "-o", &tar.to_string_lossy(), &image])?;
+        node2.docker(&["load", "-i", &tar.to_string_lossy()])?;
+        Ok(TwoNodes {
+            node2,
+            node1,
+            _link: link,
+            _lock: lock,
+        })
     }
 }

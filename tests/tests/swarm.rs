@@ -619,3 +619,82 @@ fn tokio_runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+#[test]
+fn two_nodes_web_on_node1_reaches_api_tasks_on_both() {
+    use svclb_tests::swarm::TwoNodes;
+    let mut t = TwoNodes::start().expect("two swarm nodes on this machine");
+    let node1_id = t.node1.node_id().unwrap();
+    t.node1.network(NET, svclb_tests::swarm::SUBNET).unwrap();
+    // Four api tasks, at most two per node: two on each.
+    t.node1
+        .server_service_with("api", &[NET], 4, &["--replicas-max-per-node", "2"])
+        .unwrap();
+    let web = t
+        .node1
+        .client_service_with(
+            "web",
+            &[NET],
+            &["--constraint", &format!("node.id=={node1_id}")],
+        )
+        .unwrap();
+    // Node 1's view lists every task of the service, on both nodes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let api = loop {
+        if let Some(v) = t.node1.service_view(NET, "api").unwrap() {
+            if v.task_ips.len() == 4 {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api never had 4 tasks in node 1's view:\n{}",
+            t.node1
+                .docker(&["service", "ps", "--no-trunc", "api"])
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        t.node1.tasks("api").unwrap().len(),
+        2,
+        "two api tasks on node 1"
+    );
+    assert_eq!(
+        t.node2.tasks("api").unwrap().len(),
+        2,
+        "two api tasks on node 2"
+    );
+
+    let pins = PinDir::new();
+    let daemon = svclbd(&pins, &t.node1);
+    wait_backends(&pins, &api.task_ips, &daemon);
+    let attempts = t.node1.client(&web.id, "tcp", "api", 200).unwrap();
+    let (per_task, failed) = tally(&attempts);
+    eprintln!("two nodes: {per_task:?}, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        per_task.keys().cloned().collect::<Vec<_>>(),
+        api.task_ips,
+        "web on node 1 reached every api task, on both nodes"
+    );
+    for (task, n) in &per_task {
+        assert!(*n >= 40, "round robin: {task} got {n} of 200");
+    }
+    let node2_ips: BTreeSet<String> = t
+        .node2
+        .tasks("api")
+        .unwrap()
+        .iter()
+        .map(|c| c.addrs[NET].clone())
+        .collect();
+    let on_node2: u64 = per_task
+        .iter()
+        .filter(|(ip, _)| node2_ips.contains(*ip))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        on_node2 >= 80,
+        "connects balanced to node 2's tasks: {on_node2}"
+    );
+}
