@@ -237,13 +237,11 @@ async fn run(args: Args) -> Result<()> {
         let due = discovery.next_due();
         tokio::select! {
             Some(wake) = docker_rx.recv(), if docker.is_some() => {
+                if let Some(d) = &mut docker {
+                    d.note(&wake);
+                }
                 let why = match wake {
-                    Wake::Event { what, stopping } => {
-                        if let (Some(id), Some(d)) = (stopping, &mut docker) {
-                            d.container_stopping(id);
-                        }
-                        what
-                    }
+                    Wake::Event { what, .. } => what,
                     Wake::Connected => {
                         if let Some(d) = &mut docker {
                             d.reconnected();
@@ -259,8 +257,11 @@ async fn run(args: Args) -> Result<()> {
                 while let Ok(Some(more)) =
                     tokio::time::timeout(sync::docker::DEBOUNCE, docker_rx.recv()).await
                 {
-                    if let (Wake::Event { stopping: Some(id), .. }, Some(d)) = (more, &mut docker) {
-                        d.container_stopping(id);
+                    if let Some(d) = &mut docker {
+                        d.note(&more);
+                        if matches!(more, Wake::Connected) {
+                            d.reconnected();
+                        }
                     }
                 }
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, &why).await;

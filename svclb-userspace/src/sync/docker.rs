@@ -124,10 +124,12 @@ impl Status {
 #[derive(Debug)]
 pub enum Wake {
     /// An event of this type and action; `stopping`: the container (ID) a
-    /// terminating signal was just sent to.
+    /// terminating signal was just sent to; `started`: a container (ID)
+    /// that started (again).
     Event {
         what: String,
         stopping: Option<String>,
+        started: Option<String>,
     },
     /// The event stream is (re)connected: resync, something may have been missed.
     Connected,
@@ -565,6 +567,23 @@ impl DockerSync {
         self.stopping.insert(id);
     }
 
+    /// Takes note of what an event says about a container's life: stopping
+    /// (see [`DockerSync::container_stopping`]) or started again (a
+    /// restarted container is no longer stopping).
+    pub fn note(&mut self, wake: &Wake) {
+        if let Wake::Event {
+            stopping, started, ..
+        } = wake
+        {
+            if let Some(id) = stopping {
+                self.container_stopping(id.clone());
+            }
+            if let Some(id) = started {
+                self.stopping.remove(id);
+            }
+        }
+    }
+
     /// The services from the last resync are in the maps.
     pub fn applied(&mut self) {
         self.dirty = false;
@@ -829,9 +848,16 @@ pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>
                         let stopping = (typ == "container"
                             && (action == "die"
                                 || (action == "kill" && signal.is_some_and(is_terminating))))
-                        .then_some(actor.id)
+                        .then(|| actor.id.clone())
                         .flatten();
-                        let wake = Wake::Event { what, stopping };
+                        let started = (typ == "container" && action == "start")
+                            .then(|| actor.id.clone())
+                            .flatten();
+                        let wake = Wake::Event {
+                            what,
+                            stopping,
+                            started,
+                        };
                         if wake_matters(&wake) {
                             // Must not be lost: it takes a task out now.
                             if tx.send(wake).await.is_err() {
