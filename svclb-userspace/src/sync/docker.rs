@@ -956,6 +956,30 @@ mod tests {
         assert!(refused.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_restarted_container_is_no_longer_stopping() {
+        let dir = std::env::temp_dir().join(format!("svclb-sync-docker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docker.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let host = format!("unix://{}", path.display());
+        let mut d = DockerSync::new(Some(&host), &Snapshot::default()).unwrap();
+        let event = |stopping: Option<&str>, started: Option<&str>| Wake::Event {
+            what: "container".to_owned(),
+            stopping: stopping.map(str::to_owned),
+            started: started.map(str::to_owned),
+        };
+        d.note(&event(Some("c1"), None));
+        d.note(&event(Some("c2"), None));
+        assert!(d.stopping.contains("c1") && d.stopping.contains("c2"));
+        d.note(&event(None, Some("c1")));
+        assert!(!d.stopping.contains("c1") && d.stopping.contains("c2"));
+        d.note(&Wake::Connected);
+        assert!(d.stopping.contains("c2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn docker_names() {
         assert!(is_docker_name("api@backend"));
