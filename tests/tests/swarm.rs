@@ -308,6 +308,24 @@ fn scale_and_kill_under_a_connect_loop() {
         attempts.len()
     ));
     eprintln!("connect loops: {report:?}");
+    // From each engine event to the maps updated, as svclbd measured it.
+    let mut took: Vec<f64> = daemon
+        .log_text()
+        .lines()
+        .filter_map(|l| l.split("event_to_maps_ms=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    took.sort_by(f64::total_cmp);
+    assert!(took.len() >= 10, "event-to-maps times logged: {took:?}");
+    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+    eprintln!(
+        "event to maps: {} changes, median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        took.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    assert!(at(0.5) < 200.0, "median event-to-maps {:.1} ms", at(0.5));
     assert!(failed <= 3, "docker kill: {:?}", fails(&attempts));
     let after = e.client(&s.web, "tcp", "api", 20).unwrap();
     let (per_task, failed) = tally(&after);

@@ -367,8 +367,11 @@ async fn docker_resync(
             let desired = compose(config, docker, discovery);
             match apply(dp, &desired, why) {
                 Ok(()) => {
-                    if let Some(d) = docker.as_mut() {
-                        d.applied();
+                    if let Some(took) = docker.as_mut().and_then(DockerSync::applied) {
+                        info!(
+                            event_to_maps_ms = (took.as_secs_f64() * 1e4).round() / 10.0,
+                            "{why}: Docker's view applied"
+                        );
                     }
                 }
                 Err(e) => {

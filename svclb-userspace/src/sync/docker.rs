@@ -76,6 +76,9 @@ pub struct Status {
     pub failures: AtomicU64,
     pub services: AtomicU64,
     pub events: AtomicU64,
+    /// From the event to the maps, for the last apply an event caused.
+    pub last_event_to_maps_us: AtomicU64,
+    pub max_event_to_maps_us: AtomicU64,
 }
 
 impl Status {
@@ -115,6 +118,16 @@ impl Status {
                 "counter",
                 self.events.load(Ordering::Relaxed),
             ),
+            format!(
+                "# HELP svclb_docker_event_to_maps_seconds From the engine's event to the maps updated, for the last change an event caused.\n\
+                 # TYPE svclb_docker_event_to_maps_seconds gauge\n\
+                 svclb_docker_event_to_maps_seconds {}\n\
+                 # HELP svclb_docker_event_to_maps_max_seconds The longest such time since svclbd started.\n\
+                 # TYPE svclb_docker_event_to_maps_max_seconds gauge\n\
+                 svclb_docker_event_to_maps_max_seconds {}\n",
+                self.last_event_to_maps_us.load(Ordering::Relaxed) as f64 / 1e6,
+                self.max_event_to_maps_us.load(Ordering::Relaxed) as f64 / 1e6,
+            ),
         ]
         .concat()
     }
@@ -130,6 +143,8 @@ pub enum Wake {
         what: String,
         stopping: Option<String>,
         started: Option<String>,
+        /// When the engine says it happened (Unix nanoseconds).
+        at_ns: Option<i64>,
     },
     /// The event stream is (re)connected: resync, something may have been missed.
     Connected,
@@ -158,6 +173,10 @@ pub struct DockerSync {
     /// addresses are no backend any more, though the engine still lists
     /// them until they die.
     stopping: std::collections::BTreeSet<String>,
+    /// The earliest event not yet followed by a resync, and the one the
+    /// last resync followed (Unix nanoseconds): for event-to-maps times.
+    event_since: Option<i64>,
+    resynced_event: Option<i64>,
     status: Arc<Status>,
 }
 
@@ -399,6 +418,8 @@ impl DockerSync {
             pending: None,
             dirty: true,
             stopping: Default::default(),
+            event_since: None,
+            resynced_event: None,
             status: Arc::new(Status::default()),
         })
     }
@@ -530,6 +551,7 @@ impl DockerSync {
     /// [`DockerSync::write_scopes`] after that apply. On error nothing
     /// changes.
     pub async fn resync(&mut self) -> Result<bool> {
+        self.resynced_event = self.event_since.take();
         match self.read_view().await {
             Ok(view) => {
                 if self.status.stale.swap(false, Ordering::Relaxed) {
@@ -572,9 +594,15 @@ impl DockerSync {
     /// restarted container is no longer stopping).
     pub fn note(&mut self, wake: &Wake) {
         if let Wake::Event {
-            stopping, started, ..
+            stopping,
+            started,
+            at_ns,
+            ..
         } = wake
         {
+            if let Some(at) = at_ns {
+                self.event_since = Some(self.event_since.map_or(*at, |e| e.min(*at)));
+            }
             if let Some(id) = stopping {
                 self.container_stopping(id.clone());
             }
@@ -584,9 +612,24 @@ impl DockerSync {
         }
     }
 
-    /// The services from the last resync are in the maps.
-    pub fn applied(&mut self) {
+    /// The services from the last resync are in the maps. Returns how long
+    /// after the event that caused it, if an event did.
+    pub fn applied(&mut self) -> Option<Duration> {
         self.dirty = false;
+        let at = self.resynced_event.take()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as i64;
+        let took = Duration::from_nanos(now.saturating_sub(at).max(0) as u64);
+        let us = took.as_micros() as u64;
+        self.status
+            .last_event_to_maps_us
+            .store(us, Ordering::Relaxed);
+        self.status
+            .max_event_to_maps_us
+            .fetch_max(us, Ordering::Relaxed);
+        Some(took)
     }
 
     async fn read_view(&mut self) -> Result<View> {
@@ -857,6 +900,7 @@ pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>
                             what,
                             stopping,
                             started,
+                            at_ns: ev.time_nano,
                         };
                         if wake_matters(&wake) {
                             // Must not be lost: it takes a task out now.
@@ -969,6 +1013,7 @@ mod tests {
             what: "container".to_owned(),
             stopping: stopping.map(str::to_owned),
             started: started.map(str::to_owned),
+            at_ns: None,
         };
         d.note(&event(Some("c1"), None));
         d.note(&event(Some("c2"), None));
