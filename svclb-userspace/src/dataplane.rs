@@ -325,6 +325,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Puts the processes of a cgroup on no network at all, explicitly: an
+    /// attached ancestor's networks do not apply to it (the deepest entry
+    /// wins), so it sees no network-scoped service.
+    pub fn set_cgroup_no_networks(&mut self, cgroup_id: u64) -> Result<()> {
+        self.scopes.insert(cgroup_id, 0u64, 0)?;
+        Ok(())
+    }
+
     /// Network names of a cgroup, for listings.
     pub fn cgroup_networks(&self, cgroup_id: u64) -> Vec<String> {
         let Ok(scope) = self.scopes.get(&cgroup_id, 0) else {

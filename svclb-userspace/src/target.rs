@@ -2,7 +2,7 @@
 //! a process in it, or through a Docker container's main process.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
@@ -31,13 +31,14 @@ impl fmt::Display for Target {
 }
 
 impl Target {
-    /// The cgroup to attach to. `docker_socket` is used for containers only.
-    pub fn resolve(&self, docker_socket: &Path) -> Result<CgroupPath> {
+    /// The cgroup to attach to. `docker` is used for containers only.
+    pub async fn resolve(&self, docker: Option<&bollard::Docker>) -> Result<CgroupPath> {
         match self {
             Target::Cgroup(path) => CgroupPath::resolve(path),
             Target::Pid(pid) => CgroupPath::of_pid(*pid),
             Target::Container(id) => {
-                let pid = docker::container_pid(docker_socket, id)?;
+                let docker = docker.context("no Docker engine to ask")?;
+                let pid = docker::container_pid(docker, id).await?;
                 CgroupPath::of_pid(pid)
                     .with_context(|| format!("container {id} runs as process {pid}"))
             }
@@ -57,18 +58,22 @@ pub fn targets(cgroups: &[PathBuf], pids: &[u32], containers: &[String]) -> Vec<
 }
 
 /// Resolves every target; the first failure names its target.
-pub fn resolve_all(targets: &[Target], docker_host: Option<&str>) -> Result<Vec<CgroupPath>> {
+pub async fn resolve_all(targets: &[Target], docker_host: Option<&str>) -> Result<Vec<CgroupPath>> {
     let needs_docker = targets.iter().any(|t| matches!(t, Target::Container(_)));
-    let socket = if needs_docker {
-        docker::socket_path(docker_host)?
+    let docker = if needs_docker {
+        let d = docker::client(docker_host)?;
+        docker::negotiate(&d).await?;
+        Some(d)
     } else {
-        PathBuf::from(docker::DEFAULT_SOCKET)
+        None
     };
-    targets
-        .iter()
-        .map(|t| {
-            t.resolve(&socket)
-                .with_context(|| format!("finding the cgroup of {t}"))
-        })
-        .collect()
+    let mut out = Vec::new();
+    for t in targets {
+        out.push(
+            t.resolve(docker.as_ref())
+                .await
+                .with_context(|| format!("finding the cgroup of {t}"))?,
+        );
+    }
+    Ok(out)
 }

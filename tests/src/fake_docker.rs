@@ -51,11 +51,22 @@ impl FakeDocker {
                 }
                 let path = req.split(' ').nth(1).unwrap_or("").to_owned();
                 seen.lock().unwrap().push(path.clone());
-                let id = path
+                // Clients that negotiate ask /version, then use /vX.Y/... paths.
+                let path = path.split('?').next().unwrap_or("");
+                let unversioned = match path.strip_prefix("/v") {
+                    Some(rest) => rest.find('/').map_or(path, |i| &rest[i..]),
+                    None => path,
+                };
+                let id = unversioned
                     .strip_prefix("/containers/")
                     .and_then(|p| p.strip_suffix("/json"))
                     .unwrap_or("");
                 let (status, body) = match containers.get(id) {
+                    _ if unversioned == "/version" => (
+                        "200 OK",
+                        r#"{"Version":"20.10.24","ApiVersion":"1.41","MinAPIVersion":"1.12"}"#
+                            .to_owned(),
+                    ),
                     Some(pid) => (
                         "200 OK",
                         format!(
@@ -69,7 +80,7 @@ impl FakeDocker {
                 };
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nApi-Version: 1.45\r\nContent-Length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nApi-Version: 1.41\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
             }

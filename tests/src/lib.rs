@@ -17,6 +17,7 @@ pub mod http;
 pub mod netns;
 pub mod sandbox;
 pub mod servers;
+pub mod swarm;
 pub mod util;
 
 pub use cgroup::CgroupGuard;

@@ -1,4 +1,6 @@
-//! `cargo xtask demo`: build, then run the demo binary from svclb-tests.
+//! `cargo xtask demo`: build, then run a demo binary from svclb-tests:
+//! svclb-swarm-demo (a real private Docker Swarm, `svclbd --docker`), or
+//! with `--sandbox` svclb-demo (network namespaces and a config file).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
@@ -8,7 +10,7 @@ use anyhow::{bail, Result};
 use crate::cmd::{self, host_target_dir, is_root, workspace_root};
 use crate::{build, ebpf, setup};
 
-pub fn run() -> Result<ExitCode> {
+pub fn run(sandbox: bool) -> Result<ExitCode> {
     // Fail before a long build rather than after it.
     if !is_root() {
         bail!(
@@ -17,11 +19,19 @@ pub fn run() -> Result<ExitCode> {
         );
     }
     setup::run(false)?;
+    if !sandbox {
+        setup::swarm()?;
+    }
     ebpf::build()?;
     build::host(false)?;
 
     let bin_dir = host_target_dir().join("debug");
-    let mut demo = Command::new(bin_dir.join("svclb-demo"));
+    let name = if sandbox {
+        "svclb-demo"
+    } else {
+        "svclb-swarm-demo"
+    };
+    let mut demo = Command::new(bin_dir.join(name));
     demo.current_dir(workspace_root())
         .env("SVCLB_BIN_DIR", &bin_dir);
     cmd::header(&cmd::display(&demo));

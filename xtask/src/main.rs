@@ -49,8 +49,13 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build, then run the demo (as root).
-    Demo,
+    /// Build, then run the demo (as root): the seed's scenario on a real,
+    /// private single-node Docker Swarm followed by `svclbd --docker`.
+    Demo {
+        /// The namespace-only demo instead (no Docker: a config file, netns and a veth).
+        #[arg(long)]
+        sandbox: bool,
+    },
     /// Benchmark sweep (as root): installs the tools, builds release, writes docs/BENCHMARKS.md.
     Bench {
         /// The short sweep (under 2 minutes); writes to target/bench/ unless --out says otherwise.
@@ -72,7 +77,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf => ebpf::setup_and_build().map(|()| ExitCode::SUCCESS),
         Command::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
         Command::Test { args } => test::run(&args),
-        Command::Demo => demo::run(),
+        Command::Demo { sandbox } => demo::run(sandbox),
         Command::Bench { quick, out, args } => bench::run(quick, out, &args),
     };
     match result {

@@ -35,15 +35,30 @@ const TEST_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "haproxy",
+    // The real-Swarm tests and the demo start a private engine (tests/src/swarm.rs)
+    // and build their image from busybox with `docker import`: no registry needed.
+    "busybox-static",
 ];
 
+/// Debian's Docker engine (20.10, with containerd and runc), unless an engine
+/// is installed already: docker.io conflicts with Docker's own packages, and
+/// the tests only need `dockerd` and a client.
+const DOCKER_PACKAGE: &str = "docker.io";
+
 /// Packages whose install starts (and enables) a system daemon. The tests
-/// run their own instances on their own addresses, so the system ones must
-/// not run: (package = systemd unit, daemon executable name).
-const SERVICES: &[(&str, &str)] = &[
-    ("dnsmasq", "dnsmasq"),
-    ("prometheus", "prometheus"),
-    ("haproxy", "haproxy"),
+/// run their own instances on their own addresses and sockets, so the system
+/// ones must not run: (package, its systemd units, daemon executable names).
+/// Daemons that ran before the install are left alone.
+const SERVICES: &[(&str, &[&str], &[&str])] = &[
+    ("dnsmasq", &["dnsmasq"], &["dnsmasq"]),
+    ("prometheus", &["prometheus"], &["prometheus"]),
+    ("haproxy", &["haproxy"], &["haproxy"]),
+    (
+        "docker.io",
+        &["docker.socket", "docker", "containerd"],
+        &["dockerd", "containerd"],
+    ),
+    ("containerd", &["containerd"], &["containerd"]),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -62,6 +77,11 @@ pub fn run(test_tools: bool) -> Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if test_tools {
         packages.extend_from_slice(TEST_PACKAGES);
+        if docker_installed() {
+            println!("docker: an engine is installed already (dockerd and containerd on PATH); not installing {DOCKER_PACKAGE}");
+        } else {
+            packages.push(DOCKER_PACKAGE);
+        }
     }
     apt(&packages)?;
     bpf_linker()?;
@@ -69,6 +89,17 @@ pub fn run(test_tools: bool) -> Result<()> {
         rust_tools()?;
     }
     Ok(())
+}
+
+/// What the Swarm demo needs: an engine and busybox for its image.
+pub fn swarm() -> Result<()> {
+    let mut packages = vec!["busybox-static"];
+    if docker_installed() {
+        println!("docker: an engine is installed already (dockerd and containerd on PATH)");
+    } else {
+        packages.push(DOCKER_PACKAGE);
+    }
+    apt(&packages)
 }
 
 fn apt(packages: &[&str]) -> Result<()> {
@@ -114,10 +145,17 @@ fn apt(packages: &[&str]) -> Result<()> {
     }
     let new_services: Vec<&str> = SERVICES
         .iter()
-        .map(|(unit, _)| *unit)
-        .filter(|unit| missing.contains(unit))
+        .filter(|(package, _, _)| missing.contains(package))
+        .flat_map(|(_, units, _)| units.iter().copied())
         .collect();
     stop_services(&new_services, &before)
+}
+
+/// Whether a Docker engine (whoever installed it) is on this machine.
+fn docker_installed() -> bool {
+    ["dockerd", "containerd", "runc"]
+        .iter()
+        .all(|bin| output_if_ok("sh", &["-c", &format!("command -v {bin}")]).is_some())
 }
 
 /// `dpkg-query` prints one status per installed architecture, hence the lines.
@@ -169,7 +207,7 @@ impl Drop for PolicyRcD {
     }
 }
 
-/// PIDs of running dnsmasq/prometheus daemons, by executable name.
+/// PIDs of running daemons that [`SERVICES`] names, by executable name.
 fn daemon_pids() -> BTreeSet<(u32, String)> {
     let mut pids = BTreeSet::new();
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -190,7 +228,10 @@ fn daemon_pids() -> BTreeSet<(u32, String)> {
                     .to_string()
             })
             .unwrap_or_default();
-        if SERVICES.iter().any(|(_, daemon)| *daemon == name) {
+        if SERVICES
+            .iter()
+            .any(|(_, _, daemons)| daemons.contains(&name.as_str()))
+        {
             pids.insert((pid, name));
         }
     }

@@ -111,7 +111,13 @@ impl TargetArg {
             (_, _, Some(id)) => Target::Container(id.clone()),
             _ => anyhow::bail!("give --cgroup, --pid or --container"),
         };
-        Ok(target::resolve_all(&[t], self.docker_host.as_deref())?.remove(0))
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a tokio runtime")?;
+        Ok(runtime
+            .block_on(target::resolve_all(&[t], self.docker_host.as_deref()))?
+            .remove(0))
     }
 }
 

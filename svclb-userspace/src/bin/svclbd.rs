@@ -16,6 +16,7 @@ use svclb::{
     sync::{
         self,
         dns::{Discovery, Refresh},
+        docker::{DockerSync, Wake},
         file::{ConfigFile, FileWatch},
     },
     target,
@@ -44,9 +45,24 @@ struct Args {
     /// Attach to the cgroup of this Docker container (ID or name); repeatable.
     #[arg(long = "container", value_name = "ID")]
     containers: Vec<String>,
-    /// The Docker engine, for --container: unix://PATH.
+    /// The Docker engine, for --container and --docker: unix://PATH.
     #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
     docker_host: Option<String>,
+    /// Follow the Docker engine: every swarm service with a VIP on a
+    /// network this node is on becomes an svclb service (`<service>@<network>`,
+    /// mark = Swarm's LocalLBIndex), and every container is covered and
+    /// scoped to its swarm networks. Composes with --config (optional then).
+    #[arg(long)]
+    docker: bool,
+    /// With --docker: the cgroup Docker puts containers under (relative to
+    /// the cgroup2 mount, e.g. /docker); found from the engine by default.
+    #[arg(long, value_name = "PATH", requires = "docker")]
+    docker_cgroup_parent: Option<PathBuf>,
+    /// With --docker: read the engine's view this often, events or not. The
+    /// engine takes a task out of its VIP 2 s before it stops it and
+    /// announces nothing then, so this stays well under 2 s.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    docker_poll: std::time::Duration,
     /// A network the attached cgroups' processes are on (repeatable): they
     /// see the services limited to it.
     #[arg(long = "network", value_name = "NAME")]
@@ -121,7 +137,7 @@ async fn run(args: Args) -> Result<()> {
         _ => None,
     };
     let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
-    let cgroups = target::resolve_all(&targets, args.docker_host.as_deref())?;
+    let cgroups = target::resolve_all(&targets, args.docker_host.as_deref()).await?;
 
     let pins = PinDir::new(&args.pin_dir);
     let mut loaded = loader::load(
@@ -144,8 +160,37 @@ async fn run(args: Args) -> Result<()> {
     dp.keep_snapshots();
     // Discovered services start from what the maps hold, so a restart
     // while DNS is away changes nothing.
-    let (desired, mut discovery) = sync::desired_now(&config, &dp.snapshot()?).await?;
+    let snapshot = dp.snapshot()?;
+    let (_, mut discovery) = sync::desired_now(&config, &snapshot).await?;
+    // The engine's view, starting from the Docker services the maps hold:
+    // an engine that is away at startup removes nothing.
+    let mut docker = match args.docker {
+        true => {
+            let mut d = DockerSync::new(args.docker_host.as_deref(), &snapshot)?;
+            if let Err(e) = d.resync().await {
+                warn!("the Docker engine cannot be read now, starting from the maps: {e:#}");
+            }
+            Some(d)
+        }
+        false => None,
+    };
+    let desired = compose(&config, &mut docker, &mut discovery);
     apply(&mut dp, &desired, "startup")?;
+    if let Some(d) = &mut docker {
+        d.applied();
+        // Where Docker puts containers: attached there, every container is
+        // covered from its first instruction, without racing its start.
+        let parent = d
+            .containers_cgroup(args.docker_cgroup_parent.as_deref())
+            .await
+            .context(
+                "finding where Docker puts containers' cgroups (--docker-cgroup-parent sets it)",
+            )?;
+        d.set_parent(&parent)?;
+        d.write_scopes(&mut dp)?;
+        loaded.attach(&parent)?;
+        info!(cgroup = %parent.absolute.display(), "attached for Docker's containers");
+    }
     for cg in &cgroups {
         dp.set_cgroup_networks(cg.id()?, &args.networks)?;
         loaded.attach(cg)?;
@@ -153,9 +198,16 @@ async fn run(args: Args) -> Result<()> {
     }
     if !args.no_metrics {
         let listener = svclb::metrics::bind(args.metrics_addr).await?;
-        let discovery_metrics = svclb::metrics::discovery_metrics(discovery.status_handle());
-        let extra: svclb::metrics::ExtraMetrics =
-            std::sync::Arc::new(move || discovery_metrics() + &svclb::terminate::ENDED.render());
+        let dns_metrics = svclb::metrics::discovery_metrics(discovery.status_handle());
+        let docker_status = docker.as_ref().map(DockerSync::status);
+        let extra: svclb::metrics::ExtraMetrics = std::sync::Arc::new(move || {
+            let mut text = dns_metrics();
+            if let Some(s) = &docker_status {
+                text.push_str(&s.metrics_text());
+            }
+            text.push_str(&svclb::terminate::ENDED.render());
+            text
+        });
         tokio::spawn(svclb::metrics::serve(listener, pins.clone(), Some(extra)));
     }
     // IPVS's estimator samples every 2 s, on a thread of its own.
@@ -168,26 +220,69 @@ async fn run(args: Args) -> Result<()> {
     );
     notify::notify("READY=1").context("notifying readiness")?;
 
+    let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel::<Wake>(1);
+    if let Some(d) = &docker {
+        sync::docker::follow_events(d.client(), d.status(), docker_tx);
+    } else {
+        drop(docker_tx);
+    }
+    let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::DEBOUNCE));
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    periodic.tick().await;
+
     loop {
         let due = discovery.next_due();
         tokio::select! {
+            Some(wake) = docker_rx.recv(), if docker.is_some() => {
+                if let Some(d) = &mut docker {
+                    d.note(&wake);
+                }
+                let why = match wake {
+                    Wake::Event { what, .. } => what,
+                    Wake::Connected => {
+                        if let Some(d) = &mut docker {
+                            d.reconnected();
+                        }
+                        "Docker engine connected".to_owned()
+                    }
+                    Wake::Lost(why) => {
+                        warn!("lost the Docker engine's events ({why}): the maps keep the last good view; reconnecting");
+                        continue;
+                    }
+                };
+                // A quiet moment: a task start is a burst of events.
+                while let Ok(Some(more)) =
+                    tokio::time::timeout(sync::docker::DEBOUNCE, docker_rx.recv()).await
+                {
+                    if let Some(d) = &mut docker {
+                        d.note(&more);
+                        if matches!(more, Wake::Connected) {
+                            d.reconnected();
+                        }
+                    }
+                }
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &why).await;
+            },
+            _ = periodic.tick(), if docker.is_some() => {
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, "Docker poll").await;
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => match &mut file {
                 Some(f) => {
                     let loaded = f.load();
-                    reload(&mut dp, &mut config, &mut discovery, loaded, "SIGHUP").await;
+                    reload(&mut dp, &mut config, &mut docker, &mut discovery, loaded, "SIGHUP").await;
                 }
                 None => warn!("SIGHUP: no --config to reload"),
             },
             _ = changed(&mut watch) => {
                 if let Some(loaded) = file.as_mut().and_then(ConfigFile::load_if_changed) {
-                    reload(&mut dp, &mut config, &mut discovery, loaded, "file changed").await;
+                    reload(&mut dp, &mut config, &mut docker, &mut discovery, loaded, "file changed").await;
                 }
             },
             _ = sleep_until(due) => {
                 if discovery.refresh(Refresh::Due).await {
-                    let desired = discovery.compose(&config.static_state());
+                    let desired = compose(&config, &mut docker, &mut discovery);
                     if let Err(e) = apply(&mut dp, &desired, "dns") {
                         error!("applying DNS answers failed, the maps keep the previous state: {e:#}");
                     }
@@ -208,6 +303,7 @@ async fn run(args: Args) -> Result<()> {
 async fn reload(
     dp: &mut Dataplane,
     config: &mut Config,
+    docker: &mut Option<DockerSync>,
     discovery: &mut Discovery,
     loaded: Result<Config, svclb::config::ConfigError>,
     why: &str,
@@ -225,7 +321,7 @@ async fn reload(
     }
     // New names are due now; resolve them before applying.
     discovery.refresh(Refresh::Due).await;
-    let desired = discovery.compose(&new.static_state());
+    let desired = compose(&new, docker, discovery);
     match apply(dp, &desired, why) {
         Ok(()) => *config = new,
         Err(e) => {
@@ -234,6 +330,59 @@ async fn reload(
             if let Err(e) = discovery.reconfigure(&config.discovered, &config.dns) {
                 error!("restoring the previous DNS settings: {e:#}");
             }
+        }
+    }
+}
+
+/// The whole desired state: the file's services, then Docker's (those that
+/// conflict with the file's refused), then DNS's.
+fn compose(
+    config: &Config,
+    docker: &mut Option<DockerSync>,
+    discovery: &mut Discovery,
+) -> DesiredState {
+    let statics = config.static_state();
+    let with_docker = match docker {
+        Some(d) => d.compose(&statics),
+        None => statics,
+    };
+    discovery.compose(&with_docker)
+}
+
+/// Reads the engine's view and applies it; on failure the maps keep the
+/// last good state.
+async fn docker_resync(
+    dp: &mut Dataplane,
+    config: &Config,
+    docker: &mut Option<DockerSync>,
+    discovery: &mut Discovery,
+    why: &str,
+) {
+    let Some(d) = docker.as_mut() else { return };
+    match d.resync().await {
+        Ok(true) => {
+            let desired = compose(config, docker, discovery);
+            match apply(dp, &desired, why) {
+                Ok(()) => {
+                    if let Some(took) = docker.as_mut().and_then(DockerSync::applied) {
+                        info!(
+                            event_to_maps_ms = (took.as_secs_f64() * 1e4).round() / 10.0,
+                            "{why}: Docker's view applied"
+                        );
+                    }
+                }
+                Err(e) => {
+                    error!("{why}: applying Docker's view failed, the maps keep the previous state: {e:#}")
+                }
+            }
+        }
+        Ok(false) => tracing::debug!("{why}: Docker's services unchanged"),
+        // Logged (once) as stale by resync.
+        Err(_) => return,
+    }
+    if let Some(d) = docker.as_mut() {
+        if let Err(e) = d.write_scopes(dp) {
+            error!("{why}: writing containers' networks failed: {e:#}");
         }
     }
 }

@@ -11,6 +11,7 @@
 //! the source of truth and the file only says what to look up there.
 
 pub mod dns;
+pub mod docker;
 pub mod file;
 
 use anyhow::Result;

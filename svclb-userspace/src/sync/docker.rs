@@ -1,0 +1,1041 @@
+//! The Docker engine as a source of desired state (`svclbd --docker`):
+//! Swarm's own view of the services on this node, with no config file.
+//!
+//! What is read, and why:
+//! - `GET /networks` and, per swarm-scope network (the ingress network
+//!   excepted: routing-mesh traffic is not a connect to a VIP),
+//!   `GET /networks/{id}?verbose=true`: its `Services`, each with `VIP`,
+//!   `LocalLBIndex` (the firewall mark Swarm's iptables and IPVS rules use,
+//!   the `FWM` number `ipvsadm -L -n` shows) and every task's `EndpointIP`.
+//!   Each becomes one svclb service `<service>@<network>`: all ports kept
+//!   (an FWM service, like Swarm's), round-robin (what Swarm programs),
+//!   visible only to containers on that network. The engine fills `Services`
+//!   only on nodes with a local endpoint on the network, which is exactly
+//!   where a client can be.
+//! - `GET /containers/json` (running ones) and, once per container,
+//!   `GET /containers/{id}/json` for its PID: each container's cgroup is
+//!   scoped to the swarm networks it is on (svclb_scopes), so a task sees
+//!   the services of its networks only; a container on no swarm network gets
+//!   an explicit empty scope and sees none of them.
+//! - `GET /events` (container, network, service events): any event leads to
+//!   a resync of the whole view, after a few quiet milliseconds
+//!   ([`DEBOUNCE`]); so does a (re)connect. And the view is polled (every
+//!   second by default, svclbd --docker-poll): when a task is stopped (scale
+//!   down, update, drain) the engine takes it out of the VIP first, waits
+//!   2 s for the cluster to converge, then stops it, and no event tells of
+//!   the first step. Polling within those 2 s takes the task out of svclb's
+//!   schedule before its process goes away, so no connect reaches it.
+//!
+//! A service scaled to 0 vanishes from the network's `Services` while
+//! Docker's DNS still answers its VIP: it is kept, with no backend (so
+//! connects are refused at once), until `GET /services/{name}` says 404 or
+//! its network leaves the node. A worker cannot ask about services (the
+//! engine answers 503 there); it keeps the VIP until the network leaves the
+//! node, which Swarm does once the node runs no task on it.
+//!
+//! When the engine cannot be reached, nothing changes: the last good view
+//! stays in the maps, discovery is flagged stale (log and metrics), and the
+//! event stream is reconnected with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bollard::query_parameters::{
+    EventsOptions, InspectContainerOptions, InspectNetworkOptions, InspectServiceOptions,
+    ListContainersOptions, ListNetworksOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use svclb_common::Scheduler;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::cgroup::{cgroup2_mount, CgroupPath};
+use crate::config::{self, BackendSpec, DesiredState, ServiceSpec};
+use crate::dataplane::{Dataplane, Snapshot};
+use crate::docker;
+
+/// Quiet time after an event before resyncing: a task start comes with a
+/// burst of events (create, network connect, start).
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Discovery health, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// The last resync failed: the maps hold the last good view.
+    pub stale: AtomicBool,
+    pub resyncs: AtomicU64,
+    pub failures: AtomicU64,
+    pub services: AtomicU64,
+    pub events: AtomicU64,
+    /// From the event to the maps, for the last apply an event caused.
+    pub last_event_to_maps_us: AtomicU64,
+    pub max_event_to_maps_us: AtomicU64,
+}
+
+impl Status {
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let g = |name: &str, help: &str, kind: &str, v: u64| {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
+        };
+        [
+            g(
+                "svclb_docker_stale",
+                "1 while the Docker engine cannot be read: the maps keep the last good view.",
+                "gauge",
+                u64::from(self.stale.load(Ordering::Relaxed)),
+            ),
+            g(
+                "svclb_docker_services",
+                "Services taken from the Docker engine (one per service and network).",
+                "gauge",
+                self.services.load(Ordering::Relaxed),
+            ),
+            g(
+                "svclb_docker_resyncs_total",
+                "Reads of the engine's view that succeeded.",
+                "counter",
+                self.resyncs.load(Ordering::Relaxed),
+            ),
+            g(
+                "svclb_docker_resync_failures_total",
+                "Reads of the engine's view that failed (nothing was changed).",
+                "counter",
+                self.failures.load(Ordering::Relaxed),
+            ),
+            g(
+                "svclb_docker_events_total",
+                "Events received from the engine.",
+                "counter",
+                self.events.load(Ordering::Relaxed),
+            ),
+            format!(
+                "# HELP svclb_docker_event_to_maps_seconds From the engine's event to the maps updated, for the last change an event caused.\n\
+                 # TYPE svclb_docker_event_to_maps_seconds gauge\n\
+                 svclb_docker_event_to_maps_seconds {}\n\
+                 # HELP svclb_docker_event_to_maps_max_seconds The longest such time since svclbd started.\n\
+                 # TYPE svclb_docker_event_to_maps_max_seconds gauge\n\
+                 svclb_docker_event_to_maps_max_seconds {}\n",
+                self.last_event_to_maps_us.load(Ordering::Relaxed) as f64 / 1e6,
+                self.max_event_to_maps_us.load(Ordering::Relaxed) as f64 / 1e6,
+            ),
+        ]
+        .concat()
+    }
+}
+
+/// Why the event follower wakes svclbd up.
+#[derive(Debug)]
+pub enum Wake {
+    /// An event of this type and action; `stopping`: the container (ID) a
+    /// terminating signal was just sent to; `started`: a container (ID)
+    /// that started (again).
+    Event {
+        what: String,
+        stopping: Option<String>,
+        started: Option<String>,
+        /// When the engine says it happened (Unix nanoseconds).
+        at_ns: Option<i64>,
+    },
+    /// The event stream is (re)connected: resync, something may have been missed.
+    Connected,
+    /// The event stream broke.
+    Lost(String),
+}
+
+/// The Docker source's state between resyncs.
+pub struct DockerSync {
+    docker: Docker,
+    negotiated: bool,
+    /// The last good view, by service name.
+    services: BTreeMap<String, ServiceSpec>,
+    /// Services refused for a conflict with the file's, and why.
+    refused: BTreeMap<String, String>,
+    /// Container ID -> (its cgroup id, the swarm networks written for it).
+    scoped: BTreeMap<String, (u64, Vec<String>)>,
+    /// The cgroup Docker puts containers under: its id and the networks
+    /// written for it.
+    parent: Option<(u64, Option<Vec<String>>)>,
+    /// Read by the last resync, written by [`DockerSync::write_scopes`].
+    pending: Option<Pending>,
+    /// Docker's services changed and are not applied yet.
+    dirty: bool,
+    /// Containers being stopped (a terminating signal was sent): their
+    /// addresses are no backend any more, though the engine still lists
+    /// them until they die.
+    stopping: std::collections::BTreeSet<String>,
+    /// The earliest event not yet followed by a resync, and the one the
+    /// last resync followed (Unix nanoseconds): for event-to-maps times.
+    event_since: Option<i64>,
+    resynced_event: Option<i64>,
+    status: Arc<Status>,
+}
+
+/// The swarm networks on this node and the running containers.
+#[derive(Debug)]
+struct Pending {
+    networks: Vec<String>,
+    /// Container ID -> (cgroup id, its swarm networks).
+    containers: BTreeMap<String, (u64, Vec<String>)>,
+}
+
+/// What one resync read.
+struct View {
+    services: BTreeMap<String, ServiceSpec>,
+    pending: Pending,
+}
+
+/// `<service>@<network>`: one svclb service per VIP.
+pub fn service_name(service: &str, network: &str) -> String {
+    format!("{service}@{network}")
+}
+
+fn is_docker_name(name: &str) -> bool {
+    matches!(name.split_once('@'), Some((s, n)) if !s.is_empty() && !n.is_empty() && !n.contains('@'))
+}
+
+/// One service entry of a verbose network inspect.
+#[derive(Debug, serde::Deserialize)]
+struct ServiceEntry {
+    #[serde(rename = "VIP", default)]
+    vip: String,
+    #[serde(rename = "LocalLBIndex", default)]
+    local_lb_index: u64,
+    #[serde(rename = "Tasks", default)]
+    tasks: Option<Vec<TaskEntry>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TaskEntry {
+    #[serde(rename = "EndpointIP", default)]
+    endpoint_ip: String,
+}
+
+/// The svclb services of one network's verbose `Services`; entries that
+/// cannot be one (no VIP: dnsrr mode; no mark) are skipped, and bad ones
+/// reported.
+pub fn services_of_network(
+    network: &str,
+    services: &HashMap<String, serde_json::Value>,
+) -> Vec<ServiceSpec> {
+    let mut out = Vec::new();
+    for (svc, value) in services {
+        let entry: ServiceEntry = match serde_json::from_value(value.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(service = %svc, network, "unreadable service entry: {e}");
+                continue;
+            }
+        };
+        // Non-service containers on an attachable network appear under ""
+        // with no VIP; dnsrr services have no VIP either.
+        if svc.is_empty() || entry.vip.is_empty() || entry.local_lb_index == 0 {
+            continue;
+        }
+        let name = service_name(svc, network);
+        let vip_text = entry.vip.split('/').next().unwrap_or_default();
+        let vip = match vip_text.parse::<IpAddr>() {
+            Ok(ip) => ip.to_canonical(),
+            Err(_) => {
+                warn!(service = %name, "VIP {:?} is not an address; skipped", entry.vip);
+                continue;
+            }
+        };
+        let Ok(mark) = u32::try_from(entry.local_lb_index) else {
+            warn!(service = %name, "LocalLBIndex {} is out of range; skipped", entry.local_lb_index);
+            continue;
+        };
+        if name.len() > svclb_common::SERVICE_NAME_LEN {
+            warn!(service = %name, "the name is longer than {} bytes; skipped", svclb_common::SERVICE_NAME_LEN);
+            continue;
+        }
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        for t in entry.tasks.unwrap_or_default() {
+            let ip = t.endpoint_ip.split('/').next().unwrap_or_default();
+            match ip.parse::<IpAddr>() {
+                Ok(addr) => {
+                    let addr = addr.to_canonical();
+                    if addr.is_ipv4() == vip.is_ipv4() && !backends.iter().any(|b| b.addr == addr) {
+                        backends.push(BackendSpec {
+                            addr,
+                            port: None,
+                            weight: 1,
+                        });
+                    }
+                }
+                Err(_) => warn!(service = %name, "task address {:?} skipped", t.endpoint_ip),
+            }
+        }
+        backends.sort_by_key(|b| b.addr);
+        out.push(ServiceSpec {
+            name,
+            vip,
+            mark: Some(mark),
+            scheduler: Scheduler::Rr,
+            backends,
+            port: None,
+            affinity: None,
+            networks: vec![network.to_owned()],
+            // A task that is gone takes its connections with it.
+            terminate_on_removal: true,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The Docker services in a snapshot of the maps (named `<service>@<network>`).
+pub fn services_in_snapshot(snapshot: &Snapshot) -> BTreeMap<String, ServiceSpec> {
+    let mut out = BTreeMap::new();
+    for s in snapshot.services.values() {
+        if !is_docker_name(&s.name) || s.port.is_some() {
+            continue;
+        }
+        let networks = snapshot
+            .networks
+            .iter()
+            .filter(|(_, bit)| s.value.scope & (1u64 << **bit) != 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.insert(
+            s.name.clone(),
+            ServiceSpec {
+                name: s.name.clone(),
+                vip: s.vip,
+                mark: Some(s.mark),
+                scheduler: s.scheduler,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| BackendSpec {
+                        addr: b.addr,
+                        port: b.port,
+                        weight: b.weight,
+                    })
+                    .collect(),
+                port: None,
+                affinity: None,
+                networks,
+                terminate_on_removal: s.value.flags & svclb_common::SVC_F_KEEP_SOCKETS == 0,
+            },
+        );
+    }
+    out
+}
+
+/// Merges Docker's services into the file's: one that takes a VIP or a
+/// mark of the file's (or of an earlier Docker service) is refused, named
+/// in `refused` with why; the others go in.
+pub fn merge(
+    statics: &DesiredState,
+    docker: &BTreeMap<String, ServiceSpec>,
+    refused: &mut BTreeMap<String, String>,
+) -> DesiredState {
+    let mut vips: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut marks: BTreeMap<u32, String> = BTreeMap::new();
+    for s in &statics.services {
+        vips.insert(s.vip, format!("{:?} of the config file", s.name));
+        if let Some(m) = s.mark {
+            marks.insert(m, format!("{:?} of the config file", s.name));
+        }
+    }
+    let mut out = statics.clone();
+    let mut now_refused = BTreeMap::new();
+    for (name, spec) in docker {
+        let why = if let Some(other) = vips.get(&spec.vip) {
+            Some(format!(
+                "its VIP {} is already the VIP of {other}",
+                spec.vip
+            ))
+        } else if let Some(other) = spec.mark.and_then(|m| marks.get(&m)) {
+            Some(format!(
+                "its mark {} (LocalLBIndex) is already the mark of {other}",
+                spec.mark.unwrap_or_default()
+            ))
+        } else {
+            config::check_vip(spec.vip).err()
+        };
+        match why {
+            Some(why) => {
+                if refused.get(name) != Some(&why) {
+                    error!(service = %name, "Docker service refused, nothing of it is applied: {why}");
+                }
+                now_refused.insert(name.clone(), why);
+            }
+            None => {
+                vips.insert(spec.vip, format!("Docker service {name:?}"));
+                if let Some(m) = spec.mark {
+                    marks.insert(m, format!("Docker service {name:?}"));
+                }
+                out.services.push(spec.clone());
+            }
+        }
+    }
+    for name in refused.keys() {
+        if !now_refused.contains_key(name) {
+            info!(service = %name, "Docker service no longer conflicts: applied");
+        }
+    }
+    *refused = now_refused;
+    out
+}
+
+/// Where Docker puts containers' cgroups, relative to the cgroup2 mount:
+/// the parent of a running container's cgroup when there is one, else the
+/// driver's default (`/docker` for cgroupfs, `/system.slice` for systemd).
+pub fn default_parent(driver: &str) -> &'static str {
+    match driver {
+        "systemd" => "/system.slice",
+        _ => "/docker",
+    }
+}
+
+impl DockerSync {
+    /// A source for the engine at `host`, starting from the Docker services
+    /// the maps already hold (so a restart while the engine is away, or a
+    /// service kept at 0 tasks, changes nothing).
+    pub fn new(host: Option<&str>, snapshot: &Snapshot) -> Result<Self> {
+        let services = services_in_snapshot(snapshot);
+        if !services.is_empty() {
+            info!(
+                services = services.len(),
+                "starting from the Docker services the pinned maps hold"
+            );
+        }
+        Ok(DockerSync {
+            docker: docker::client(host)?,
+            negotiated: false,
+            services,
+            refused: BTreeMap::new(),
+            scoped: BTreeMap::new(),
+            parent: None,
+            pending: None,
+            dirty: true,
+            stopping: Default::default(),
+            event_since: None,
+            resynced_event: None,
+            status: Arc::new(Status::default()),
+        })
+    }
+
+    pub fn status(&self) -> Arc<Status> {
+        Arc::clone(&self.status)
+    }
+
+    pub fn client(&self) -> Docker {
+        self.docker.clone()
+    }
+
+    /// The Docker services now (the last good view).
+    pub fn services(&self) -> &BTreeMap<String, ServiceSpec> {
+        &self.services
+    }
+
+    /// The file's services plus Docker's (conflicts refused).
+    pub fn compose(&mut self, statics: &DesiredState) -> DesiredState {
+        merge(statics, &self.services, &mut self.refused)
+    }
+
+    async fn ensure_negotiated(&mut self) -> Result<()> {
+        if !self.negotiated {
+            docker::negotiate(&self.docker).await?;
+            self.negotiated = true;
+        }
+        Ok(())
+    }
+
+    /// Forget the API version: the engine may have been replaced.
+    pub fn reconnected(&mut self) {
+        self.negotiated = false;
+    }
+
+    /// The cgroup that holds Docker's containers, created when missing (so
+    /// svclb can attach before the first container starts): `given`, or
+    /// the parent of a running container's cgroup, or the driver's default.
+    pub async fn containers_cgroup(&mut self, given: Option<&Path>) -> Result<CgroupPath> {
+        let relative: PathBuf = match given {
+            Some(p) => p.to_path_buf(),
+            None => {
+                self.ensure_negotiated().await?;
+                let info = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|e| docker::explain(e, "GET /info"))?;
+                let driver = info
+                    .cgroup_driver
+                    .map(|d| d.to_string())
+                    .unwrap_or_default();
+                let version = info
+                    .cgroup_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                match self.a_container_cgroup().await? {
+                    Some(cg) => {
+                        let parent = cg
+                            .relative
+                            .parent()
+                            .map(Path::to_path_buf)
+                            .unwrap_or_default();
+                        info!(
+                            cgroup_driver = %driver, cgroup_version = %version,
+                            "containers' cgroups are under {} (from a running container's)",
+                            parent.display()
+                        );
+                        parent
+                    }
+                    None => {
+                        let p = default_parent(&driver);
+                        info!(
+                            cgroup_driver = %driver, cgroup_version = %version,
+                            "no container runs: taking the driver's default {p} (--docker-cgroup-parent to choose)"
+                        );
+                        PathBuf::from(p)
+                    }
+                }
+            }
+        };
+        let root = cgroup2_mount()?;
+        let absolute = root.join(relative.strip_prefix("/").unwrap_or(&relative));
+        if absolute == root {
+            bail!(
+                "Docker's containers are in the root cgroup: svclb will not attach there \
+                 (give --docker-cgroup-parent)"
+            );
+        }
+        if !absolute.exists() {
+            std::fs::create_dir_all(&absolute)
+                .with_context(|| format!("creating {}", absolute.display()))?;
+            info!(cgroup = %absolute.display(), "created, so containers are covered from their start");
+        }
+        CgroupPath::resolve(&absolute)
+    }
+
+    async fn a_container_cgroup(&self) -> Result<Option<CgroupPath>> {
+        let list = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|e| docker::explain(e, "GET /containers/json"))?;
+        for c in list {
+            let Some(id) = c.id else { continue };
+            if let Ok(pid) = docker::container_pid(&self.docker, &id).await {
+                if let Ok(cg) = CgroupPath::of_pid(pid) {
+                    return Ok(Some(cg));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records the cgroup svclbd attached to for containers: it gets the
+    /// union of the swarm networks, so a container is balanced from its
+    /// first instruction, before its own scope is written (a container on
+    /// network A could then reach network B's VIP for those milliseconds;
+    /// Docker's DNS does not give it that VIP, and B's tasks are not
+    /// reachable from A anyway).
+    pub fn set_parent(&mut self, parent: &CgroupPath) -> Result<()> {
+        self.parent = Some((parent.id()?, None));
+        Ok(())
+    }
+
+    /// Reads the engine's view. `Ok(true)` when Docker's services differ
+    /// from the last applied ones (apply [`DockerSync::compose`], then call
+    /// [`DockerSync::applied`]); the containers' scopes are written by
+    /// [`DockerSync::write_scopes`] after that apply. On error nothing
+    /// changes.
+    pub async fn resync(&mut self) -> Result<bool> {
+        self.resynced_event = self.event_since.take();
+        match self.read_view().await {
+            Ok(view) => {
+                if self.status.stale.swap(false, Ordering::Relaxed) {
+                    info!("the Docker engine answers again: discovery is current");
+                }
+                self.status.resyncs.fetch_add(1, Ordering::Relaxed);
+                if view.services != self.services {
+                    self.dirty = true;
+                }
+                self.services = view.services;
+                self.pending = Some(view.pending);
+                self.status
+                    .services
+                    .store(self.services.len() as u64, Ordering::Relaxed);
+                Ok(self.dirty)
+            }
+            Err(e) => {
+                self.status.failures.fetch_add(1, Ordering::Relaxed);
+                if !self.status.stale.swap(true, Ordering::Relaxed) {
+                    warn!("Docker discovery is stale, the maps keep the last good view: {e:#}");
+                } else {
+                    debug!("Docker discovery still stale: {e:#}");
+                }
+                self.negotiated = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// A container is being stopped: take its addresses out of every
+    /// service at the next resync. The engine keeps a stopping task in its
+    /// view until the process is gone, and sends no event in between; new
+    /// connects must not go to a task that is shutting down.
+    pub fn container_stopping(&mut self, id: String) {
+        self.stopping.insert(id);
+    }
+
+    /// Takes note of what an event says about a container's life: stopping
+    /// (see [`DockerSync::container_stopping`]) or started again (a
+    /// restarted container is no longer stopping).
+    pub fn note(&mut self, wake: &Wake) {
+        if let Wake::Event {
+            stopping,
+            started,
+            at_ns,
+            ..
+        } = wake
+        {
+            if let Some(at) = at_ns {
+                self.event_since = Some(self.event_since.map_or(*at, |e| e.min(*at)));
+            }
+            if let Some(id) = stopping {
+                self.container_stopping(id.clone());
+            }
+            if let Some(id) = started {
+                self.stopping.remove(id);
+            }
+        }
+    }
+
+    /// The services from the last resync are in the maps. Returns how long
+    /// after the event that caused it, if an event did.
+    pub fn applied(&mut self) -> Option<Duration> {
+        self.dirty = false;
+        let at = self.resynced_event.take()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos() as i64;
+        let took = Duration::from_nanos(now.saturating_sub(at).max(0) as u64);
+        let us = took.as_micros() as u64;
+        self.status
+            .last_event_to_maps_us
+            .store(us, Ordering::Relaxed);
+        self.status
+            .max_event_to_maps_us
+            .fetch_max(us, Ordering::Relaxed);
+        Some(took)
+    }
+
+    async fn read_view(&mut self) -> Result<View> {
+        self.ensure_negotiated().await?;
+        let list = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|e| docker::explain(e, "GET /containers/json"))?;
+        // Addresses of the containers being stopped; a container no longer
+        // running is forgotten (the engine drops it from its view too).
+        let running: Vec<&str> = list.iter().filter_map(|c| c.id.as_deref()).collect();
+        self.stopping.retain(|id| running.contains(&id.as_str()));
+        let mut leaving: Vec<IpAddr> = Vec::new();
+        for c in &list {
+            if !c.id.as_ref().is_some_and(|id| self.stopping.contains(id)) {
+                continue;
+            }
+            let nets = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref());
+            for ep in nets.into_iter().flat_map(|m| m.values()) {
+                if let Some(ip) = ep.ip_address.as_deref().and_then(|a| a.parse().ok()) {
+                    leaving.push(ip);
+                }
+            }
+        }
+        let nets = self
+            .docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await
+            .map_err(|e| docker::explain(e, "GET /networks"))?;
+        let mut swarm: Vec<String> = Vec::new();
+        let mut found: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+        for n in nets {
+            if n.scope.as_deref() != Some("swarm") || n.ingress == Some(true) {
+                continue;
+            }
+            let (Some(id), Some(name)) = (n.id, n.name) else {
+                continue;
+            };
+            if let Err(e) = config::check_network(&name) {
+                debug!("network {name}: not followed: {e}");
+                continue;
+            }
+            let options = InspectNetworkOptions {
+                verbose: true,
+                scope: None,
+            };
+            let inspect = match self.docker.inspect_network(&id, Some(options)).await {
+                Ok(i) => i,
+                // Removed since the list.
+                Err(e) if docker::is_not_found(&e) => continue,
+                Err(e) => return Err(docker::explain(e, &format!("GET /networks/{id}"))),
+            };
+            for mut spec in services_of_network(&name, &inspect.services.unwrap_or_default()) {
+                spec.backends.retain(|b| !leaving.contains(&b.addr));
+                found.insert(spec.name.clone(), spec);
+            }
+            swarm.push(name);
+        }
+        // Services gone from the view: scaled to 0 (keep the VIP) or removed.
+        for (name, old) in &self.services {
+            if found.contains_key(name) {
+                continue;
+            }
+            let Some((svc, net)) = name.split_once('@') else {
+                continue;
+            };
+            if !swarm.iter().any(|n| n == net) {
+                info!(service = %name, "its network left this node: removed");
+                continue;
+            }
+            match self
+                .docker
+                .inspect_service(svc, None::<InspectServiceOptions>)
+                .await
+            {
+                Err(e) if docker::is_not_found(&e) => {
+                    info!(service = %name, "the service is removed from the swarm: removed");
+                    continue;
+                }
+                Err(bollard::errors::Error::DockerResponseServerError { .. }) | Ok(_) => {}
+                Err(e) => {
+                    return Err(docker::explain(e, &format!("GET /services/{svc}")));
+                }
+            }
+            if !old.backends.is_empty() {
+                info!(
+                    service = %name,
+                    "no task left: keeping its VIP {} with no backend (connects are refused) until the service is removed",
+                    old.vip
+                );
+            }
+            let mut kept = old.clone();
+            kept.backends.clear();
+            found.insert(name.clone(), kept);
+        }
+        // Containers and the swarm networks they are on.
+        let mut containers = BTreeMap::new();
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let mut nets: Vec<String> = c
+                .network_settings
+                .and_then(|n| n.networks)
+                .map(|m| m.into_keys().filter(|n| swarm.contains(n)).collect())
+                .unwrap_or_default();
+            nets.sort();
+            let cgroup_id = match self.scoped.get(&id) {
+                Some((cg, _)) => *cg,
+                None => match self.container_cgroup_id(&id).await {
+                    Ok(cg) => cg,
+                    Err(e) => {
+                        // Gone since the list, most likely.
+                        debug!(container = %id, "no cgroup: {e:#}");
+                        continue;
+                    }
+                },
+            };
+            containers.insert(id, (cgroup_id, nets));
+        }
+        Ok(View {
+            services: found,
+            pending: Pending {
+                networks: swarm,
+                containers,
+            },
+        })
+    }
+
+    async fn container_cgroup_id(&self, id: &str) -> Result<u64> {
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| docker::explain(e, &format!("GET /containers/{id}/json")))?;
+        let state = inspect.state.context("no State")?;
+        let pid = docker::pid_of(id, state.running, state.pid)?;
+        CgroupPath::of_pid(pid)?.id()
+    }
+
+    /// Writes the containers' scopes read by the last resync: each on its
+    /// swarm networks, one on none explicitly on none; the parent on all.
+    pub fn write_scopes(&mut self, dp: &mut Dataplane) -> Result<()> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        if let Some((id, written)) = &mut self.parent {
+            if written.as_ref() != Some(&pending.networks) {
+                if pending.networks.is_empty() {
+                    dp.set_cgroup_no_networks(*id)?;
+                } else {
+                    dp.set_cgroup_networks(*id, &pending.networks)?;
+                }
+                info!(networks = ?pending.networks, "containers start on the swarm networks of this node");
+                *written = Some(pending.networks.clone());
+            }
+        }
+        for (cid, (cg, nets)) in &pending.containers {
+            if self.scoped.get(cid) == Some(&(*cg, nets.clone())) {
+                continue;
+            }
+            if nets.is_empty() {
+                dp.set_cgroup_no_networks(*cg)?;
+            } else {
+                dp.set_cgroup_networks(*cg, nets)?;
+            }
+            debug!(container = %cid, networks = ?nets, "scoped");
+            self.scoped.insert(cid.clone(), (*cg, nets.clone()));
+        }
+        let gone: Vec<String> = self
+            .scoped
+            .keys()
+            .filter(|c| !pending.containers.contains_key(*c))
+            .cloned()
+            .collect();
+        for cid in gone {
+            if let Some((cg, _)) = self.scoped.remove(&cid) {
+                dp.set_cgroup_networks(cg, &[])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Signals `docker stop` (the usual stop signals) and `docker kill` send
+/// to end a container.
+fn is_terminating(signal: i32) -> bool {
+    matches!(signal, 2 | 3 | 9 | 15)
+}
+
+fn wake_matters(wake: &Wake) -> bool {
+    matches!(
+        wake,
+        Wake::Event {
+            stopping: Some(_),
+            ..
+        }
+    )
+}
+
+/// Follows `GET /events` and wakes svclbd up: on every relevant event, on
+/// each (re)connect, and when the stream breaks; reconnects with backoff.
+pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>) {
+    tokio::spawn(async move {
+        let mut backoff = BACKOFF_MIN;
+        let mut lost_reported = false;
+        loop {
+            if let Err(e) = docker::negotiate(&docker).await {
+                if !lost_reported {
+                    let _ = tx.send(Wake::Lost(format!("{e:#}"))).await;
+                    lost_reported = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            // Replays what happened since a second ago: nothing between
+            // this subscription and the resync below is missed.
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs().saturating_sub(1))
+                .unwrap_or(0);
+            let options = EventsOptions {
+                since: Some(since.to_string()),
+                until: None,
+                filters: Some(HashMap::from([(
+                    "type".to_owned(),
+                    vec![
+                        "container".to_owned(),
+                        "network".to_owned(),
+                        "service".to_owned(),
+                    ],
+                )])),
+            };
+            let mut stream = docker.events(Some(options));
+            if tx.send(Wake::Connected).await.is_err() {
+                return;
+            }
+            backoff = BACKOFF_MIN;
+            let why = loop {
+                match stream.next().await {
+                    Some(Ok(ev)) => {
+                        status.events.fetch_add(1, Ordering::Relaxed);
+                        let action = ev.action.unwrap_or_default();
+                        // docker exec and health probes' execs change nothing.
+                        if action.starts_with("exec_") {
+                            continue;
+                        }
+                        let typ = ev.typ.map(|t| t.to_string()).unwrap_or_default();
+                        let what = format!("{typ} {action}");
+                        let actor = ev.actor.unwrap_or_default();
+                        let signal = actor
+                            .attributes
+                            .as_ref()
+                            .and_then(|a| a.get("signal"))
+                            .and_then(|s| s.parse::<i32>().ok());
+                        let stopping = (typ == "container"
+                            && (action == "die"
+                                || (action == "kill" && signal.is_some_and(is_terminating))))
+                        .then(|| actor.id.clone())
+                        .flatten();
+                        let started = (typ == "container" && action == "start")
+                            .then(|| actor.id.clone())
+                            .flatten();
+                        let wake = Wake::Event {
+                            what,
+                            stopping,
+                            started,
+                            at_ns: ev.time_nano,
+                        };
+                        if wake_matters(&wake) {
+                            // Must not be lost: it takes a task out now.
+                            if tx.send(wake).await.is_err() {
+                                return;
+                            }
+                        } else {
+                            // A full channel already holds a wake-up.
+                            let _ = tx.try_send(wake);
+                        }
+                    }
+                    Some(Err(e)) => break format!("{e}"),
+                    None => break "the engine closed the event stream".to_owned(),
+                }
+            };
+            if tx.send(Wake::Lost(why)).await.is_err() {
+                return;
+            }
+            lost_reported = true;
+            tokio::time::sleep(backoff).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inspect_services(json: &str) -> HashMap<String, serde_json::Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_network_view_becomes_services() {
+        // As the 20.10 engine answers `GET /networks/{id}?verbose=true`.
+        let services = inspect_services(
+            r#"{
+            "api": {"VIP": "172.50.0.2", "Ports": [], "LocalLBIndex": 257,
+                    "Tasks": [{"Name": "api.2.x", "EndpointID": "e2", "EndpointIP": "172.50.0.4", "Info": {"Host IP": "127.0.0.1"}},
+                              {"Name": "api.1.y", "EndpointID": "e1", "EndpointIP": "172.50.0.3", "Info": {"Host IP": "127.0.0.1"}}]},
+            "web": {"VIP": "172.50.0.5/32", "Ports": [], "LocalLBIndex": 258, "Tasks": null},
+            "": {"VIP": "", "Ports": [], "LocalLBIndex": 0, "Tasks": [{"Name": "plain", "EndpointIP": "172.50.0.9"}]},
+            "dnsrr": {"VIP": "", "LocalLBIndex": 0, "Tasks": [{"Name": "d.1", "EndpointIP": "172.50.0.10"}]}
+        }"#,
+        );
+        let specs = services_of_network("backend", &services);
+        assert_eq!(specs.len(), 2, "{specs:?}");
+        let api = &specs[0];
+        assert_eq!(api.name, "api@backend");
+        assert_eq!(api.vip, "172.50.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(api.mark, Some(257));
+        assert_eq!(api.networks, vec!["backend".to_owned()]);
+        assert_eq!(api.port, None);
+        let addrs: Vec<String> = api.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(addrs, ["172.50.0.3", "172.50.0.4"]);
+        assert!(api
+            .backends
+            .iter()
+            .all(|b| b.port.is_none() && b.weight == 1));
+        let web = &specs[1];
+        assert_eq!(web.vip, "172.50.0.5".parse::<IpAddr>().unwrap());
+        assert!(web.backends.is_empty());
+    }
+
+    fn spec(name: &str, vip: &str, mark: Option<u32>) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_owned(),
+            vip: vip.parse().unwrap(),
+            mark,
+            scheduler: Scheduler::Rr,
+            backends: Vec::new(),
+            port: None,
+            affinity: None,
+            networks: Vec::new(),
+            terminate_on_removal: true,
+        }
+    }
+
+    #[test]
+    fn conflicts_with_the_file_are_refused_and_named() {
+        let statics = DesiredState {
+            services: vec![spec("db", "172.50.0.2", Some(300))],
+        };
+        let docker = BTreeMap::from([
+            ("api@n".to_owned(), spec("api@n", "172.50.0.2", Some(257))),
+            ("web@n".to_owned(), spec("web@n", "172.50.0.5", Some(300))),
+            ("ok@n".to_owned(), spec("ok@n", "172.50.0.6", Some(259))),
+        ]);
+        let mut refused = BTreeMap::new();
+        let merged = merge(&statics, &docker, &mut refused);
+        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["db", "ok@n"]);
+        assert!(refused["api@n"].contains("VIP 172.50.0.2") && refused["api@n"].contains("\"db\""));
+        assert!(refused["web@n"].contains("mark 300"));
+        // Without the conflict, they go in.
+        let merged = merge(&DesiredState::default(), &docker, &mut refused);
+        assert_eq!(merged.services.len(), 3);
+        assert!(refused.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_restarted_container_is_no_longer_stopping() {
+        let dir = std::env::temp_dir().join(format!("svclb-sync-docker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docker.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let host = format!("unix://{}", path.display());
+        let mut d = DockerSync::new(Some(&host), &Snapshot::default()).unwrap();
+        let event = |stopping: Option<&str>, started: Option<&str>| Wake::Event {
+            what: "container".to_owned(),
+            stopping: stopping.map(str::to_owned),
+            started: started.map(str::to_owned),
+            at_ns: None,
+        };
+        d.note(&event(Some("c1"), None));
+        d.note(&event(Some("c2"), None));
+        assert!(d.stopping.contains("c1") && d.stopping.contains("c2"));
+        d.note(&event(None, Some("c1")));
+        assert!(!d.stopping.contains("c1") && d.stopping.contains("c2"));
+        d.note(&Wake::Connected);
+        assert!(d.stopping.contains("c2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn docker_names() {
+        assert!(is_docker_name("api@backend"));
+        assert!(!is_docker_name("api"));
+        assert!(!is_docker_name("@x"));
+        assert!(!is_docker_name("a@b@c"));
+        assert_eq!(default_parent("cgroupfs"), "/docker");
+        assert_eq!(default_parent("systemd"), "/system.slice");
+    }
+}
