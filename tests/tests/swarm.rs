@@ -716,3 +716,67 @@ fn two_nodes_web_on_node1_reaches_api_tasks_on_both() {
         "connects balanced to node 2's tasks: {on_node2}"
     );
 }
+
+/// A held connection from `web` through api's VIP: `docker kill` of its
+/// task ends it (svclb's SOCK_DESTROY after the kill event), so the
+/// client's next write fails instead of vanishing into a task that is
+/// gone. Without svclb the socket would sit in CLOSE_WAIT (or
+/// ESTABLISHED) and writes would succeed into nothing.
+#[test]
+fn docker_kill_of_a_task_ends_the_sockets_to_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = swarm(2);
+    let e = &s.engine;
+    let pins = PinDir::new();
+    let daemon = svclbd(&pins, e);
+    wait_backends(&pins, &view(e).task_ips, &daemon);
+    const HOLD: &str = r#"
+import socket, sys
+s = socket.create_connection(("api", 8080), timeout=5)
+f = s.makefile("rb")
+print(f.readline().decode().split()[0], flush=True)
+sys.stdin.readline()
+try:
+    s.settimeout(2)
+    s.sendall(b"x")
+    s.sendall(b"y")
+    print("OPEN", flush=True)
+except OSError as err:
+    print("ERR", err.errno, flush=True)
+"#;
+    let mut held = e
+        .command(&["exec", "-i", &s.web, "/usr/bin/python3", "-c", HOLD])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let task_ip = line.trim().to_string();
+    let task = e
+        .tasks("api")
+        .unwrap()
+        .into_iter()
+        .find(|t| t.addrs.get(NET) == Some(&task_ip))
+        .unwrap_or_else(|| panic!("no api task has the address {task_ip:?}"));
+    e.docker(&["kill", &task.id]).unwrap();
+    daemon
+        .wait_for_log(
+            &format!("backend={task_ip} sockets=1"),
+            Duration::from_secs(20),
+        )
+        .expect("svclbd ends the held socket after the kill");
+    held.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = held.wait();
+    println!(
+        "held connection to the killed task {task_ip}: {}",
+        line.trim()
+    );
+    assert!(
+        line.starts_with("ERR 103") || line.starts_with("ERR 32"),
+        "the held connection to the killed task was ended (ECONNABORTED, then EPIPE): {line:?}"
+    );
+}

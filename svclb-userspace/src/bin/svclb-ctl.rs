@@ -186,7 +186,11 @@ fn run(args: Args) -> Result<()> {
             for change in &plan.changes {
                 println!("{change}");
             }
-            for e in svclb::terminate::after_apply(&pins, &plan) {
+            // Said only where sockets were ended: an apply prints what it did.
+            for e in svclb::terminate::after_apply(&pins, &plan)
+                .into_iter()
+                .filter(|e| e.sockets > 0)
+            {
                 println!(
                     "ended {} socket(s) connected to {} of {} (FWM {})",
                     e.sockets, e.addr, e.service, e.mark
