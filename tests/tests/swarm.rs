@@ -715,6 +715,35 @@ fn two_nodes_web_on_node1_reaches_api_tasks_on_both() {
         on_node2 >= 80,
         "connects balanced to node 2's tasks: {on_node2}"
     );
+
+    // A worker runs its own svclbd, reading its own engine: a client on
+    // node 2 is balanced over the same four tasks.
+    let node2_id = t.node2.node_id().unwrap();
+    let web2 = t
+        .node1
+        .service(
+            "web2",
+            &[NET],
+            &[
+                "--replicas",
+                "1",
+                "--constraint",
+                &format!("node.id=={node2_id}"),
+            ],
+            &["/bin/sleep", "100000"],
+        )
+        .map(|()| ())
+        .and_then(|()| t.node2.wait_running("web2", 1))
+        .unwrap()
+        .remove(0);
+    let pins2 = PinDir::new();
+    let daemon2 = svclbd(&pins2, &t.node2);
+    wait_backends(&pins2, &api.task_ips, &daemon2);
+    let attempts = t.node2.client(&web2.id, "tcp", "api", 100).unwrap();
+    let (per_task, failed) = tally(&attempts);
+    eprintln!("worker node: {per_task:?}, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(per_task.keys().cloned().collect::<Vec<_>>(), api.task_ips);
 }
 
 #[test]
