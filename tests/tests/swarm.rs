@@ -732,7 +732,6 @@ fn two_nodes_web_on_node1_reaches_api_tasks_on_both() {
             ],
             &["/bin/sleep", "100000"],
         )
-        .map(|()| ())
         .and_then(|()| t.node2.wait_running("web2", 1))
         .unwrap()
         .remove(0);
