@@ -715,6 +715,112 @@ fn two_nodes_web_on_node1_reaches_api_tasks_on_both() {
         on_node2 >= 80,
         "connects balanced to node 2's tasks: {on_node2}"
     );
+
+    // A worker runs its own svclbd, reading its own engine: a client on
+    // node 2 is balanced over the same four tasks.
+    let node2_id = t.node2.node_id().unwrap();
+    let web2 = t
+        .node1
+        .service(
+            "web2",
+            &[NET],
+            &[
+                "--replicas",
+                "1",
+                "--constraint",
+                &format!("node.id=={node2_id}"),
+            ],
+            &["/bin/sleep", "100000"],
+        )
+        .and_then(|()| t.node2.wait_running("web2", 1))
+        .unwrap()
+        .remove(0);
+    let pins2 = PinDir::new();
+    let daemon2 = svclbd(&pins2, &t.node2);
+    wait_backends(&pins2, &api.task_ips, &daemon2);
+    let attempts = t.node2.client(&web2.id, "tcp", "api", 100).unwrap();
+    let (per_task, failed) = tally(&attempts);
+    eprintln!("worker node: {per_task:?}, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(per_task.keys().cloned().collect::<Vec<_>>(), api.task_ips);
+}
+
+#[test]
+fn a_service_scaled_to_zero_keeps_its_vip_until_removed() {
+    let s = swarm(2);
+    let e = &s.engine;
+    let pins = PinDir::new();
+    let daemon = svclbd(&pins, e);
+    let api = view(e);
+    wait_backends(&pins, &api.task_ips, &daemon);
+
+    e.scale("api", 0).unwrap();
+    // The engine forgets api on this network...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while e.service_view(NET, "api").unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "api stayed in the network's view"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...svclb keeps its VIP with no backend...
+    wait_backends(&pins, &[], &daemon);
+    let listed = pins.ctl(&["list", "--json"]).unwrap();
+    assert!(listed.contains("\"api@backend\""), "{listed}");
+    // ...so a connect is refused at once, not left to time out.
+    let started = Instant::now();
+    let attempts = e.client(&s.web, "tcp", &api.vip, 3).unwrap();
+    assert!(
+        attempts
+            .iter()
+            .all(|a| matches!(a, Attempt::Fail { error, .. } if error == "ConnectionRefusedError")),
+        "{attempts:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once: {:?}",
+        started.elapsed()
+    );
+
+    // Back to 2: the new tasks are balanced under the same VIP (the engine
+    // may give the service a new LocalLBIndex: svclb follows it).
+    let tasks = e.scale("api", 2).unwrap();
+    let mut ips: Vec<String> = tasks.iter().map(|t| t.addrs[NET].clone()).collect();
+    ips.sort();
+    wait_backends(&pins, &ips, &daemon);
+    let again = view(e);
+    assert_eq!(again.vip, api.vip);
+    let listed: serde_json::Value =
+        serde_json::from_str(&pins.ctl(&["list", "--json"]).unwrap()).unwrap();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api@backend")
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["mark"], again.local_lb_index, "{entry}");
+    assert_eq!(entry["vip"], api.vip.as_str(), "{entry}");
+    let (per_task, failed) = tally(&e.client(&s.web, "tcp", "api", 10).unwrap());
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(per_task.keys().cloned().collect::<Vec<_>>(), ips);
+
+    // Removed from the swarm: gone from svclb too.
+    e.docker(&["service", "rm", "api"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pins
+        .ctl(&["list", "--json"])
+        .unwrap()
+        .contains("\"api@backend\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "api@backend outlived the service:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A held connection from `web` through api's VIP: `docker kill` of its
