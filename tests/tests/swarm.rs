@@ -840,7 +840,7 @@ fn docker_kill_of_a_task_ends_the_sockets_to_it() {
 import socket, sys
 s = socket.create_connection(("api", 8080), timeout=5)
 f = s.makefile("rb")
-print(f.readline().decode().split()[0], flush=True)
+print(f.readline().decode().split()[1], flush=True)
 sys.stdin.readline()
 try:
     s.settimeout(2)
