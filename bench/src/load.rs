@@ -446,17 +446,9 @@ fn udp(spec: &LoadSpec, w: &Window, rng: &mut Rng, thread: usize) -> ThreadTally
     tally
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process, so the
-/// bench can compare a child's timestamps with its own.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process (and
+/// svclbd's), so the bench can compare a child's timestamps with its own.
+pub use svclb::rates::monotonic_ns;
 
 /// What `svclb-load probe` prints once it reaches the expected backend.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -71,16 +71,15 @@ fn eventually<T: std::fmt::Debug>(
     check: impl Fn(&T) -> bool,
 ) -> Duration {
     let start = Instant::now();
-    loop {
+    common::eventually(within, what, || {
         let value = read();
         if check(&value) {
-            return start.elapsed();
+            Ok(())
+        } else {
+            Err(format!("{value:?}"))
         }
-        if start.elapsed() > within {
-            panic!("{what}: not within {within:?}; last seen {value:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    start.elapsed()
 }
 
 /// Sandbox with TCP identity servers on `tasks` (port 8080).

@@ -244,11 +244,17 @@ fn an_invalid_config_is_refused_and_changes_nothing() {
 #[test]
 fn missing_privileges_are_named() {
     let pins = svclb_tests::PinDir::new();
-    let out = std::process::Command::new(svclb_tests::daemon::bin("svclbd"))
+    // A copy the unprivileged user can reach: the checkout may sit in a
+    // directory only root may enter (a mktemp -d clone is 0700).
+    let copy = std::env::temp_dir().join(format!("svclbd-unprivileged-{}", std::process::id()));
+    std::fs::copy(svclb_tests::daemon::bin("svclbd"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&copy)
         .args(["--pin-dir", pins.path().to_str().unwrap()])
         .uid(65534)
-        .output()
-        .unwrap();
+        .output();
+    let _ = std::fs::remove_file(&copy);
+    let out = out.unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");

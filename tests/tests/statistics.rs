@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use svclb::rates::monotonic_ns;
 use svclb_common::SockState;
 use svclb_tests::http::get as http_get;
 use svclb_tests::{PinDir, Sandbox, StatsRow, TcpIdServer, UdpIdServer};
@@ -33,26 +34,6 @@ fn ctl_json(pins: &PinDir, args: &[&str]) -> Value {
     all.push("--json");
     let text = pins.ctl(&all).unwrap();
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("svclb-ctl {args:?} --json: {e}\n{text}"))
-}
-
-/// Calls `f` until it returns Some, or panics with the last value after `within`.
-fn eventually<T: std::fmt::Debug>(
-    within: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) => {
-                if Instant::now() > deadline {
-                    panic!("{what}: not reached within {within:?}; last: {last}");
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// ActiveConn and InActConn of each backend, from `svclb-ctl list --json`.
@@ -980,16 +961,6 @@ fn rate_json(pins: &PinDir) -> (Value, String) {
         serde_json::from_slice(&out.stdout).unwrap(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock svclbd stamps its samples with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// When svclbd last sampled the rates (from the pinned estimator map).

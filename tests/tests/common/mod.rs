@@ -20,6 +20,27 @@ mark = 0x13d
 backends = ["172.50.0.40", "172.50.0.41"]
 "#;
 
+/// Calls `f` until it returns Ok, or panics with the last error after `within`.
+#[track_caller]
+pub fn eventually<T: std::fmt::Debug>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => {
+                if std::time::Instant::now() > deadline {
+                    panic!("{what}: not reached within {within:?}; last: {last}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
 }
