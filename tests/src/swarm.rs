@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{command_line, warn};
+use crate::util::warn;
 
 /// Serialises private engines across processes.
 pub const LOCK_PATH: &str = "/run/svclb-swarm.lock";
@@ -515,19 +515,8 @@ impl Engine {
     /// Runs the docker client; errors carry its stderr.
     pub fn docker(&self, args: &[&str]) -> Result<String> {
         let mut cmd = self.command(args);
-        let line = command_line(&cmd);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("could not start `{line}`"))?;
-        if !out.status.success() {
-            bail!(
-                "`{line}` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        cmd.stdin(Stdio::null());
+        Ok(crate::util::run(&mut cmd)?.trim().to_owned())
     }
 
     /// The test image (built once per engine): busybox, /srv/server.py,

@@ -451,6 +451,51 @@ vip = "172.50.0.38"
 backends = ["172.50.0.41"]
 "#;
 
+/// A sandbox whose tasks and VIP (.37) all run identity servers, so an
+/// untranslated connect to the VIP reaches "172.50.0.37"; svclbd follows
+/// `config` attached to the sandbox cgroup on `network`. Fields drop in
+/// order: daemon, servers, pins, sandbox.
+struct Scoped {
+    daemon: Svclbd,
+    _servers: Vec<TcpIdServer>,
+    config: std::path::PathBuf,
+    pins: PinDir,
+    sandbox: Sandbox,
+}
+
+impl Scoped {
+    fn start(config: &str, network: &str) -> Scoped {
+        let sandbox = Sandbox::new().unwrap();
+        let mut servers = Vec::new();
+        for t in TASKS.iter().chain([&VIP]) {
+            sandbox.add_backend_addr(t.parse().unwrap()).unwrap();
+            servers.push(TcpIdServer::start(&sandbox, addr(t, PORT)).unwrap());
+        }
+        let pins = PinDir::new();
+        let config = write_temp("scoped.toml", config).unwrap();
+        let cgroup = sandbox.cgroup_path().to_str().unwrap().to_string();
+        let daemon = Svclbd::start(
+            &pins,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--cgroup",
+                &cgroup,
+                "--network",
+                network,
+            ],
+        )
+        .unwrap();
+        Scoped {
+            daemon,
+            _servers: servers,
+            config,
+            pins,
+            sandbox,
+        }
+    }
+}
+
 /// A second cgroup next to the sandbox's, removed on drop.
 struct ExtraCgroup(std::path::PathBuf);
 impl ExtraCgroup {
@@ -530,27 +575,8 @@ backends = ["172.50.0.40", "172.50.0.41"]
 /// backnet is (so the check can tell).
 #[test]
 fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
-    let sandbox = Sandbox::new().unwrap();
-    let mut servers = Vec::new();
-    for t in TASKS.iter().chain([&VIP]) {
-        sandbox.add_backend_addr(t.parse().unwrap()).unwrap();
-        servers.push(TcpIdServer::start(&sandbox, addr(t, PORT)).unwrap());
-    }
-    let pins = PinDir::new();
-    let config = write_temp("front-only.toml", FRONT_ONLY).unwrap();
-    let at_start = sandbox.cgroup_path().to_str().unwrap().to_string();
-    let daemon = Svclbd::start(
-        &pins,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--cgroup",
-            &at_start,
-            "--network",
-            "frontnet",
-        ],
-    )
-    .unwrap();
+    let fx = Scoped::start(FRONT_ONLY, "frontnet");
+    let (sandbox, pins, config, daemon) = (&fx.sandbox, &fx.pins, &fx.config, &fx.daemon);
     let attach = |cg: &ExtraCgroup, network: &str| {
         pins.ctl(&[
             "attach",
@@ -561,11 +587,11 @@ fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
         ])
         .unwrap();
     };
-    let before_reload = ExtraCgroup::new(&sandbox, "before");
+    let before_reload = ExtraCgroup::new(sandbox, "before");
     attach(&before_reload, "frontnet");
 
     // svclbd's own reload, from the snapshot it kept.
-    std::fs::write(&config, WITH_BACKNET).unwrap();
+    std::fs::write(config, WITH_BACKNET).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !pins.ctl(&["list"]).unwrap().contains("172.50.0.40") {
         assert!(
@@ -575,7 +601,7 @@ fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let after_reload = ExtraCgroup::new(&sandbox, "after");
+    let after_reload = ExtraCgroup::new(sandbox, "after");
     attach(&after_reload, "frontnet");
     // Another process's apply of a third network, then svclbd's again.
     let third = write_temp(
@@ -584,9 +610,9 @@ fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
     )
     .unwrap();
     pins.ctl(&["apply", third.to_str().unwrap()]).unwrap();
-    let after_apply = ExtraCgroup::new(&sandbox, "apply");
+    let after_apply = ExtraCgroup::new(sandbox, "apply");
     attach(&after_apply, "frontnet");
-    let on_backnet = ExtraCgroup::new(&sandbox, "backnet");
+    let on_backnet = ExtraCgroup::new(sandbox, "backnet");
     attach(&on_backnet, "backnet");
 
     let attachments = pins.ctl(&["attachments"]).unwrap();
@@ -611,21 +637,21 @@ fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
     for cg in frontnet {
         for _ in 0..10 {
             assert_eq!(
-                identity_from(&sandbox, cg, VIP),
+                identity_from(sandbox, cg, VIP),
                 VIP,
                 "{}: on frontnet, backnet's VIP must be a plain address",
                 cg.display()
             );
         }
         assert_eq!(
-            identity_from(&sandbox, cg, "172.50.0.38"),
+            identity_from(sandbox, cg, "172.50.0.38"),
             "172.50.0.41",
             "{}: an unscoped service is still balanced",
             cg.display()
         );
     }
     let backnet_seen: Vec<String> = (0..10)
-        .map(|_| identity_from(&sandbox, &on_backnet.0, VIP))
+        .map(|_| identity_from(sandbox, &on_backnet.0, VIP))
         .collect();
     assert!(
         backnet_seen.iter().all(|who| TASKS.contains(&who.as_str())),
@@ -639,29 +665,10 @@ fn a_cgroup_is_never_balanced_to_a_network_it_is_not_on_whatever_the_order() {
 
 #[test]
 fn services_can_be_limited_to_networks_of_attached_cgroups() {
-    let sandbox = Sandbox::new().unwrap();
-    let mut servers = Vec::new();
-    for t in TASKS.iter().chain([&VIP]) {
-        sandbox.add_backend_addr(t.parse().unwrap()).unwrap();
-        servers.push(TcpIdServer::start(&sandbox, addr(t, PORT)).unwrap());
-    }
-    let pins = PinDir::new();
-    let config = write_temp("scoped.toml", SCOPED_CONFIG).unwrap();
-    let front = sandbox.cgroup_path().to_str().unwrap().to_string();
-    let _daemon = Svclbd::start(
-        &pins,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--cgroup",
-            &front,
-            "--network",
-            "front",
-        ],
-    )
-    .unwrap();
+    let fx = Scoped::start(SCOPED_CONFIG, "front");
+    let (sandbox, pins) = (&fx.sandbox, &fx.pins);
     // A second attached cgroup, on no network.
-    let other = ExtraCgroup::new(&sandbox, "other");
+    let other = ExtraCgroup::new(sandbox, "other");
     pins.ctl(&["attach", "--cgroup", other.0.to_str().unwrap()])
         .unwrap();
     let attachments = pins.ctl(&["attachments"]).unwrap();
@@ -675,7 +682,7 @@ fn services_can_be_limited_to_networks_of_attached_cgroups() {
         "two cgroups attached at once: {attachments}"
     );
 
-    let run_in = |cgroup: &std::path::Path, target: &str| identity_from(&sandbox, cgroup, target);
+    let run_in = |cgroup: &std::path::Path, target: &str| identity_from(sandbox, cgroup, target);
     let mut front_seen = Vec::new();
     for _ in 0..20 {
         front_seen.push(run_in(sandbox.cgroup_path(), VIP));

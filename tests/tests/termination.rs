@@ -13,9 +13,9 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use common::{addr, PORT, TASKS, TIMEOUT, VIP};
+use common::{addr, ApiFixture, PORT, TASKS, TIMEOUT, VIP};
 use svclb_tests::daemon::write_temp;
-use svclb_tests::{PinDir, Sandbox, Svclbd, TcpIdServer, UdpIdServer};
+use svclb_tests::{Sandbox, Svclbd};
 
 /// How soon after the apply a held socket must fail (the bound).
 const WITHIN: Duration = Duration::from_millis(200);
@@ -35,43 +35,23 @@ fn both(extra: &str) -> String {
     config(&[(TASKS[0], 1), (TASKS[1], 1)], extra)
 }
 
-/// The sandbox with TCP and UDP identity servers on both tasks, svclbd
-/// attached to the sandbox cgroup and following `file`.
-struct Fx {
-    daemon: Svclbd,
-    _tcp: Vec<TcpIdServer>,
-    _udp: Vec<UdpIdServer>,
-    pins: PinDir,
-    file: std::path::PathBuf,
-    sandbox: Sandbox,
+/// The seed's `api` fixture, with svclb-ctl apply timed.
+struct Fx(ApiFixture);
+
+impl std::ops::Deref for Fx {
+    type Target = ApiFixture;
+    fn deref(&self) -> &ApiFixture {
+        &self.0
+    }
 }
 
 impl Fx {
     fn start(config: &str) -> Fx {
-        let sandbox = Sandbox::new().expect("sandbox");
-        let mut tcp = Vec::new();
-        let mut udp = Vec::new();
-        for task in TASKS {
-            sandbox.add_backend_addr(task.parse().unwrap()).unwrap();
-            tcp.push(TcpIdServer::start(&sandbox, addr(task, PORT)).unwrap());
-            udp.push(UdpIdServer::start(&sandbox, addr(task, PORT)).unwrap());
-        }
-        let pins = PinDir::new();
-        let file = write_temp("svclb.toml", config).unwrap();
-        let cgroup = sandbox.cgroup_path().to_str().unwrap().to_string();
-        let daemon = Svclbd::start(
-            &pins,
-            &["--config", file.to_str().unwrap(), "--cgroup", &cgroup],
-        )
-        .expect("svclbd starts");
-        Fx {
-            daemon,
-            _tcp: tcp,
-            _udp: udp,
-            pins,
-            file,
-            sandbox,
-        }
+        Fx(ApiFixture::start_with(config))
+    }
+
+    fn daemon(&self) -> &Svclbd {
+        self.0.daemon.as_ref().expect("svclbd runs")
     }
 
     /// `svclb-ctl apply` of `config`; returns when it has returned, with
@@ -296,7 +276,7 @@ fn svclbd_ends_sockets_on_reload_and_counts_them() {
     let gone = held[0].backend.clone();
     let on_gone = held.iter().filter(|h| h.backend == gone).count();
     let written = Instant::now();
-    std::fs::write(&fx.file, config(&[(other(&gone), 1)], "")).unwrap();
+    std::fs::write(&fx.config, config(&[(other(&gone), 1)], "")).unwrap();
     for h in held.iter().filter(|h| h.backend == gone) {
         let (at, outcome) = h
             .reads
@@ -308,10 +288,10 @@ fn svclbd_ends_sockets_on_reload_and_counts_them() {
             at.duration_since(written)
         );
     }
-    fx.daemon
+    fx.daemon()
         .wait_for_log("ended the sockets svclb connected to it", TIMEOUT)
         .unwrap();
-    let log = fx.daemon.log_text();
+    let log = fx.daemon().log_text();
     let line = log
         .lines()
         .find(|l| l.contains("ended the sockets"))
@@ -321,7 +301,7 @@ fn svclbd_ends_sockets_on_reload_and_counts_them() {
         "{line}"
     );
     let (status, body) =
-        svclb_tests::http::get(fx.daemon.metrics_addr().unwrap(), "/metrics").unwrap();
+        svclb_tests::http::get(fx.daemon().metrics_addr().unwrap(), "/metrics").unwrap();
     assert_eq!(status, 200);
     let samples = svclb_tests::http::parse_exposition(&body);
     let ended = samples

@@ -52,6 +52,8 @@ pub struct ApiFixture {
     pub tcp: Vec<TcpIdServer>,
     pub udp: Vec<UdpIdServer>,
     pub pins: PinDir,
+    /// The config file svclbd follows (rewrite it to reload).
+    pub config: std::path::PathBuf,
     pub sandbox: Sandbox,
 }
 
@@ -82,6 +84,7 @@ impl ApiFixture {
             tcp,
             udp,
             pins,
+            config,
             sandbox,
         }
     }
