@@ -330,6 +330,10 @@ pub const CONN_ACTIVE: u32 = 2;
 /// by an svclb before this flag) is checked, which is right for both.
 /// (Bit 0 marked unconnected UDP sockets in those; nothing reads it now.)
 pub const SOCK_F_TCP: u32 = 1 << 1;
+/// [`SockState::flags`]: a connected UDP socket with an entry in
+/// `svclb_udp_conns` (by cookie), which its release removes; sockets
+/// without the bit (TCP, unconnected UDP) cost their release no lookup.
+pub const SOCK_F_UDP_CONN: u32 = 1 << 2;
 
 /// Affinity is per client: svclb's clients are local, so a client is a
 /// network namespace (its cookie), i.e. a container.

@@ -15,7 +15,9 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, sock_ops},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
-use svclb_common::{SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP};
+use svclb_common::{
+    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP, SOCK_F_UDP_CONN,
+};
 
 use crate::{
     maps::{SOCKS, STATS, UDP_CONNS},
@@ -166,7 +168,7 @@ pub fn svclb_release(ctx: SockContext) -> i32 {
     if !(tcp && state.flags & SOCK_F_STATE_CB != 0) {
         set_conn_state(state, CONN_NONE);
     }
-    if !tcp {
+    if state.flags & SOCK_F_UDP_CONN != 0 {
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
         let _ = UDP_CONNS.remove(&cookie);
     }

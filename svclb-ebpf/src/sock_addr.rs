@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use svclb_common::{
     ServiceValue, Slot, SockState, UdpConn, VipKey, CONN_INACTIVE, IPPROTO_TCP, IPPROTO_UDP,
-    SOCK_F_TCP,
+    SOCK_F_TCP, SOCK_F_UDP_CONN,
 };
 
 use crate::{
@@ -121,16 +121,26 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     let port_be = dest_port(&slot, target);
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
-        let flags = if proto == IPPROTO_TCP { SOCK_F_TCP } else { 0 };
-        remember(state, target, &slot, port_be, mark, &svc, flags);
-    }
-    if proto == IPPROTO_UDP {
-        // Found again by cookie if its backend leaves (terminate.rs).
-        let conn = UdpConn {
-            backend_id: slot.backend_id,
-            mark,
+        let flags = if proto == IPPROTO_TCP {
+            SOCK_F_TCP
+        } else {
+            // Found again by cookie if its backend leaves (terminate.rs);
+            // only a socket with a record, whose release removes it.
+            let conn = UdpConn {
+                backend_id: slot.backend_id,
+                mark,
+            };
+            let cookie = socket_cookie(ctx);
+            match UDP_CONNS.insert(&cookie, &conn, 0) {
+                Ok(()) => SOCK_F_UDP_CONN,
+                Err(_) => {
+                    // No entry naming an earlier backend either.
+                    let _ = UDP_CONNS.remove(&cookie);
+                    0
+                }
+            }
         };
-        let _ = UDP_CONNS.insert(&socket_cookie(ctx), &conn, 0);
+        remember(state, target, &slot, port_be, mark, &svc, flags);
     }
     count_new_connection(slot.backend_id);
     Ok(Some((slot.addr, port_be)))
@@ -147,7 +157,10 @@ fn forget(ctx: &SockAddrContext) {
     if let Some(state) = unsafe { state.as_mut() } {
         release_conn(state);
         state.mark = 0;
-        let _ = UDP_CONNS.remove(&socket_cookie(ctx));
+        if state.flags & SOCK_F_UDP_CONN != 0 {
+            let _ = UDP_CONNS.remove(&socket_cookie(ctx));
+            state.flags &= !SOCK_F_UDP_CONN;
+        }
     }
 }
 
@@ -185,8 +198,10 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
     count_new_connection(slot.backend_id);
     // Without socket storage (memory pressure) it is balanced, unremembered.
     if let Some(state) = state {
-        // UDP: no flag, its packets get the peer check.
-        remember(state, target, &slot, port_be, mark, &svc, 0);
+        // UDP: no TCP flag, its packets get the peer check; a cookie
+        // entry it has from a connect stays its release's to remove.
+        let keep = state.flags & SOCK_F_UDP_CONN;
+        remember(state, target, &slot, port_be, mark, &svc, keep);
     }
     Ok(Some((slot.addr, port_be)))
 }

@@ -73,6 +73,19 @@ fn wait_backends(pins: &PinDir, want: &[String], daemon: &Svclbd) {
     }
 }
 
+/// Every connect that succeeded reached one of `tasks`.
+#[track_caller]
+fn reached_only(attempts: &[Attempt], tasks: &BTreeSet<String>, what: &str) {
+    for a in attempts {
+        if let Attempt::Ok { task_addr, .. } = a {
+            assert!(
+                tasks.contains(task_addr),
+                "{what}: reached {task_addr}, not a task"
+            );
+        }
+    }
+}
+
 fn fails(attempts: &[Attempt]) -> Vec<&Attempt> {
     attempts
         .iter()
@@ -201,14 +214,7 @@ fn scale_and_kill_under_a_connect_loop() {
             attempts.len()
         );
         // Every connect reached a task that existed.
-        for a in &attempts {
-            if let Attempt::Ok { task_addr, .. } = a {
-                assert!(
-                    seen_tasks.contains(task_addr),
-                    "{step}: reached {task_addr}, not a task"
-                );
-            }
-        }
+        reached_only(&attempts, &seen_tasks, step);
         if failed != 0 {
             let events = e
                 .docker(&[
@@ -264,14 +270,7 @@ fn scale_and_kill_under_a_connect_loop() {
         "update --force: {} connects, {failed} failed",
         attempts.len()
     ));
-    for a in &attempts {
-        if let Attempt::Ok { task_addr, .. } = a {
-            assert!(
-                seen_tasks.contains(task_addr),
-                "update: reached {task_addr}"
-            );
-        }
-    }
+    reached_only(&attempts, &seen_tasks, "update");
     assert_eq!(
         failed,
         0,
