@@ -15,7 +15,10 @@ use svclb_common::{
     SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
 };
 
-use crate::{config::ServicePort, pins::PinDir};
+use crate::{
+    config::{ServicePort, ServiceSpec},
+    pins::PinDir,
+};
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
@@ -234,15 +237,40 @@ impl Dataplane {
     }
 
     /// Records that an apply wrote the maps: bumps the serial every svclb
-    /// process checks, and reads the new snapshot when keeping them.
-    pub fn applied(&mut self) -> Result<()> {
+    /// process checks. `now` is what the maps hold after it, carried forward
+    /// from the plan (no map is read again); kept for the next apply when
+    /// keeping snapshots. With `SVCLB_VERIFY_SNAPSHOTS=1` (the integration
+    /// tests set it) the maps are read back and a difference aborts svclbd:
+    /// a carried snapshot that drifted from the maps would plan wrong writes.
+    pub fn applied(&mut self, now: Option<Snapshot>) -> Result<()> {
         let mut v = self.layout.get(&0, 0)?;
         v.apply_serial = v.apply_serial.wrapping_add(1);
         self.layout.set(0, v, 0)?;
         self.kept = None;
-        if self.keep {
-            self.kept = Some((v.apply_serial, self.snapshot()?));
+        if !self.keep {
+            return Ok(());
         }
+        let now = match now {
+            Some(now) => {
+                if verify_snapshots() {
+                    let read = self.snapshot()?;
+                    let carried = Snapshot {
+                        specs: Default::default(),
+                        ..now.clone()
+                    };
+                    if read != carried {
+                        tracing::error!(
+                            "the snapshot carried forward differs from the maps:\n carried {carried:?}\n read    {read:?}"
+                        );
+                        std::process::abort();
+                    }
+                    tracing::debug!("the carried snapshot equals the maps");
+                }
+                now
+            }
+            None => self.snapshot()?,
+        };
+        self.kept = Some((v.apply_serial, now));
         Ok(())
     }
 
@@ -272,7 +300,15 @@ impl Dataplane {
         let new = new_network_bits(&bits, networks)?;
         if !new.is_empty() {
             self.register_networks(&new)?;
-            self.applied()?;
+            let serial = self.apply_serial()?;
+            let carried = match self.kept.take() {
+                Some((s, mut snapshot)) if s == serial => {
+                    snapshot.networks.extend(new.iter().cloned());
+                    Some(snapshot)
+                }
+                _ => None,
+            };
+            self.applied(carried)?;
             bits.extend(new);
         }
         Ok(networks
@@ -443,6 +479,7 @@ impl Dataplane {
             vip_flags,
             ports,
             networks,
+            specs: Default::default(),
         })
     }
 
@@ -581,8 +618,9 @@ fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
 }
 
-/// What the maps hold, read at one moment.
-#[derive(Clone, Debug, Default)]
+/// What the maps hold, read at one moment (or, for svclbd, carried
+/// forward from the last apply by [`crate::reconcile::absorb`]).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub services: BTreeMap<u32, ServiceState>,
     /// VIP -> mark of its all-ports service (0: none), as the VIP map holds it.
@@ -593,9 +631,14 @@ pub struct Snapshot {
     pub ports: BTreeMap<(IpAddr, u16, u8), u32>,
     /// Network name -> scope bit.
     pub networks: BTreeMap<String, u32>,
+    /// Mark -> the spec this process last planned the service from, if the
+    /// snapshot was carried forward from its apply (empty when read from
+    /// the maps): the planner passes over a service whose spec is the same,
+    /// so one service's change does not re-plan the others.
+    pub specs: std::collections::HashMap<u32, ServiceSpec>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceState {
     pub mark: u32,
     pub name: String,
@@ -628,4 +671,10 @@ impl BackendState {
             weight: info.weight,
         }
     }
+}
+
+/// Whether svclbd checks every carried-forward snapshot against the maps.
+fn verify_snapshots() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SVCLB_VERIFY_SNAPSHOTS").is_some_and(|v| v == "1"))
 }

@@ -22,12 +22,13 @@
 //! not refused. Round-robin positions survive updates.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
 };
 
 use anyhow::{bail, Context, Result};
+use svclb_common::words_addr;
 use svclb_common::{
     addr_words, family_of, schedule::other_generation, BackendInfo, PortKey, Scheduler,
     ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
@@ -37,8 +38,8 @@ use svclb_common::{
 use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
-    config::{protocol_name, DesiredState, ServicePort},
-    dataplane::{new_network_bits, Capacity, Dataplane, Snapshot},
+    config::{protocol_name, DesiredState, ServicePort, ServiceSpec},
+    dataplane::{new_network_bits, BackendState, Capacity, Dataplane, ServiceState, Snapshot},
 };
 
 /// Docker's firewall-mark counter starts at 256; so do marks svclb picks.
@@ -194,6 +195,8 @@ pub struct Plan {
     removed_vips: Vec<IpAddr>,
     removed_services: Vec<(u32, Generation)>,
     removed_backends: Vec<u32>,
+    /// The specs of the services planned (not passed over), by mark.
+    planned_specs: Vec<(u32, ServiceSpec)>,
 }
 
 impl Plan {
@@ -268,16 +271,29 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 
     // Backend ids: a backend keeps its id (and so its counters) while its
     // service keeps its mark; new ones take ids free before this apply.
-    let mut existing_ids: HashMap<(u32, IpAddr, Option<u16>), (u32, u32)> = HashMap::new();
-    let mut used_ids = BTreeSet::new();
-    for svc in current.services.values() {
-        for b in &svc.backends {
-            existing_ids.insert((svc.mark, b.addr, b.port), (b.id, b.weight));
-            used_ids.insert(b.id);
+    // The ids in use are gathered only when a new backend needs one.
+    let mut used_ids: Option<HashSet<u32>> = None;
+    let mut next_free_id = 0u32;
+    let mut free_id = || -> Option<u32> {
+        let used = used_ids.get_or_insert_with(|| {
+            current
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect()
+        });
+        while next_free_id < capacity.backends {
+            let id = next_free_id;
+            next_free_id += 1;
+            if !used.contains(&id) {
+                return Some(id);
+            }
         }
-    }
-    let mut free_ids = (0..capacity.backends).filter(|id| !used_ids.contains(id));
-    let mut kept_ids = BTreeSet::new();
+        None
+    };
+    // Backends kept by the services planned; a service passed over keeps all.
+    let mut kept_ids = HashSet::new();
+    let mut passed_over: HashSet<u32> = HashSet::new();
 
     let mut peak_slots: u64 = current
         .services
@@ -287,11 +303,27 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 
     for (spec, &mark) in desired.services.iter().zip(&marks) {
         let old = current.services.get(&mark);
-        // This service's line goes before its backends' lines, as in `ipvsadm -S`.
-        let service_line_at = plan.changes.len();
+        // The incremental path: a service planned from this very spec last
+        // time is as it should be (its scope bits too: a network keeps its
+        // bit), so it costs one comparison, not a schedule.
+        if old.is_some() && current.specs.get(&mark) == Some(spec) {
+            passed_over.insert(mark);
+            continue;
+        }
         if spec.mark.is_none() {
             plan.marks.insert(spec.name.clone(), mark);
         }
+        plan.planned_specs.push((mark, spec.clone()));
+        let existing_ids: HashMap<(IpAddr, Option<u16>), (u32, u32)> = old
+            .map(|o| {
+                o.backends
+                    .iter()
+                    .map(|b| ((b.addr, b.port), (b.id, b.weight)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // This service's line goes before its backends' lines, as in `ipvsadm -S`.
+        let service_line_at = plan.changes.len();
         let mut slot_targets = Vec::with_capacity(spec.backends.len());
         let mut weights = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
@@ -302,7 +334,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                 mark,
                 weight: b.weight,
             };
-            let id = match existing_ids.get(&(mark, b.addr, b.port)) {
+            let id = match existing_ids.get(&(b.addr, b.port)) {
                 Some(&(id, old_weight)) => {
                     if old_weight != b.weight {
                         plan.edited_backends.push((id, info));
@@ -317,7 +349,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     id
                 }
                 None => {
-                    let id = free_ids.next().with_context(|| {
+                    let id = free_id().with_context(|| {
                         format!(
                             "no free backend id for {} of service {}: the capacity is {} backends (raise svclbd --max-backends)",
                             b.addr, spec.name, capacity.backends
@@ -492,7 +524,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
             plan.vip_writes.push((vip, *value));
         }
     }
-    let desired_marks: BTreeSet<u32> = marks.iter().copied().collect();
+    let desired_marks: HashSet<u32> = marks.iter().copied().collect();
     plan.removed_vips = current
         .vips
         .keys()
@@ -501,12 +533,11 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         .collect();
     // Whether a departing backend's sockets are ended: the service's
     // setting as desired now, or as it was for a service that leaves too.
-    let ends_sockets: HashMap<u32, bool> = marks
-        .iter()
-        .zip(&desired.services)
-        .map(|(&mark, spec)| (mark, spec.terminate_on_removal))
-        .collect();
+    let mut ends_sockets: Option<HashMap<u32, bool>> = None;
     for svc in current.services.values() {
+        if passed_over.contains(&svc.mark) {
+            continue;
+        }
         if !desired_marks.contains(&svc.mark) {
             plan.removed_services.push((
                 svc.mark,
@@ -533,6 +564,13 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                     id: b.id,
                     addr: b.addr,
                     end_sockets: ends_sockets
+                        .get_or_insert_with(|| {
+                            marks
+                                .iter()
+                                .zip(&desired.services)
+                                .map(|(&mark, spec)| (mark, spec.terminate_on_removal))
+                                .collect()
+                        })
                         .get(&svc.mark)
                         .copied()
                         .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0),
@@ -697,7 +735,9 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
     }
     execute(dp, &plan)?;
     let live = start.elapsed();
-    dp.applied()?;
+    let mut now = snapshot;
+    absorb(&mut now, &plan);
+    dp.applied(Some(now))?;
     tracing::debug!(
         read_ms = read.as_secs_f64() * 1e3,
         planned_ms = planned.as_secs_f64() * 1e3,
@@ -707,4 +747,220 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
         "applied"
     );
     Ok(plan)
+}
+
+/// Carries `snapshot` forward over an executed `plan`: afterwards it is what
+/// reading the maps would give (svclbd checks that in the integration tests,
+/// see [`Dataplane::applied`]), plus the specs the plan was made from, so
+/// the next apply neither reads every map nor re-plans unchanged services.
+pub fn absorb(snapshot: &mut Snapshot, plan: &Plan) {
+    for departed in &plan.departed {
+        if let Some(svc) = snapshot.services.get_mut(&departed.mark) {
+            svc.backends.retain(|b| b.id != departed.id);
+        }
+    }
+    for (mark, _) in &plan.removed_services {
+        snapshot.services.remove(mark);
+        snapshot.specs.remove(mark);
+    }
+    for w in &plan.services {
+        let port = (w.meta.port_proto != 0).then_some(ServicePort {
+            port: w.meta.port_proto as u16,
+            protocol: (w.meta.port_proto >> 16) as u8,
+        });
+        let svc = snapshot
+            .services
+            .entry(w.mark)
+            .or_insert_with(|| ServiceState {
+                mark: w.mark,
+                name: String::new(),
+                vip: w.meta.vip(),
+                port,
+                scheduler: Scheduler::DEFAULT,
+                value: w.value,
+                slots: Vec::new(),
+                backends: Vec::new(),
+            });
+        svc.name = w.meta.name();
+        svc.vip = w.meta.vip();
+        svc.port = port;
+        svc.scheduler = Scheduler::from_u32(w.value.scheduler).unwrap_or(Scheduler::DEFAULT);
+        svc.value = w.value;
+        if let Some(slots) = &w.new_slots {
+            svc.slots.clone_from(slots);
+        }
+    }
+    for (id, info) in &plan.new_backends {
+        if let Some(svc) = snapshot.services.get_mut(&info.mark) {
+            svc.backends.push(BackendState::from_info(*id, info));
+        }
+    }
+    for (id, info) in &plan.edited_backends {
+        let backends = snapshot
+            .services
+            .get_mut(&info.mark)
+            .map(|s| &mut s.backends);
+        if let Some(b) = backends.and_then(|bs| bs.iter_mut().find(|b| b.id == *id)) {
+            b.weight = info.weight;
+        }
+    }
+    let touched: BTreeSet<u32> = plan
+        .new_backends
+        .iter()
+        .map(|(_, info)| info.mark)
+        .chain(plan.departed.iter().map(|d| d.mark))
+        .collect();
+    for mark in touched {
+        if let Some(svc) = snapshot.services.get_mut(&mark) {
+            svc.backends.sort_by_key(|b| (b.addr, b.port));
+        }
+    }
+    for (key, mark) in &plan.port_writes {
+        let vip = words_addr(key.addr);
+        snapshot
+            .ports
+            .insert((vip, u16::from_be(key.port_be), key.proto), *mark);
+    }
+    for key in &plan.removed_ports {
+        let vip = words_addr(key.addr);
+        snapshot
+            .ports
+            .remove(&(vip, u16::from_be(key.port_be), key.proto));
+    }
+    for (vip, value) in &plan.vip_writes {
+        snapshot.vips.insert(*vip, value.mark);
+        snapshot.vip_flags.insert(*vip, value.flags);
+    }
+    for vip in &plan.removed_vips {
+        snapshot.vips.remove(vip);
+        snapshot.vip_flags.remove(vip);
+    }
+    snapshot.networks.extend(plan.new_networks.iter().cloned());
+    for (mark, spec) in &plan.planned_specs {
+        snapshot.specs.insert(*mark, spec.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPACITY: Capacity = Capacity {
+        services: 1024,
+        backends: 4096,
+        slots: 1 << 20,
+    };
+
+    fn desired(services: usize, changed_backend: &str) -> DesiredState {
+        let mut text = String::new();
+        for i in 0..services {
+            text.push_str(&format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"10.1.{}.{}\"\nbackends = [\"10.2.{}.{}\", \"10.3.{}.{}\"]\nnetworks = [\"n{}\"]\n\n",
+                i / 200, i % 200 + 1, i / 200, i % 200 + 1, i / 200, i % 200 + 1, i % 3
+            ));
+        }
+        text.push_str(&format!(
+            "[[service]]\nname = \"probe\"\nvip = \"10.9.0.1\"\nport = 80\nprotocol = \"tcp\"\nscheduler = \"mh\"\nbackends = [\"{changed_backend}\", \"10.9.0.3\"]\n"
+        ));
+        crate::config::parse_str(&text, "test")
+            .unwrap()
+            .static_state()
+    }
+
+    /// Applies `plan` to an empty map world, as [`execute`] then a read would.
+    fn carried(plan: &Plan) -> Snapshot {
+        let mut s = Snapshot::default();
+        absorb(&mut s, plan);
+        s
+    }
+
+    /// A plan's writes, without the specs it was made from.
+    fn writes(plan: &Plan) -> String {
+        let p = format!("{plan:?}");
+        let from = p.find("departed").unwrap();
+        let to = p.find("planned_specs").unwrap();
+        p[from..to].to_string()
+    }
+
+    #[test]
+    fn a_carried_snapshot_plans_nothing_for_the_state_it_came_from() {
+        let want = desired(50, "10.9.0.2");
+        let first = plan(&Snapshot::default(), &want, CAPACITY).unwrap();
+        assert_eq!(first.planned_specs.len(), 51);
+        let now = carried(&first);
+        assert_eq!(now.services.len(), 51);
+        assert_eq!(now.networks.len(), 3);
+        let again = plan(&now, &want, CAPACITY).unwrap();
+        assert!(again.is_empty(), "{again:?}");
+        assert!(again.planned_specs.is_empty());
+    }
+
+    #[test]
+    fn one_service_changed_is_the_only_one_planned_and_the_writes_are_the_full_plans() {
+        let before =
+            carried(&plan(&Snapshot::default(), &desired(50, "10.9.0.2"), CAPACITY).unwrap());
+        let after = desired(50, "10.9.0.4");
+        let incremental = plan(&before, &after, CAPACITY).unwrap();
+        assert_eq!(
+            incremental
+                .planned_specs
+                .iter()
+                .map(|(_, s)| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["probe"]
+        );
+        // The same writes as planning every service from a snapshot as read.
+        let as_read = Snapshot {
+            specs: Default::default(),
+            ..before.clone()
+        };
+        let full = plan(&as_read, &after, CAPACITY).unwrap();
+        assert_eq!(full.planned_specs.len(), 51);
+        assert_eq!(writes(&incremental), writes(&full));
+        assert_eq!(
+            incremental
+                .changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "+ -a -f 306 -r 10.9.0.4:0 -m -w 1",
+                "- -d -f 306 -r 10.9.0.2:0"
+            ]
+        );
+        // Carried forward, it matches a fresh plan of the new state.
+        let mut now = before;
+        absorb(&mut now, &incremental);
+        let from_scratch = carried(&plan(&Snapshot::default(), &after, CAPACITY).unwrap());
+        assert_eq!(now.services[&306].backends.len(), 2);
+        let addrs = |s: &Snapshot| -> Vec<[u32; 4]> {
+            s.services[&306].slots.iter().map(|x| x.addr).collect()
+        };
+        assert!(
+            addrs(&now) == addrs(&from_scratch),
+            "the same Maglev table as planned from scratch"
+        );
+        assert!(plan(&now, &after, CAPACITY).unwrap().is_empty());
+    }
+
+    #[test]
+    fn removed_services_leave_the_carried_snapshot_whole() {
+        let before =
+            carried(&plan(&Snapshot::default(), &desired(10, "10.9.0.2"), CAPACITY).unwrap());
+        let mut fewer = desired(10, "10.9.0.2");
+        fewer
+            .services
+            .retain(|s| s.name != "s3" && s.name != "probe");
+        let p = plan(&before, &fewer, CAPACITY).unwrap();
+        assert!(p.planned_specs.is_empty());
+        let mut now = before;
+        absorb(&mut now, &p);
+        assert_eq!(now.services.len(), 9);
+        assert_eq!(now.specs.len(), 9);
+        assert!(!now
+            .vips
+            .contains_key(&"10.1.0.4".parse::<IpAddr>().unwrap()));
+        assert!(now.ports.is_empty());
+        assert!(plan(&now, &fewer, CAPACITY).unwrap().is_empty());
+    }
 }

@@ -171,6 +171,9 @@ impl Svclbd {
         cmd.args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("SVCLB_LOG", "debug")
+            // Every apply checks the snapshot it carries forward against
+            // the maps, and aborts svclbd if they differ.
+            .env("SVCLB_VERIFY_SNAPSHOTS", "1")
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log)?)
             .stderr(fs::File::create(&log)?);

@@ -226,7 +226,7 @@ async fn run(args: Args) -> Result<()> {
     } else {
         drop(docker_tx);
     }
-    let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::DEBOUNCE));
+    let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::MIN_POLL));
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.tick().await;
 
@@ -250,10 +250,10 @@ async fn run(args: Args) -> Result<()> {
                         continue;
                     }
                 };
-                // A quiet moment: a task start is a burst of events.
-                while let Ok(Some(more)) =
-                    tokio::time::timeout(sync::docker::DEBOUNCE, docker_rx.recv()).await
-                {
+                // At once, with what is already queued: the events of a
+                // burst (a task start is create, connect, start) that come
+                // during this resync wake the next one.
+                while let Ok(more) = docker_rx.try_recv() {
                     if let Some(d) = &mut docker {
                         d.note(&more);
                         if matches!(more, Wake::Connected) {

@@ -18,8 +18,8 @@
 //!   the services of its networks only; a container on no swarm network gets
 //!   an explicit empty scope and sees none of them.
 //! - `GET /events` (container, network, service events): any event leads to
-//!   a resync of the whole view, after a few quiet milliseconds
-//!   ([`DEBOUNCE`]); so does a (re)connect. And the view is polled (every
+//!   a resync of the whole view at once, and the events that arrive during
+//!   it to one more; so does a (re)connect. And the view is polled (every
 //!   second by default, svclbd --docker-poll): when a task is stopped (scale
 //!   down, update, drain) the engine takes it out of the VIP first, waits
 //!   2 s for the cluster to converge, then stops it, and no event tells of
@@ -60,9 +60,8 @@ use crate::config::{self, BackendSpec, DesiredState, ServiceSpec};
 use crate::dataplane::{Dataplane, Snapshot};
 use crate::docker;
 
-/// Quiet time after an event before resyncing: a task start comes with a
-/// burst of events (create, network connect, start).
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// The shortest --docker-poll period.
+pub const MIN_POLL: Duration = Duration::from_millis(20);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
