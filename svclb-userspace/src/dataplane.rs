@@ -15,7 +15,7 @@ use svclb_common::{
     SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
 };
 
-use crate::{config::ServicePort, pins::PinDir};
+use crate::{model::ServicePort, pins::PinDir};
 
 /// Key and value sizes of every pinned map, to check before adopting pins
 /// left by another svclb version.
@@ -266,7 +266,7 @@ impl Dataplane {
     /// snapshot (this process's or svclbd's) hands the same bit out again.
     pub fn network_scope(&mut self, networks: &[String]) -> Result<u64> {
         for name in networks {
-            crate::config::check_network(name).map_err(anyhow::Error::msg)?;
+            crate::model::check_network(name).map_err(anyhow::Error::msg)?;
         }
         let mut bits = self.read_networks()?;
         let new = new_network_bits(&bits, networks)?;

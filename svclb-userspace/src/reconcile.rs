@@ -37,8 +37,8 @@ use svclb_common::{
 use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
-    config::{protocol_name, DesiredState, ServicePort},
     dataplane::{new_network_bits, Capacity, Dataplane, Snapshot},
+    model::{protocol_name, DesiredState, ServicePort},
 };
 
 /// Docker's firewall-mark counter starts at 256; so do marks svclb picks.
