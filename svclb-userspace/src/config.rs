@@ -1,4 +1,5 @@
-//! The desired state: the services that svclbd applies, read from a TOML file.
+//! The config file: TOML text turned into the desired state
+//! ([`crate::model`]), or an error that names the place in the file.
 //!
 //! Each `[[service]]` describes one service as Docker Swarm programs it with
 //! iptables and IPVS: a virtual IP, the firewall mark that the VIP maps to
@@ -72,181 +73,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
-use svclb_common::schedule::weighted_slots;
-use svclb_common::{Scheduler, MAX_SLOTS_PER_SERVICE};
+use serde::Deserialize;
+use svclb_common::Scheduler;
 use toml::Spanned;
 
-/// Longest service name, in bytes.
-pub const MAX_NAME_LEN: usize = 64;
-
-/// Every service to program. Serializes back to the file format.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct DesiredState {
-    #[serde(rename = "service")]
-    pub services: Vec<ServiceSpec>,
-}
-
-/// A config file: the services given in full, the services to discover
-/// through DNS, and how to ask DNS.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Config {
-    /// Services with their VIP and backends written out, in file order.
-    pub services: Vec<ServiceSpec>,
-    /// Services declared by name (`discover = "dns"`), in file order.
-    pub discovered: Vec<DiscoveredSpec>,
-    pub dns: DnsSettings,
-}
-
-impl Config {
-    /// The services given in full, as a desired state of their own.
-    pub fn static_state(&self) -> DesiredState {
-        DesiredState {
-            services: self.services.clone(),
-        }
-    }
-}
-
-/// A service whose VIP(s) and backends come from DNS: `<name>` answers the
-/// VIP(s), `tasks.<name>` the backends (Docker Swarm's embedded DNS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoveredSpec {
-    pub name: String,
-    /// A fixed VIP; then only `tasks.<name>` is resolved.
-    pub vip: Option<IpAddr>,
-    /// Only with a fixed VIP. Discovered VIPs keep the mark they have in
-    /// the maps, else get the lowest free one.
-    pub mark: Option<u32>,
-    pub scheduler: Scheduler,
-    /// [`ServiceSpec::terminate_on_removal`] of the discovered services.
-    pub terminate_on_removal: bool,
-}
-
-/// How svclbd asks DNS (the `[dns]` table).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsSettings {
-    /// Empty: the system's resolvers (/etc/resolv.conf).
-    pub nameservers: Vec<SocketAddr>,
-    /// Shortest time between two queries for a name, whatever the TTL.
-    pub min_refresh: Duration,
-    /// Longest time between two queries for a name, whatever the TTL.
-    /// Docker answers with TTL 600 but changes its answers at once, so the
-    /// default is short.
-    pub max_refresh: Duration,
-    /// How long a name that answers NXDOMAIN (or no address) keeps its last
-    /// good addresses before the empty answer is applied.
-    pub stale_grace: Duration,
-    /// Per query, before the next nameserver or attempt.
-    pub timeout: Duration,
-}
-
-impl Default for DnsSettings {
-    fn default() -> Self {
-        DnsSettings {
-            nameservers: Vec::new(),
-            min_refresh: Duration::from_secs(1),
-            max_refresh: Duration::from_secs(5),
-            stale_grace: Duration::from_secs(60),
-            timeout: Duration::from_secs(2),
-        }
-    }
-}
-
-/// One service: VIP -> mark -> backends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServiceSpec {
-    pub name: String,
-    /// Never IPv4-mapped: such addresses are normalized to IPv4.
-    pub vip: IpAddr,
-    /// The firewall mark; `None` lets svclbd choose. Never 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mark: Option<u32>,
-    #[serde(serialize_with = "serialize_scheduler")]
-    pub scheduler: Scheduler,
-    pub backends: Vec<BackendSpec>,
-    /// A per-port service (`port`, `protocol`): only this destination port
-    /// and protocol of the VIP, the way a Kubernetes Service port matches.
-    /// None: every port and protocol, like a Swarm FWM service.
-    #[serde(skip_serializing_if = "Option::is_none", flatten)]
-    pub port: Option<ServicePort>,
-    /// Seconds a client keeps its backend (IPVS persistence, kube-proxy
-    /// ClientIP affinity); a client is a network namespace.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub affinity: Option<u32>,
-    /// Only cgroups attached with one of these networks see the service
-    /// (as a task sees only the services of the networks it joined).
-    /// Empty: every attached cgroup.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub networks: Vec<String>,
-    /// When a backend leaves, end the sockets svclb connected to it, so
-    /// their clients fail over at once (TCP gets ECONNABORTED, a connected
-    /// UDP socket an error on its next call). Off: they drain by themselves.
-    pub terminate_on_removal: bool,
-}
-
-/// The port part of a per-port service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct ServicePort {
-    pub port: u16,
-    #[serde(serialize_with = "serialize_protocol")]
-    pub protocol: u8,
-}
-
-fn serialize_protocol<S: serde::Serializer>(p: &u8, ser: S) -> Result<S::Ok, S::Error> {
-    ser.serialize_str(protocol_name(*p))
-}
-
-/// "tcp" or "udp".
-pub fn protocol_name(p: u8) -> &'static str {
-    if p == svclb_common::IPPROTO_UDP {
-        "udp"
-    } else {
-        "tcp"
-    }
-}
-
-/// Longest network name, in bytes.
-pub const MAX_NETWORK_NAME_LEN: usize = svclb_common::NETWORK_NAME_LEN;
-
-impl ServiceSpec {
-    /// A plain FWM-style service: every port, no affinity, every network.
-    pub fn new(
-        name: impl Into<String>,
-        vip: IpAddr,
-        mark: Option<u32>,
-        scheduler: Scheduler,
-        backends: Vec<BackendSpec>,
-    ) -> Self {
-        ServiceSpec {
-            name: name.into(),
-            vip,
-            mark,
-            scheduler,
-            backends,
-            port: None,
-            affinity: None,
-            networks: Vec::new(),
-            terminate_on_removal: true,
-        }
-    }
-}
-
-/// One backend of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct BackendSpec {
-    /// Same family as the service's VIP; never IPv4-mapped.
-    #[serde(rename = "address")]
-    pub addr: IpAddr,
-    /// Destination port; `None` keeps the client's. Never `Some(0)`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    /// Relative share of new connections; 0 = quiescent.
-    pub weight: u32,
-}
-
-fn serialize_scheduler<S: serde::Serializer>(s: &Scheduler, ser: S) -> Result<S::Ok, S::Error> {
-    ser.serialize_str(s.name())
-}
+use crate::model::{
+    check_affinity, check_backend, check_family, check_mark, check_name, check_network,
+    check_refresh, check_vip, check_weights, protocol_name, BackendSpec, Config, DiscoveredSpec,
+    DnsSettings, ServicePort, ServiceSpec,
+};
 
 /// Why a config file was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,445 +417,505 @@ impl Problems {
     }
 }
 
-fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
-    // "line N" of an earlier occurrence, for "already used" messages.
-    let line = |span: &Range<usize>| format!("line {}", line_column(text, span.start).0);
-    let mut problems = Problems::default();
-    let mut services = Vec::with_capacity(raw.service.len());
-    let mut discovered = Vec::new();
-    // `service[i] "name"`, to refer to another service in messages.
-    let mut labels: Vec<String> = Vec::with_capacity(raw.service.len());
-    // Keyed by lowercase name: names become DNS names, which ignore case.
-    let mut names: HashMap<String, (usize, Range<usize>)> = HashMap::new();
-    // Every VIP, for the "VIP that is also a backend" check.
-    let mut vips: HashMap<IpAddr, (usize, Range<usize>)> = HashMap::new();
-    // A VIP may carry one all-ports service and per-port ones, once each.
-    let mut frontends: HashMap<(IpAddr, Option<ServicePort>), (usize, Range<usize>)> =
-        HashMap::new();
-    let mut marks: HashMap<u32, (usize, Range<usize>)> = HashMap::new();
-    // Every backend address and where it is written, for the VIP check.
-    let mut backend_refs: Vec<(IpAddr, String, Range<usize>)> = Vec::new();
+/// A service and where it is written: its index and a span.
+type Place = (usize, Range<usize>);
 
+/// A valid `[[service]]`: given in full, or declared for discovery.
+enum Checked {
+    Static(ServiceSpec),
+    Discovered(DiscoveredSpec),
+}
+
+/// Checks the file against the model's rules, service by service, then
+/// across services, then `[dns]`; reports the problem first in the file.
+fn validate(raw: RawFile, text: &str) -> Result<Config, Problem> {
+    let mut check = Checker::new(text);
+    let mut config = Config::default();
     for (i, svc) in raw.service.into_iter().enumerate() {
-        let at = |key: &str| format!("service[{i}].{key}");
+        match check.service(i, svc) {
+            Some(Checked::Static(spec)) => config.services.push(spec),
+            Some(Checked::Discovered(spec)) => config.discovered.push(spec),
+            None => {}
+        }
+    }
+    check.vips_are_not_backends();
+    config.dns = dns_settings(raw.dns, &mut check.problems);
+    match check.problems.first() {
+        Some(problem) => Err(problem),
+        None => Ok(config),
+    }
+}
+
+/// `service[i].key`, the field path of a service's key.
+fn at(i: usize, key: &str) -> String {
+    format!("service[{i}].{key}")
+}
+
+/// What the checks of one service need to know about the others.
+struct Checker<'a> {
+    text: &'a str,
+    problems: Problems,
+    /// `service[i] "name"`, to refer to another service in messages.
+    labels: Vec<String>,
+    /// Keyed by lowercase name: names become DNS names, which ignore case.
+    names: HashMap<String, Place>,
+    /// Every VIP, for the "VIP that is also a backend" check.
+    vips: HashMap<IpAddr, Place>,
+    /// A VIP may carry one all-ports service and per-port ones, once each.
+    frontends: HashMap<(IpAddr, Option<ServicePort>), Place>,
+    marks: HashMap<u32, Place>,
+    /// Every backend address and where it is written, for the VIP check.
+    backend_refs: Vec<(IpAddr, String, Range<usize>)>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(text: &'a str) -> Self {
+        Checker {
+            text,
+            problems: Problems::default(),
+            labels: Vec::new(),
+            names: HashMap::new(),
+            vips: HashMap::new(),
+            frontends: HashMap::new(),
+            marks: HashMap::new(),
+            backend_refs: Vec::new(),
+        }
+    }
+
+    /// "line N" of an earlier occurrence, for "already used" messages.
+    fn line(&self, span: &Range<usize>) -> String {
+        format!("line {}", line_column(self.text, span.start).0)
+    }
+
+    /// `service[i] "name" (line N)`: the service at `place`.
+    fn earlier(&self, place: &Place) -> String {
+        format!("{} ({})", self.labels[place.0], self.line(&place.1))
+    }
+
+    /// One `[[service]]`: its problems noted, and the service unless one of
+    /// them drops it (the problem is then reported by [`validate`]).
+    fn service(&mut self, i: usize, svc: Spanned<RawService>) -> Option<Checked> {
         let svc_span = svc.span();
         let svc = svc.into_inner();
+        let discover = self.discover(i, svc.discover.as_ref());
+        let name = self.name(i, svc.name);
+        let vip = self.vip(i, svc.vip.as_ref(), discover, svc_span);
+        let port = self.port(i, svc.port.as_ref(), svc.protocol.as_ref(), discover);
+        if let Some((vip, vip_span)) = &vip {
+            self.frontend(i, *vip, vip_span.clone(), port);
+        }
+        // Clients fail over at once unless the service asks to drain.
+        let terminate_on_removal = svc.terminate_on_removal.unwrap_or(true);
+        let affinity = self.affinity(i, svc.affinity.as_ref());
+        let networks = self.networks(i, svc.networks.as_ref());
+        let vip = vip.map(|(vip, _)| vip);
+        let mark = self.mark(i, svc.mark, discover && svc.vip.is_none());
+        let scheduler = self.scheduler(i, svc.scheduler.as_ref());
+        let backends = self.backends(i, svc.backends, vip, discover.then_some(&name));
+        let scheduler = scheduler?;
+        if discover {
+            return Some(Checked::Discovered(DiscoveredSpec {
+                name,
+                vip,
+                mark,
+                scheduler,
+                terminate_on_removal,
+            }));
+        }
+        Some(Checked::Static(ServiceSpec {
+            name,
+            vip: vip?,
+            mark,
+            scheduler,
+            backends,
+            port,
+            affinity,
+            networks,
+            terminate_on_removal,
+        }))
+    }
 
-        // `discover = "dns"`: the VIP (unless given) and the backends come
-        // from DNS. An unknown value still counts as discovery, so that the
-        // error reported is about `discover`, not about a missing `vip`.
-        let discover = svc.discover.is_some();
-        if let Some(d) = &svc.discover {
-            if d.get_ref() != "dns" {
-                problems.add(
-                    d.span(),
-                    at("discover"),
-                    format!("unknown discovery {:?}; accepted: \"dns\"", d.get_ref()),
+    /// `discover = "dns"`: the VIP (unless given) and the backends come
+    /// from DNS. An unknown value still counts as discovery, so that the
+    /// error reported is about `discover`, not about a missing `vip`.
+    fn discover(&mut self, i: usize, discover: Option<&Spanned<String>>) -> bool {
+        if let Some(d) = discover.filter(|d| d.get_ref() != "dns") {
+            self.problems.add(
+                d.span(),
+                at(i, "discover"),
+                format!("unknown discovery {:?}; accepted: \"dns\"", d.get_ref()),
+            );
+        }
+        discover.is_some()
+    }
+
+    /// The name: valid, and unique ignoring case.
+    fn name(&mut self, i: usize, name: Spanned<String>) -> String {
+        let span = name.span();
+        let name = name.into_inner();
+        self.labels.push(format!("service[{i}] {name:?}"));
+        let key = name.to_ascii_lowercase();
+        if let Err(message) = check_name(&name) {
+            self.problems.add(span, at(i, "name"), message);
+        } else if let Some(other) = self.names.get(&key) {
+            let message = format!(
+                "{name:?} is already the name of {}; names must be unique, ignoring case (they \
+                 become DNS names)",
+                self.earlier(other)
+            );
+            self.problems.add(span, at(i, "name"), message);
+        } else {
+            self.names.insert(key, (i, span));
+        }
+        name
+    }
+
+    /// The VIP and where it is written; only a discovered service may omit it.
+    fn vip(
+        &mut self,
+        i: usize,
+        vip: Option<&Spanned<String>>,
+        discover: bool,
+        svc_span: Range<usize>,
+    ) -> Option<(IpAddr, Range<usize>)> {
+        let Some(v) = vip else {
+            if !discover {
+                self.problems.add(
+                    svc_span,
+                    format!("service[{i}]"),
+                    "missing field `vip`: give the service's virtual IP, or `discover = \"dns\"` \
+                     to resolve it (and its backends) from DNS"
+                        .to_owned(),
                 );
             }
-        }
-
-        let name_span = svc.name.span();
-        let name = svc.name.into_inner();
-        labels.push(format!("service[{i}] {name:?}"));
-        if let Err(message) = check_name(&name) {
-            problems.add(name_span, at("name"), message);
-        } else if let Some((other, other_span)) = names.get(&name.to_ascii_lowercase()) {
-            problems.add(
-                name_span,
-                at("name"),
-                format!(
-                    "{name:?} is already the name of {} ({}); names must be unique, ignoring \
-                     case (they become DNS names)",
-                    labels[*other],
-                    line(other_span)
-                ),
-            );
-        } else {
-            names.insert(name.to_ascii_lowercase(), (i, name_span));
-        }
-
-        let vip = match &svc.vip {
-            None => {
-                if !discover {
-                    problems.add(
-                        svc_span.clone(),
-                        format!("service[{i}]"),
-                        "missing field `vip`: give the service's virtual IP, or \
-                         `discover = \"dns\"` to resolve it (and its backends) from DNS"
-                            .to_owned(),
-                    );
-                }
+            return None;
+        };
+        match parse_ip(v.get_ref()).and_then(check_vip) {
+            Ok(vip) => Some((vip, v.span())),
+            Err(message) => {
+                self.problems.add(v.span(), at(i, "vip"), message);
                 None
             }
-            Some(v) => match parse_ip(v.get_ref()).and_then(check_vip) {
-                Ok(vip) => Some((vip, v.span())),
-                Err(message) => {
-                    problems.add(v.span(), at("vip"), message);
-                    None
-                }
-            },
-        };
-        let port = match (&svc.port, &svc.protocol) {
-            (None, None) => None,
-            (None, Some(p)) => {
-                problems.add(
+        }
+    }
+
+    /// `port` and `protocol`: a per-port service, or `None` for every port.
+    fn port(
+        &mut self,
+        i: usize,
+        port: Option<&Spanned<u16>>,
+        protocol: Option<&Spanned<String>>,
+        discover: bool,
+    ) -> Option<ServicePort> {
+        let Some(port) = port else {
+            if let Some(p) = protocol {
+                self.problems.add(
                     p.span(),
-                    at("protocol"),
+                    at(i, "protocol"),
                     "`protocol` needs `port`: a service without a port takes every port and \
                      protocol"
                         .to_owned(),
                 );
+            }
+            return None;
+        };
+        let protocol = self.protocol(i, protocol);
+        if *port.get_ref() == 0 {
+            let message = "port 0 is invalid; omit `port` for a service of every port";
+            self.problems
+                .add(port.span(), at(i, "port"), message.to_owned());
+            None
+        } else if discover {
+            let message = "a discovered service takes every port; `port` needs a service with \
+                           its `vip` and `backends` written out";
+            self.problems
+                .add(port.span(), at(i, "port"), message.to_owned());
+            None
+        } else {
+            protocol.map(|protocol| ServicePort {
+                port: *port.get_ref(),
+                protocol,
+            })
+        }
+    }
+
+    /// "tcp" (the default) or "udp", as an IP protocol number.
+    fn protocol(&mut self, i: usize, protocol: Option<&Spanned<String>>) -> Option<u8> {
+        let Some(p) = protocol else {
+            return Some(svclb_common::IPPROTO_TCP);
+        };
+        match p.get_ref().as_str() {
+            "tcp" => Some(svclb_common::IPPROTO_TCP),
+            "udp" => Some(svclb_common::IPPROTO_UDP),
+            other => {
+                let message = format!("unknown protocol {other:?}; accepted: \"tcp\", \"udp\"");
+                self.problems.add(p.span(), at(i, "protocol"), message);
                 None
             }
-            (Some(port), protocol) => {
-                let proto = match protocol.as_ref().map(|p| p.get_ref().as_str()) {
-                    None | Some("tcp") => Some(svclb_common::IPPROTO_TCP),
-                    Some("udp") => Some(svclb_common::IPPROTO_UDP),
-                    Some(other) => {
-                        let span = protocol.as_ref().map(|p| p.span()).unwrap_or_default();
-                        problems.add(
-                            span,
-                            at("protocol"),
-                            format!("unknown protocol {other:?}; accepted: \"tcp\", \"udp\""),
-                        );
-                        None
-                    }
-                };
-                if *port.get_ref() == 0 {
-                    problems.add(
-                        port.span(),
-                        at("port"),
-                        "port 0 is invalid; omit `port` for a service of every port".to_owned(),
-                    );
-                    None
-                } else if discover {
-                    problems.add(port.span(), at("port"), "a discovered service takes every port; `port` needs a service with its `vip` and `backends` written out".to_owned());
-                    None
-                } else {
-                    proto.map(|protocol| ServicePort {
-                        port: *port.get_ref(),
-                        protocol,
-                    })
-                }
-            }
-        };
-        if let Some((vip, vip_span)) = vip.clone() {
-            vips.entry(vip).or_insert((i, vip_span.clone()));
-            if let Some((other, other_span)) = frontends.get(&(vip, port)) {
-                let what = match port {
-                    Some(p) => format!("{vip} {}/{}", p.port, protocol_name(p.protocol)),
-                    None => vip.to_string(),
-                };
-                problems.add(
-                    vip_span,
-                    at("vip"),
-                    format!(
-                        "{what} is already the VIP of {} ({})",
-                        labels[*other],
-                        line(other_span)
-                    ),
-                );
-            } else {
-                frontends.insert((vip, port), (i, vip_span));
+        }
+    }
+
+    /// Notes the VIP; one service per VIP and port (or all ports).
+    fn frontend(&mut self, i: usize, vip: IpAddr, span: Range<usize>, port: Option<ServicePort>) {
+        self.vips.entry(vip).or_insert((i, span.clone()));
+        if let Some(other) = self.frontends.get(&(vip, port)) {
+            let what = match port {
+                Some(p) => format!("{vip} {}/{}", p.port, protocol_name(p.protocol)),
+                None => vip.to_string(),
+            };
+            let message = format!("{what} is already the VIP of {}", self.earlier(other));
+            self.problems.add(span, at(i, "vip"), message);
+        } else {
+            self.frontends.insert((vip, port), (i, span));
+        }
+    }
+
+    /// Affinity in whole seconds.
+    fn affinity(&mut self, i: usize, affinity: Option<&Spanned<RawDuration>>) -> Option<u32> {
+        let a = affinity?;
+        match parse_duration(a.get_ref()).and_then(check_affinity) {
+            Ok(secs) => Some(secs),
+            Err(message) => {
+                self.problems.add(a.span(), at(i, "affinity"), message);
+                None
             }
         }
-        // Clients fail over at once unless the service asks to drain.
-        let terminate_on_removal = svc.terminate_on_removal.unwrap_or(true);
-        let affinity = match &svc.affinity {
-            None => None,
-            Some(a) => match parse_duration(a.get_ref()) {
-                Ok(d) if d.as_secs() >= 1 && d.as_secs() <= u64::from(u32::MAX) => {
-                    Some(d.as_secs() as u32)
-                }
-                Ok(_) => {
-                    problems.add(
-                        a.span(),
-                        at("affinity"),
-                        "affinity must be at least 1 second".to_owned(),
-                    );
-                    None
-                }
-                Err(message) => {
-                    problems.add(a.span(), at("affinity"), message);
-                    None
-                }
-            },
-        };
+    }
+
+    /// The valid network names, each once, in file order.
+    fn networks(&mut self, i: usize, list: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
         let mut networks: Vec<String> = Vec::new();
-        if let Some(list) = &svc.networks {
-            for (k, n) in list.get_ref().iter().enumerate() {
-                let name = n.get_ref();
-                if let Err(message) = check_network(name) {
-                    problems.add(n.span(), at(&format!("networks[{k}]")), message);
-                } else if !networks.contains(name) {
-                    networks.push(name.clone());
-                }
+        let list = list.map_or(&[][..], |l| l.get_ref().as_slice());
+        for (k, n) in list.iter().enumerate() {
+            let name = n.get_ref();
+            if let Err(message) = check_network(name) {
+                self.problems
+                    .add(n.span(), at(i, &format!("networks[{k}]")), message);
+            } else if !networks.contains(name) {
+                networks.push(name.clone());
             }
         }
-        let vip = vip.map(|(vip, _)| vip);
-
-        let mark = svc.mark.map(|m| (m.span(), m.into_inner()));
-        if let Some((span, mark)) = &mark {
-            if discover && svc.vip.is_none() {
-                problems.add(
-                    span.clone(),
-                    at("mark"),
-                    "a discovered VIP keeps the mark it has in the maps or gets a free one; \
-                     `mark` needs a fixed `vip`"
-                        .to_owned(),
-                );
-            } else if *mark == 0 {
-                problems.add(
-                    span.clone(),
-                    at("mark"),
-                    "mark 0 is reserved (it means \"no mark\"); use a positive number, or \
-                     omit `mark` to let svclbd choose"
-                        .to_owned(),
-                );
-            } else if let Some((other, other_span)) = marks.get(mark) {
-                problems.add(
-                    span.clone(),
-                    at("mark"),
-                    format!(
-                        "mark {mark:#x} ({mark}) is already used by {} ({})",
-                        labels[*other],
-                        line(other_span)
-                    ),
-                );
-            } else {
-                marks.insert(*mark, (i, span.clone()));
-            }
-        }
-
-        let scheduler = match svc.scheduler {
-            None => Some(Scheduler::DEFAULT),
-            Some(s) => {
-                let found = Scheduler::from_name(s.get_ref());
-                if found.is_none() {
-                    problems.add(
-                        s.span(),
-                        at("scheduler"),
-                        format!(
-                            "unknown scheduler {:?}; accepted: {}",
-                            s.get_ref(),
-                            Scheduler::NAMES.join(", ")
-                        ),
-                    );
-                }
-                found
-            }
-        };
-
-        let (backends_span, raw_backends) = match svc.backends {
-            Some(b) => (Some(b.span()), b.into_inner()),
-            None => (None, Vec::new()),
-        };
-        if let (true, Some(span)) = (discover, &backends_span) {
-            problems.add(
-                span.clone(),
-                at("backends"),
-                format!(
-                    "a discovered service takes its backends from DNS (tasks.{name}); remove \
-                     `backends`, or `discover` to list them here"
-                ),
-            );
-        }
-        let mut backends: Vec<BackendSpec> = Vec::with_capacity(raw_backends.len());
-        let mut seen: HashMap<(IpAddr, Option<u16>), (usize, Range<usize>)> = HashMap::new();
-        for (j, b) in raw_backends.into_iter().enumerate() {
-            let whole_span = b.span();
-            // A string backend is its own address; a table has `address`.
-            let (addr_field, addr_span, addr_text, weight, port) = match b.into_inner() {
-                RawBackend::Address(text) => (format!("backends[{j}]"), whole_span, text, 1, None),
-                RawBackend::Table(t) => (
-                    format!("backends[{j}].address"),
-                    t.address.span(),
-                    t.address.into_inner(),
-                    t.weight.unwrap_or(1),
-                    t.port,
-                ),
-            };
-            let addr = match parse_ip(&addr_text).and_then(check_backend) {
-                Ok(addr) => addr,
-                Err(message) => {
-                    problems.add(addr_span, at(&addr_field), message);
-                    continue;
-                }
-            };
-            if let Some(vip) = vip {
-                if vip.is_ipv4() != addr.is_ipv4() {
-                    let (vip_family, addr_family) = match vip {
-                        IpAddr::V4(_) => ("IPv4", "IPv6"),
-                        IpAddr::V6(_) => ("IPv6", "IPv4"),
-                    };
-                    problems.add(
-                        addr_span.clone(),
-                        at(&addr_field),
-                        format!(
-                            "{addr} is {addr_family} but the VIP {vip} is {vip_family}: an \
-                             {vip_family} VIP with {addr_family} backends is not supported"
-                        ),
-                    );
-                }
-            }
-            if let Some(p) = &port {
-                if *p.get_ref() == 0 {
-                    problems.add(
-                        p.span(),
-                        at(&format!("backends[{j}].port")),
-                        "port 0 is invalid; omit `port` to keep the client's destination port"
-                            .to_owned(),
-                    );
-                }
-            }
-            let port = port.map(Spanned::into_inner);
-            if let Some((other, other_span)) = seen.get(&(addr, port)) {
-                let shown = match port {
-                    Some(p) => SocketAddr::new(addr, p).to_string(),
-                    None => addr.to_string(),
-                };
-                problems.add(
-                    addr_span.clone(),
-                    at(&addr_field),
-                    format!(
-                        "backend {shown} is listed twice in this service (also backends[{other}], \
-                         {})",
-                        line(other_span)
-                    ),
-                );
-            } else {
-                seen.insert((addr, port), (j, addr_span.clone()));
-            }
-            backend_refs.push((addr, at(&addr_field), addr_span));
-            backends.push(BackendSpec { addr, port, weight });
-        }
-
-        // The schedule must fit in one generation of slots. Weights are
-        // divided by their GCD first, so 2:4 takes 3 slots, not 6.
-        if let Some(span) = backends_span {
-            let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
-            if weighted_slots(&weights, MAX_SLOTS_PER_SERVICE).is_none() {
-                problems.add(
-                    span,
-                    at("backends"),
-                    format!(
-                        "the weights need more than {MAX_SLOTS_PER_SERVICE} schedule slots once \
-                         divided by their greatest common divisor; use smaller weights"
-                    ),
-                );
-            }
-        }
-
-        // A service with a problem is dropped; the problem is reported below.
-        if discover {
-            if let Some(scheduler) = scheduler {
-                discovered.push(DiscoveredSpec {
-                    name,
-                    vip,
-                    mark: mark.map(|(_, m)| m),
-                    scheduler,
-                    terminate_on_removal,
-                });
-            }
-        } else if let (Some(vip), Some(scheduler)) = (vip, scheduler) {
-            services.push(ServiceSpec {
-                name,
-                vip,
-                mark: mark.map(|(_, m)| m),
-                scheduler,
-                backends,
-                port,
-                affinity,
-                networks,
-                terminate_on_removal,
-            });
-        }
+        networks
     }
 
-    // A VIP that is also a backend, of any service, would send the traffic
-    // meant for the backend back into the balancer.
-    for (addr, field, span) in backend_refs {
-        if let Some((svc, vip_span)) = vips.get(&addr) {
-            problems.add(
-                span,
-                field,
-                format!(
-                    "{addr} is the VIP of {} ({}); a VIP cannot also be a backend",
-                    labels[*svc],
-                    line(vip_span)
-                ),
+    /// The mark: not 0, not another service's, and only with a fixed VIP.
+    fn mark(&mut self, i: usize, mark: Option<Spanned<u32>>, vip_discovered: bool) -> Option<u32> {
+        let mark = mark?;
+        let (span, mark) = (mark.span(), mark.into_inner());
+        if vip_discovered {
+            let message = "a discovered VIP keeps the mark it has in the maps or gets a free \
+                           one; `mark` needs a fixed `vip`";
+            self.problems.add(span, at(i, "mark"), message.to_owned());
+        } else if let Err(message) = check_mark(mark) {
+            self.problems.add(span, at(i, "mark"), message);
+        } else if let Some(other) = self.marks.get(&mark) {
+            let message = format!(
+                "mark {mark:#x} ({mark}) is already used by {}",
+                self.earlier(other)
             );
+            self.problems.add(span, at(i, "mark"), message);
+        } else {
+            self.marks.insert(mark, (i, span));
         }
+        Some(mark)
     }
 
-    let dns = validate_dns(raw.dns, &mut problems);
+    /// The scheduler by name; Swarm's when absent.
+    fn scheduler(&mut self, i: usize, scheduler: Option<&Spanned<String>>) -> Option<Scheduler> {
+        let Some(s) = scheduler else {
+            return Some(Scheduler::DEFAULT);
+        };
+        let found = Scheduler::from_name(s.get_ref());
+        if found.is_none() {
+            let message = format!(
+                "unknown scheduler {:?}; accepted: {}",
+                s.get_ref(),
+                Scheduler::NAMES.join(", ")
+            );
+            self.problems.add(s.span(), at(i, "scheduler"), message);
+        }
+        found
+    }
 
-    match problems.first() {
-        Some(problem) => Err(problem),
-        None => Ok(Config {
-            services,
-            discovered,
-            dns,
-        }),
+    /// The backends that pass their checks, and the schedule they make.
+    /// `discovered` names a discovered service, which takes none.
+    fn backends(
+        &mut self,
+        i: usize,
+        raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+        vip: Option<IpAddr>,
+        discovered: Option<&String>,
+    ) -> Vec<BackendSpec> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let span = raw.span();
+        if let Some(name) = discovered {
+            let message = format!(
+                "a discovered service takes its backends from DNS (tasks.{name}); remove \
+                 `backends`, or `discover` to list them here"
+            );
+            self.problems.add(span.clone(), at(i, "backends"), message);
+        }
+        let mut seen = HashMap::new();
+        let mut backends = Vec::new();
+        for (j, b) in raw.into_inner().into_iter().enumerate() {
+            backends.extend(self.backend(i, j, b, vip, &mut seen));
+        }
+        if let Err(message) = check_weights(&backends) {
+            self.problems.add(span, at(i, "backends"), message);
+        }
+        backends
+    }
+
+    /// One backend: a valid address, of the VIP's family, listed once (with
+    /// its port) in its service. `seen` holds the earlier ones.
+    fn backend(
+        &mut self,
+        i: usize,
+        j: usize,
+        b: Spanned<RawBackend>,
+        vip: Option<IpAddr>,
+        seen: &mut HashMap<(IpAddr, Option<u16>), Place>,
+    ) -> Option<BackendSpec> {
+        let whole_span = b.span();
+        // A string backend is its own address; a table has `address`.
+        let (field, span, text, weight, port) = match b.into_inner() {
+            RawBackend::Address(text) => (format!("backends[{j}]"), whole_span, text, 1, None),
+            RawBackend::Table(t) => (
+                format!("backends[{j}].address"),
+                t.address.span(),
+                t.address.into_inner(),
+                t.weight.unwrap_or(1),
+                t.port,
+            ),
+        };
+        let field = at(i, &field);
+        let addr = match parse_ip(&text).and_then(check_backend) {
+            Ok(addr) => addr,
+            Err(message) => {
+                self.problems.add(span, field, message);
+                return None;
+            }
+        };
+        if let Some(Err(message)) = vip.map(|vip| check_family(vip, addr)) {
+            self.problems.add(span.clone(), field.clone(), message);
+        }
+        let port = self.backend_port(i, j, port);
+        if let Some((other, other_span)) = seen.get(&(addr, port)) {
+            let shown = match port {
+                Some(p) => SocketAddr::new(addr, p).to_string(),
+                None => addr.to_string(),
+            };
+            let message = format!(
+                "backend {shown} is listed twice in this service (also backends[{other}], {})",
+                self.line(other_span)
+            );
+            self.problems.add(span.clone(), field.clone(), message);
+        } else {
+            seen.insert((addr, port), (j, span.clone()));
+        }
+        self.backend_refs.push((addr, field, span));
+        Some(BackendSpec { addr, port, weight })
+    }
+
+    /// A backend's `port`: absent keeps the client's, 0 is a problem.
+    fn backend_port(&mut self, i: usize, j: usize, port: Option<Spanned<u16>>) -> Option<u16> {
+        let p = port?;
+        if *p.get_ref() == 0 {
+            self.problems.add(
+                p.span(),
+                at(i, &format!("backends[{j}].port")),
+                "port 0 is invalid; omit `port` to keep the client's destination port".to_owned(),
+            );
+        }
+        Some(p.into_inner())
+    }
+
+    /// A VIP that is also a backend, of any service, would send the traffic
+    /// meant for the backend back into the balancer.
+    fn vips_are_not_backends(&mut self) {
+        for (addr, field, span) in std::mem::take(&mut self.backend_refs) {
+            if let Some(place) = self.vips.get(&addr) {
+                let message = format!(
+                    "{addr} is the VIP of {}; a VIP cannot also be a backend",
+                    self.earlier(place)
+                );
+                self.problems.add(span, field, message);
+            }
+        }
     }
 }
 
-fn validate_dns(raw: Option<RawDns>, problems: &mut Problems) -> DnsSettings {
+/// The `[dns]` table; an absent key keeps its default.
+fn dns_settings(raw: Option<RawDns>, problems: &mut Problems) -> DnsSettings {
     let mut dns = DnsSettings::default();
     let Some(raw) = raw else {
         return dns;
     };
-    for (k, ns) in raw.nameservers.unwrap_or_default().into_iter().enumerate() {
+    dns.nameservers = nameservers(raw.nameservers.unwrap_or_default(), problems);
+    let min = dns_duration(raw.min_refresh, "min_refresh", dns.min_refresh, problems);
+    let max = dns_duration(raw.max_refresh, "max_refresh", dns.max_refresh, problems);
+    dns.stale_grace = dns_duration(raw.stale_grace, "stale_grace", dns.stale_grace, problems).0;
+    dns.timeout = dns_duration(raw.timeout, "timeout", dns.timeout, problems).0;
+    refresh_order(&min, &max, problems);
+    dns.min_refresh = min.0;
+    dns.max_refresh = max.0;
+    dns
+}
+
+/// The valid nameserver addresses, in file order.
+fn nameservers(raw: Vec<Spanned<String>>, problems: &mut Problems) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for (k, ns) in raw.into_iter().enumerate() {
         match parse_nameserver(ns.get_ref()) {
-            Ok(addr) => dns.nameservers.push(addr),
+            Ok(addr) => addrs.push(addr),
             Err(message) => problems.add(ns.span(), format!("dns.nameservers[{k}]"), message),
         }
     }
-    let mut duration = |value: Option<Spanned<RawDuration>>, key: &str, default: Duration| {
-        let Some(value) = value else {
-            return (default, None);
-        };
-        let span = value.span();
-        match parse_duration(value.get_ref()) {
-            Ok(d) if d.is_zero() => {
-                problems.add(
-                    span.clone(),
-                    format!("dns.{key}"),
-                    "must be longer than zero".to_owned(),
-                );
-                (default, Some(span))
-            }
-            Ok(d) => (d, Some(span)),
-            Err(message) => {
-                problems.add(span.clone(), format!("dns.{key}"), message);
-                (default, Some(span))
-            }
-        }
+    addrs
+}
+
+/// A `[dns]` duration longer than zero (`default` when absent or not),
+/// and where it is written.
+fn dns_duration(
+    value: Option<Spanned<RawDuration>>,
+    key: &str,
+    default: Duration,
+    problems: &mut Problems,
+) -> Setting {
+    let Some(value) = value else {
+        return (default, None);
     };
-    let (min_refresh, min_span) = duration(raw.min_refresh, "min_refresh", dns.min_refresh);
-    let (max_refresh, max_span) = duration(raw.max_refresh, "max_refresh", dns.max_refresh);
-    dns.stale_grace = duration(raw.stale_grace, "stale_grace", dns.stale_grace).0;
-    dns.timeout = duration(raw.timeout, "timeout", dns.timeout).0;
-    if min_refresh > max_refresh {
-        let (span, key) = match (min_span, max_span) {
-            (Some(s), _) => (s, "min_refresh"),
-            (None, Some(s)) => (s, "max_refresh"),
-            (None, None) => (0..0, "min_refresh"),
-        };
-        problems.add(
-            span,
-            format!("dns.{key}"),
-            format!(
-                "min_refresh ({}) is longer than max_refresh ({})",
-                humantime::format_duration(min_refresh),
-                humantime::format_duration(max_refresh)
-            ),
-        );
+    let span = value.span();
+    match parse_duration(value.get_ref()) {
+        Ok(d) if d.is_zero() => {
+            let message = "must be longer than zero".to_owned();
+            problems.add(span.clone(), format!("dns.{key}"), message);
+            (default, Some(span))
+        }
+        Ok(d) => (d, Some(span)),
+        Err(message) => {
+            problems.add(span.clone(), format!("dns.{key}"), message);
+            (default, Some(span))
+        }
     }
-    dns.min_refresh = min_refresh;
-    dns.max_refresh = max_refresh;
-    dns
+}
+
+/// A `[dns]` duration and where it is written, if it is.
+type Setting = (Duration, Option<Range<usize>>);
+
+/// min_refresh no longer than max_refresh, reported on whichever is written.
+fn refresh_order(min: &Setting, max: &Setting, problems: &mut Problems) {
+    let Err(message) = check_refresh(min.0, max.0) else {
+        return;
+    };
+    let (span, key) = match (&min.1, &max.1) {
+        (Some(s), _) => (s.clone(), "min_refresh"),
+        (None, Some(s)) => (s.clone(), "max_refresh"),
+        (None, None) => (0..0, "min_refresh"),
+    };
+    problems.add(span, format!("dns.{key}"), message);
 }
 
 /// "IP" (port 53) or "IP:PORT" ("[IPv6]:PORT").
@@ -1055,50 +950,6 @@ fn parse_duration(raw: &RawDuration) -> Result<Duration, String> {
     }
 }
 
-/// Network names: like service names, at most 32 bytes.
-pub fn check_network(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a network name cannot be empty".to_owned());
-    }
-    if name.len() > MAX_NETWORK_NAME_LEN {
-        return Err(format!(
-            "network name {name:?} is longer than {MAX_NETWORK_NAME_LEN} bytes"
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "network name {name:?} has {c:?}; use letters, digits, '_', '.' and '-'"
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the service name is empty".to_owned());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "the name is {} bytes long, at most {MAX_NAME_LEN} are allowed (it becomes a DNS \
-             name and a metric label)",
-            name.len()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; a name may only use A-Z a-z 0-9 _ . - (it becomes a DNS \
-             name and a metric label)"
-        ));
-    }
-    Ok(())
-}
-
 /// Parses an address, turning `::ffff:a.b.c.d` into `a.b.c.d`.
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse::<IpAddr>()
@@ -1106,50 +957,10 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("{text:?} is not an IP address"))
 }
 
-pub(crate) fn check_vip(ip: IpAddr) -> Result<IpAddr, String> {
-    if ip.is_unspecified() {
-        Err(format!(
-            "{ip} is the unspecified address and cannot be a VIP"
-        ))
-    } else if ip.is_multicast() {
-        Err(format!("{ip} is a multicast address and cannot be a VIP"))
-    } else if ip.is_loopback() {
-        Err(format!(
-            "{ip} is a loopback address: a loopback VIP would hijack this host's local traffic"
-        ))
-    } else if is_broadcast(ip) {
-        Err(format!("{ip} is the broadcast address and cannot be a VIP"))
-    } else {
-        Ok(ip)
-    }
-}
-
-// Connections can never be made to these, so a backend there is a typo.
-pub(crate) fn check_backend(ip: IpAddr) -> Result<IpAddr, String> {
-    if ip.is_unspecified() {
-        Err(format!(
-            "{ip} is the unspecified address and cannot be a backend"
-        ))
-    } else if ip.is_multicast() {
-        Err(format!(
-            "{ip} is a multicast address and cannot be a backend"
-        ))
-    } else if is_broadcast(ip) {
-        Err(format!(
-            "{ip} is the broadcast address and cannot be a backend"
-        ))
-    } else {
-        Ok(ip)
-    }
-}
-
-fn is_broadcast(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{DesiredState, MAX_NAME_LEN};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {

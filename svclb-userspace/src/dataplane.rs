@@ -16,7 +16,7 @@ use svclb_common::{
 };
 
 use crate::{
-    config::{ServicePort, ServiceSpec},
+    model::{ServicePort, ServiceSpec},
     pins::PinDir,
 };
 
@@ -294,7 +294,7 @@ impl Dataplane {
     /// snapshot (this process's or svclbd's) hands the same bit out again.
     pub fn network_scope(&mut self, networks: &[String]) -> Result<u64> {
         for name in networks {
-            crate::config::check_network(name).map_err(anyhow::Error::msg)?;
+            crate::model::check_network(name).map_err(anyhow::Error::msg)?;
         }
         let mut bits = self.read_networks()?;
         let new = new_network_bits(&bits, networks)?;

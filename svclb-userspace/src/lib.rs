@@ -3,7 +3,9 @@
 //! counters back the way `ipvsadm` shows IPVS's.
 //!
 //! Module map:
-//! - [`config`]: the desired state, as a TOML file.
+//! - [`model`]: the desired state (services, backends, discovered
+//!   services, DNS settings) and the rules that make it valid.
+//! - [`config`]: the config file: TOML turned into the model.
 //! - [`sync`]: the sources of the desired state (the file, watched; DNS
 //!   discovery) merged into one state to apply.
 //! - [`batch`]: reading a whole map in a few syscalls.
@@ -28,6 +30,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod loader;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod pins;
 pub mod rates;

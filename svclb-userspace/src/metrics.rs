@@ -78,7 +78,7 @@ pub fn render(pins: &PinDir) -> Result<String> {
         let (proto, local_port, local_mark) = match svc.port {
             None => ("FWM".to_string(), "0".to_string(), mark.clone()),
             Some(p) => (
-                crate::config::protocol_name(p.protocol).to_uppercase(),
+                crate::model::protocol_name(p.protocol).to_uppercase(),
                 p.port.to_string(),
                 String::new(),
             ),

@@ -38,8 +38,8 @@ use svclb_common::{
 use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
-    config::{protocol_name, DesiredState, ServicePort, ServiceSpec},
     dataplane::{new_network_bits, BackendState, Capacity, Dataplane, ServiceState, Snapshot},
+    model::{protocol_name, DesiredState, ServicePort, ServiceSpec},
 };
 
 /// Docker's firewall-mark counter starts at 256; so do marks svclb picks.

@@ -9,8 +9,8 @@ use serde::Serialize;
 use svclb_common::{BackendStats, SVC_F_AFFINITY};
 
 use crate::{
-    config::{protocol_name, ServicePort},
     dataplane::{Dataplane, Snapshot},
+    model::{protocol_name, ServicePort},
     rates::{self, Rates},
 };
 

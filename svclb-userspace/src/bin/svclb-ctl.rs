@@ -10,6 +10,7 @@ use svclb::{
     config,
     dataplane::Dataplane,
     loader::{self, Capacities},
+    model,
     pins::PinDir,
     reconcile, stats, sync,
     target::{self, Target},
@@ -260,9 +261,9 @@ fn run(args: Args) -> Result<()> {
 /// The file's services plus one round of DNS for its discovered ones
 /// (warnings about DNS go to stderr).
 fn desired_now(
-    config: &config::Config,
+    config: &model::Config,
     snapshot: &svclb::dataplane::Snapshot,
-) -> Result<config::DesiredState> {
+) -> Result<model::DesiredState> {
     if config.discovered.is_empty() {
         return Ok(config.static_state());
     }

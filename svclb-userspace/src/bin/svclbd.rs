@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use svclb::{
-    config::{Config, DesiredState},
     dataplane::Dataplane,
     loader::{self, Capacities, PacketCounters},
+    model::{Config, DesiredState},
     notify,
     pins::PinDir,
     reconcile,

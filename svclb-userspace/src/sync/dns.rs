@@ -53,8 +53,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{self, BackendSpec, DiscoveredSpec, DnsSettings, ServiceSpec};
 use crate::dataplane::Snapshot;
+use crate::model::{self, BackendSpec, DiscoveredSpec, DnsSettings, ServiceSpec};
 
 /// What one name's last query said.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,7 +382,7 @@ impl Taken {
             .flat_map(|s| s.backends.iter().map(|b| b.addr))
             .collect();
         for spec in specs {
-            config::check_vip(spec.vip).map_err(|e| format!("VIP: {e}"))?;
+            model::check_vip(spec.vip).map_err(|e| format!("VIP: {e}"))?;
             if own_backends.contains(&spec.vip) {
                 return Err(format!(
                     "{} is both a VIP ({}) and a task (tasks.{}): a dnsrr service? svclb \
@@ -403,7 +403,7 @@ impl Taken {
                 ));
             }
             for b in &spec.backends {
-                config::check_backend(b.addr).map_err(|e| format!("task: {e}"))?;
+                model::check_backend(b.addr).map_err(|e| format!("task: {e}"))?;
                 if let Some(other) = self.vips.get(&b.addr) {
                     return Err(format!(
                         "task {} is the VIP of service {other:?}; a VIP cannot also be a backend",
@@ -578,7 +578,7 @@ impl Discovery {
 
     /// The desired state: the static services, then every discovered one
     /// whose answers make a valid service (else its last valid set).
-    pub fn compose(&mut self, statics: &config::DesiredState) -> config::DesiredState {
+    pub fn compose(&mut self, statics: &model::DesiredState) -> model::DesiredState {
         let mut taken = Taken::default();
         for spec in &statics.services {
             taken.add(spec);
@@ -844,7 +844,7 @@ mod tests {
         d.services[svc].tasks.record(addrs(tasks, 5), now, &s);
     }
 
-    fn shown(state: &config::DesiredState) -> Vec<String> {
+    fn shown(state: &model::DesiredState) -> Vec<String> {
         state
             .services
             .iter()
@@ -864,7 +864,7 @@ mod tests {
             &["10.0.0.2", "10.1.0.2", "fd00::2"],
             &["10.0.0.5", "10.1.0.5", "fd00::5"],
         );
-        let out = d.compose(&config::DesiredState::default());
+        let out = d.compose(&model::DesiredState::default());
         assert_eq!(
             shown(&out),
             [
@@ -878,7 +878,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_answers_keep_the_last_valid_set() {
-        let statics = config::parse_str(
+        let statics = crate::config::parse_str(
             "[[service]]\nname = \"db\"\nvip = \"10.0.0.9\"\nbackends = [\"10.0.0.7\"]\n",
             "t",
         )
@@ -925,7 +925,7 @@ mod tests {
         let mut d = discovery(&[fixed, spec("gone")]);
         assert!(d.services[0].vips.is_none());
         answer(&mut d, 0, &[], &["10.0.0.21"]);
-        let out = d.compose(&config::DesiredState::default());
+        let out = d.compose(&model::DesiredState::default());
         assert_eq!(shown(&out), ["db 10.0.0.20 [10.0.0.21]"]);
         assert_eq!(out.services[0].mark, Some(0x128));
         assert_eq!(d.status()[0].names.len(), 1);
@@ -938,7 +938,7 @@ mod tests {
         answer(&mut d, 0, &["10.0.0.2"], &["10.0.0.5"]);
         d.reconfigure(&[spec("web"), spec("api")], &settings())
             .unwrap();
-        let out = d.compose(&config::DesiredState::default());
+        let out = d.compose(&model::DesiredState::default());
         assert_eq!(shown(&out), ["api 10.0.0.2 [10.0.0.5]"]);
         assert_eq!(d.status()[0].service, "web");
         d.reconfigure(&[], &settings()).unwrap();

@@ -56,9 +56,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::cgroup::{cgroup2_mount, CgroupPath};
-use crate::config::{self, BackendSpec, DesiredState, ServiceSpec};
 use crate::dataplane::{Dataplane, Snapshot};
 use crate::docker;
+use crate::model::{self, BackendSpec, DesiredState, ServiceSpec};
 
 /// The shortest --docker-poll period.
 pub const MIN_POLL: Duration = Duration::from_millis(20);
@@ -361,7 +361,7 @@ pub fn merge(
                 spec.mark.unwrap_or_default()
             ))
         } else {
-            config::check_vip(spec.vip).err()
+            model::check_vip(spec.vip).err()
         };
         match why {
             Some(why) => {
@@ -674,7 +674,7 @@ impl DockerSync {
             let (Some(id), Some(name)) = (n.id, n.name) else {
                 continue;
             };
-            if let Err(e) = config::check_network(&name) {
+            if let Err(e) = model::check_network(&name) {
                 debug!("network {name}: not followed: {e}");
                 continue;
             }

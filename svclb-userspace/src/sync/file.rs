@@ -17,7 +17,8 @@ use anyhow::{Context, Result};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, ConfigError};
+use crate::model::Config;
 
 /// How long the directory must stay quiet before the file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);

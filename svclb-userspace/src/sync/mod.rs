@@ -16,8 +16,8 @@ pub mod file;
 
 use anyhow::Result;
 
-use crate::config::{Config, DesiredState};
 use crate::dataplane::Snapshot;
+use crate::model::{Config, DesiredState};
 use dns::{Discovery, Refresh};
 
 /// The desired state now: the file's services plus one round of DNS
