@@ -485,7 +485,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 
     if peak_slots > u64::from(capacity.slots) {
         bail!(
-            "the schedules need {peak_slots} slots while switching, more than the capacity of {} (raise svclbd --max-backends)",
+            "the schedules need {peak_slots} slots while switching, more than the capacity of {} (raise svclbd --max-slots, or --max-backends, when the maps are created)",
             capacity.slots
         );
     }
