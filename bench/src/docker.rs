@@ -39,31 +39,66 @@ const PROBE_SERVICE: &str = "probe";
 /// svclbd's start-up (load, one full read of the engine, apply, attach).
 const READY_WITHIN: Duration = Duration::from_secs(180);
 
+/// One measurement: svclbd following the fake engine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DockerCell {
+    /// Services on the network, the probe's included.
+    pub services: usize,
+    pub changes: usize,
+    /// svclbd's `--docker-poll`; `None`: its default (1 s). The poll reads
+    /// the whole view besides the events; with a long one, only the events
+    /// drive svclbd (the event path alone).
+    pub poll: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DockerPlan {
-    /// (services on the network, the probe's included; changes measured).
-    pub cells: Vec<(usize, usize)>,
+    pub cells: Vec<DockerCell>,
 }
 
 impl DockerPlan {
-    pub fn full() -> DockerPlan {
+    fn of(cells: &[(usize, usize, Option<&str>)]) -> DockerPlan {
         DockerPlan {
-            cells: vec![(1_000, 100), (10_000, 30)],
+            cells: cells
+                .iter()
+                .map(|&(services, changes, poll)| DockerCell {
+                    services,
+                    changes,
+                    poll: poll.map(str::to_owned),
+                })
+                .collect(),
         }
     }
 
+    pub fn full() -> DockerPlan {
+        DockerPlan::of(&[
+            (1_000, 100, None),
+            (10_000, 30, None),
+            (1_000, 100, Some(EVENTS_ONLY_POLL)),
+            (10_000, 30, Some(EVENTS_ONLY_POLL)),
+        ])
+    }
+
     pub fn quick() -> DockerPlan {
-        DockerPlan {
-            cells: vec![(1_000, 30), (10_000, 10)],
-        }
+        DockerPlan::of(&[
+            (1_000, 30, None),
+            (10_000, 10, None),
+            (10_000, 10, Some(EVENTS_ONLY_POLL)),
+        ])
     }
 }
+
+/// The `--docker-poll` of the events-only cells: no poll while measuring.
+pub const EVENTS_ONLY_POLL: &str = "1h";
 
 /// One service count's figures, in milliseconds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DockerFigure {
     pub services: usize,
     pub changes: usize,
+    /// svclbd's `--docker-poll` (`None`: its default, 1 s).
+    #[serde(default)]
+    pub poll: Option<String>,
     /// From the event's time stamp to a new connect reaching the new task.
     pub visible_ms: Option<Spread>,
     /// The 99th percentile of the same (nearest rank: with fewer than 100
@@ -98,14 +133,19 @@ pub fn run(plan: &DockerPlan) -> DockerData {
         "Docker source (svclbd --docker against a fake engine): event to new connects, {}",
         plan.cells
             .iter()
-            .map(|(s, c)| format!("{c} changes with {s} services"))
+            .map(|c| format!(
+                "{} changes with {} services ({})",
+                c.changes,
+                c.services,
+                poll_text(c.poll.as_deref())
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );
     let figures = plan
         .cells
         .iter()
-        .map(|&(services, changes)| match measure(services, changes) {
+        .map(|cell| match measure(cell) {
             Ok(f) => {
                 let fmt = |s: &Option<Spread>, p99: Option<f64>| match (s, p99) {
                     (Some(s), Some(p)) => format!(
@@ -115,17 +155,24 @@ pub fn run(plan: &DockerPlan) -> DockerData {
                     _ => "-".to_owned(),
                 };
                 println!(
-                    "  {services} services: visible to new connects {}; svclbd's event_to_maps {}",
+                    "  {} services, {}: visible to new connects {}; svclbd's event_to_maps {}",
+                    cell.services,
+                    poll_text(cell.poll.as_deref()),
                     fmt(&f.visible_ms, f.visible_p99_ms),
                     fmt(&f.svclbd_ms, f.svclbd_p99_ms)
                 );
                 f
             }
             Err(e) => {
-                println!("  {services} services: FAILED {e:#}");
+                println!(
+                    "  {} services, {}: FAILED {e:#}",
+                    cell.services,
+                    poll_text(cell.poll.as_deref())
+                );
                 DockerFigure {
-                    services,
-                    changes,
+                    services: cell.services,
+                    changes: cell.changes,
+                    poll: cell.poll.clone(),
                     visible_ms: None,
                     visible_p99_ms: None,
                     svclbd_ms: None,
@@ -182,7 +229,16 @@ fn logged_event_to_maps(log: &str) -> Vec<f64> {
         .collect()
 }
 
-fn measure(count: usize, changes: usize) -> Result<DockerFigure> {
+/// How svclbd polled, for people.
+pub fn poll_text(poll: Option<&str>) -> String {
+    match poll {
+        None => "events + 1 s poll (svclbd's default)".to_owned(),
+        Some(p) => format!("events only (--docker-poll {p})"),
+    }
+}
+
+fn measure(cell: &DockerCell) -> Result<DockerFigure> {
+    let (count, changes) = (cell.services, cell.changes);
     let sandbox = Sandbox::new()?;
     let mut servers = Vec::new();
     for b in PROBE_BACKENDS {
@@ -206,32 +262,37 @@ fn measure(count: usize, changes: usize) -> Result<DockerFigure> {
     let keep_log = std::env::var_os("SVCLB_BENCH_DOCKER_LOG").map(std::path::PathBuf::from);
     let level = if keep_log.is_some() { "debug" } else { "info" };
     let pins = PinDir::new();
-    let daemon = Svclbd::start_within(
-        &pins,
-        &[
-            "--docker",
-            "--docker-host",
-            &host,
-            "--docker-cgroup-parent",
-            &parent,
-            "--max-services",
-            &ms,
-            "--max-backends",
-            &mb,
-            "--log",
-            level,
-            "--no-metrics",
-        ],
-        READY_WITHIN,
-        |_| Ok(()),
-    )?;
+    let mut args = vec![
+        "--docker",
+        "--docker-host",
+        &host,
+        "--docker-cgroup-parent",
+        &parent,
+        "--max-services",
+        &ms,
+        "--max-backends",
+        &mb,
+        "--log",
+        level,
+        "--no-metrics",
+    ];
+    if let Some(p) = &cell.poll {
+        args.extend(["--docker-poll", p]);
+    }
+    let daemon = Svclbd::start_within(&pins, &args, READY_WITHIN, |_| Ok(()))?;
     engine.wait_for_subscriber(Duration::from_secs(10))?;
     // The resync the subscription causes, and one change not measured:
     // every measured change starts from a steady state.
     std::thread::sleep(Duration::from_millis(200));
     let mut current = 0usize;
     let mut visible = Vec::new();
+    let mut logged_before = 0;
     for i in 0..=changes {
+        if i == 1 {
+            // svclbd logs a little after the maps are written.
+            std::thread::sleep(Duration::from_millis(500));
+            logged_before = logged_event_to_maps(&daemon.log_text()).len();
+        }
         let next = 1 - current;
         let (child, out) = start_probe(&sandbox, PROBE_BACKENDS[next])
             .with_context(|| format!("change {i}: starting the probe"))?;
@@ -250,16 +311,18 @@ fn measure(count: usize, changes: usize) -> Result<DockerFigure> {
         // pause lets svclbd finish (log, scopes) before the next event.
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(500));
     let log = daemon.log_text();
     if let Some(path) = &keep_log {
         let path = path.with_extension(format!("{count}.log"));
         std::fs::write(&path, &log).with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut logged = logged_event_to_maps(&log);
-    // The warm-up change's (the startup apply follows no event).
-    if logged.len() > changes {
-        logged.drain(..logged.len() - changes);
-    }
+    // From the measured changes only (svclbd logs one when an event's
+    // resync changed the maps: not when the poll got there first).
+    let logged: Vec<f64> = logged_event_to_maps(&log)
+        .into_iter()
+        .skip(logged_before)
+        .collect();
     if logged.is_empty() {
         bail!("svclbd logged no event_to_maps_ms; its log:\n{log}");
     }
@@ -269,6 +332,7 @@ fn measure(count: usize, changes: usize) -> Result<DockerFigure> {
     Ok(DockerFigure {
         services: count,
         changes: visible.len(),
+        poll: cell.poll.clone(),
         visible_ms: Spread::of(&visible),
         visible_p99_ms: percentile(&visible, 99.0),
         svclbd_ms: Spread::of(&logged),
