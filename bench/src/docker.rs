@@ -257,10 +257,16 @@ fn measure(cell: &DockerCell) -> Result<DockerFigure> {
     let host = engine.host();
     let (ms, mb) = (MAX_SERVICES.to_string(), MAX_BACKENDS.to_string());
     // For a look at where the time goes: SVCLB_BENCH_DOCKER_LOG=FILE runs
-    // svclbd with `--log debug` and keeps its log there (debug logging
-    // itself takes time: the figures are then not the reported ones).
+    // svclbd at debug level (the event's arrival, the reconcile's phases)
+    // and keeps its log in FILE.<services>.log. Not bollard's debug: it
+    // logs every answer whole (megabytes per resync at 10,000 services).
+    // Logging takes time too: those figures are not the reported ones.
     let keep_log = std::env::var_os("SVCLB_BENCH_DOCKER_LOG").map(std::path::PathBuf::from);
-    let level = if keep_log.is_some() { "debug" } else { "info" };
+    let level = if keep_log.is_some() {
+        "debug,bollard::docker=info,hyper=info,hyper_util=info"
+    } else {
+        "info"
+    };
     let pins = PinDir::new();
     let mut args = vec![
         "--docker",
