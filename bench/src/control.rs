@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use svclb_tests::{daemon, PinDir, Sandbox, TcpIdServer};
 
+use crate::docker::{DockerData, DockerPlan};
 use crate::load::{monotonic_ns, ProbeResult};
 use crate::machine::{pinned_map_memory, MapMemory};
 use crate::modes::{
@@ -91,9 +92,27 @@ pub struct ControlData {
     pub apply: Vec<ApplyFigure>,
     pub change: Vec<ChangeFigure>,
     pub memory: Vec<MemoryFigure>,
+    /// The Docker source's event-to-connects figures (absent from reports
+    /// made before they were measured).
+    #[serde(default)]
+    pub docker: Option<DockerData>,
 }
 
-pub fn run(plan: &ControlPlan) -> ControlData {
+impl ControlData {
+    /// Only the Docker source's figures (`svclb-bench --only docker` with
+    /// no earlier report to keep the rest from).
+    pub fn docker_only(plan: &ControlPlan, docker: Option<DockerData>) -> ControlData {
+        ControlData {
+            plan: plan.clone(),
+            apply: Vec::new(),
+            change: Vec::new(),
+            memory: Vec::new(),
+            docker,
+        }
+    }
+}
+
+pub fn run(plan: &ControlPlan, docker: &DockerPlan) -> ControlData {
     println!(
         "control plane: apply {} services x {} backends, backend change with {} services, map memory at {:?}",
         plan.apply_services, plan.apply_backends, plan.change_services, plan.memory_services
@@ -105,11 +124,13 @@ pub fn run(plan: &ControlPlan) -> ControlData {
         .iter()
         .map(|&n| memory_figure(n))
         .collect();
+    let docker = crate::docker::run(docker);
     ControlData {
         plan: plan.clone(),
         apply,
         change,
         memory,
+        docker: Some(docker),
     }
 }
 
@@ -226,9 +247,9 @@ fn apply_figures(plan: &ControlPlan) -> Vec<ApplyFigure> {
     figures
 }
 
-const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(172, 50, 0, 201);
-const PROBE_PORT: u16 = 81;
-const PROBE_BACKENDS: [Ipv4Addr; 2] =
+pub(crate) const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(172, 50, 0, 201);
+pub(crate) const PROBE_PORT: u16 = 81;
+pub(crate) const PROBE_BACKENDS: [Ipv4Addr; 2] =
     [Ipv4Addr::new(172, 50, 0, 30), Ipv4Addr::new(172, 50, 0, 31)];
 
 fn probe_config(set: &ServiceSet, backend: Ipv4Addr) -> String {
@@ -240,7 +261,7 @@ fn probe_config(set: &ServiceSet, backend: Ipv4Addr) -> String {
 
 /// Starts a probe in the cgroup that connects to the probe VIP until it
 /// reaches `expect`; returns once it has made its first connect.
-fn start_probe(
+pub(crate) fn start_probe(
     sandbox: &Sandbox,
     expect: Ipv4Addr,
 ) -> Result<(KillOnDrop, BufReader<std::process::ChildStdout>)> {
@@ -261,7 +282,7 @@ fn start_probe(
     Ok((child, out))
 }
 
-fn finish_probe(
+pub(crate) fn finish_probe(
     mut child: KillOnDrop,
     mut out: BufReader<std::process::ChildStdout>,
     t0: u64,

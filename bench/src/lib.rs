@@ -7,6 +7,8 @@
 //! - [`modes`]: each mode set up fresh in its own sandbox.
 //! - [`sweep`]: the interleaved, repeated sweep and its statistics.
 //! - [`control`]: control-plane figures (apply time, change latency, map memory).
+//! - [`docker`]: the Docker source's event-to-connects figures (`svclbd
+//!   --docker` against a fake engine with 1,000 and 10,000 services).
 //! - [`counting`]: what the packet counters cost (svclb against
 //!   `svclbd --no-packet-counters`, interleaved run by run).
 //! - [`report`]: docs/BENCHMARKS.md and docs/benchmarks.json.
@@ -15,6 +17,7 @@
 
 pub mod control;
 pub mod counting;
+pub mod docker;
 pub mod hist;
 pub mod load;
 pub mod machine;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::ControlData;
 use crate::counting::{CountingData, MAX_COST};
+use crate::docker::{DockerData, DockerFigure};
 use crate::load::Workload;
 use crate::machine::Machine;
 use crate::modes::{Mode, Pinning};
@@ -222,6 +223,50 @@ pub fn targets(r: &Report) -> Vec<Target> {
                 .collect::<Vec<_>>()
                 .join("; "),
             met: best.map(|(_, m)| m.median < 10.0),
+        });
+        if let Some(d) = &c.docker {
+            out.extend(docker_targets(d));
+        }
+    }
+    out
+}
+
+/// Issue 13's bounds on the Docker source, from its figures.
+fn docker_targets(d: &DockerData) -> Vec<Target> {
+    let mut out = Vec::new();
+    // svclbd as deployed: its default poll besides the events.
+    let at = |n: usize| {
+        d.figures
+            .iter()
+            .find(|f| f.services == n && f.poll.is_none())
+    };
+    let fig = |f: &DockerFigure| match (&f.visible_ms, f.visible_p99_ms) {
+        (Some(s), Some(p)) => format!(
+            "median {:.2} ms, p99 {p:.2} ms over {} changes (svclbd's own event-to-maps: {})",
+            s.median,
+            s.n,
+            match (&f.svclbd_ms, f.svclbd_p99_ms) {
+                (Some(m), Some(p)) => format!("median {:.2}, p99 {p:.2}", m.median),
+                _ => "-".into(),
+            }
+        ),
+        _ => f
+            .error
+            .as_deref()
+            .map_or_else(|| "-".into(), |e| format!("failed: {e}")),
+    };
+    if let Some(f) = at(1_000) {
+        out.push(Target {
+            target: "Docker event to new connects, 1,000 services: p99 under 50 ms".into(),
+            figure: fig(f),
+            met: f.visible_p99_ms.map(|p| p < 50.0),
+        });
+    }
+    if let Some(f) = at(10_000) {
+        out.push(Target {
+            target: "one backend change through Docker, 10,000 services: under 10 ms".into(),
+            figure: fig(f),
+            met: f.visible_ms.map(|s| s.median < 10.0),
         });
     }
     out
@@ -576,6 +621,9 @@ pub fn markdown(r: &Report, notes: Notes) -> String {
                 .unwrap_or_else(|| "–".into());
             let _ = writeln!(md, "| {} | {v} | {cmd} |", f.how);
         }
+        if let Some(d) = &c.docker {
+            docker_markdown(&mut md, d);
+        }
         let _ = writeln!(
             md,
             "\n### Kernel memory of svclb's maps (`memlock` of each pinned map's fdinfo)\n\nCapacities sized to the service count (next power of two; the hash maps are preallocated, so memory follows the capacity, not the number of entries).\n"
@@ -624,6 +672,61 @@ pub fn markdown(r: &Report, notes: Notes) -> String {
         md.push('\n');
     }
     md
+}
+
+/// The Docker source's figures: a paragraph and a table.
+fn docker_markdown(md: &mut String, d: &DockerData) {
+    let _ = writeln!(
+        md,
+        "\n### The Docker source: from a Docker event to new connects\n\n\
+         `svclbd --docker` follows an engine serving one swarm network with N services (the \
+         test harness's fake engine, tests/src/fake_swarm.rs: a real swarm with that many \
+         services needs as many containers). It answers the Engine API svclbd reads \
+         (`/version`, `/networks`, `/networks/ID?verbose=true` with each service's VIP, \
+         LocalLBIndex and tasks, `/containers/json`, a streamed `/events`) on a Unix socket. \
+         Each change replaces the probe service's task with the other identity server and \
+         sends one `container start` event stamped with the time; the figure runs from that \
+         stamp to the end of the first connect, from the probe in the containers' cgroup, \
+         that reached the new task. svclbd's own `event_to_maps_ms` (its log; the \
+         `svclb_docker_event_to_maps_seconds` metric) runs from the event's `timeNano` to \
+         the maps written; it logs one only when the event's own resync changed the maps, and \
+         counts from the earliest event not yet followed by a resync. svclbd polls the engine \
+         every second besides the events (its default): a poll may take the change before \
+         the event's resync, or delay it; the events-only rows (`--docker-poll 1h`) show the \
+         event path alone. The targets are judged on the default rows. p99 is the nearest \
+         rank (with fewer than 100 changes, the largest).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| services on the network | svclbd follows | changes | ms until visible: median | p99 | min–max | svclbd event-to-maps ms: median | p99 |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for f in &d.figures {
+        let Some(v) = &f.visible_ms else {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | failed: {} | | | | |",
+                thousands(f.services),
+                crate::docker::poll_text(f.poll.as_deref()),
+                f.changes,
+                f.error.as_deref().unwrap_or("-")
+            );
+            continue;
+        };
+        let opt = |x: Option<f64>| x.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.2} | {} | {:.2}–{:.2} | {} | {} |",
+            thousands(f.services),
+            crate::docker::poll_text(f.poll.as_deref()),
+            f.changes,
+            v.median,
+            opt(f.visible_p99_ms),
+            v.min,
+            v.max,
+            opt(f.svclbd_ms.map(|s| s.median)),
+            opt(f.svclbd_p99_ms)
+        );
+    }
 }
 
 /// The sweep's tables: each workload by mode and service count, and the set-up times.

@@ -13,6 +13,7 @@ pub mod clients;
 pub mod daemon;
 pub mod dns;
 pub mod fake_docker;
+pub mod fake_swarm;
 pub mod http;
 pub mod netns;
 pub mod sandbox;

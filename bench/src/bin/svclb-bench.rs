@@ -7,21 +7,27 @@
 //! Three parts: the data-plane sweep, the control-plane figures, and the
 //! cost of packet counting (svclb against `svclbd --no-packet-counters`).
 //! `--only counting` measures the last alone (about 13 minutes) and keeps
-//! everything else of the benchmarks.json already in `--out`.
+//! everything else of the benchmarks.json already in `--out`; `--only
+//! docker` likewise measures the Docker source's event-to-connects figures
+//! (part of the control plane) alone.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
-use svclb_bench::{control, counting, machine, report, sweep};
+use svclb_bench::{control, counting, docker, machine, report, sweep};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
     /// The data-plane sweep.
     Sweep,
-    /// The control-plane figures.
+    /// The control-plane figures (the Docker source's included).
     Control,
+    /// The Docker source's figures alone: from a Docker event to new
+    /// connects, `svclbd --docker` against a fake engine with 1,000 and
+    /// 10,000 services (about a minute; a part of `control`).
+    Docker,
     /// The cost of packet counting (svclb vs svclb-nocount vs svclb-hookonly vs direct,
     /// STREAM and RR, 1 service, interleaved); about 13 minutes.
     Counting,
@@ -33,8 +39,8 @@ struct Cli {
     /// The short sweep (under 2 minutes): 1 repetition, 1 and 1,000 services.
     #[arg(long)]
     quick: bool,
-    /// Measure this part only. With `counting` or `control`, the rest of the
-    /// report comes from the benchmarks.json already in --out (if any).
+    /// Measure this part only. With `counting`, `control` or `docker`, the
+    /// rest of the report comes from the benchmarks.json already in --out (if any).
     #[arg(long, value_enum)]
     only: Option<Part>,
     /// Where to write BENCHMARKS.md and benchmarks.json.
@@ -134,10 +140,11 @@ fn run(cli: Cli) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(if cli.quick { "target/bench" } else { "docs" }));
     let wants = |part: Part, skip: bool| cli.only.map_or(!skip, |only| only == part);
-    let (do_sweep, do_control, do_counting) = (
+    let (do_sweep, do_control, do_counting, do_docker) = (
         wants(Part::Sweep, cli.no_sweep),
         wants(Part::Control, cli.no_control),
         wants(Part::Counting, cli.no_counting),
+        cli.only == Some(Part::Docker),
     );
     let json_path = out.join("benchmarks.json");
     let previous = json_path
@@ -156,13 +163,13 @@ fn run(cli: Cli) -> Result<()> {
     };
     let counting =
         do_counting.then(|| counting::run(&counting_plan, utc_now(), machine.svclb_commit.clone()));
-    let control = do_control.then(|| {
-        control::run(&if cli.quick {
-            control::ControlPlan::quick()
-        } else {
-            control::ControlPlan::full()
-        })
-    });
+    let (control_plan, docker_plan) = if cli.quick {
+        (control::ControlPlan::quick(), docker::DockerPlan::quick())
+    } else {
+        (control::ControlPlan::full(), docker::DockerPlan::full())
+    };
+    let control = do_control.then(|| control::run(&control_plan, &docker_plan));
+    let docker_data = do_docker.then(|| docker::run(&docker_plan));
     // Failed runs of this invocation (not of figures kept from before).
     let failed = data
         .runs
@@ -183,12 +190,28 @@ fn run(cli: Cli) -> Result<()> {
             previous.control = control;
             previous
         }
+        // The Docker figures alone: the rest of the control plane kept too.
+        Some(mut previous) if cli.only == Some(Part::Docker) => {
+            println!("keeping the rest of {}", json_path.display());
+            match &mut previous.control {
+                Some(c) => c.docker = docker_data,
+                None => {
+                    previous.control = Some(control::ControlData::docker_only(
+                        &control_plan,
+                        docker_data,
+                    ))
+                }
+            }
+            previous
+        }
         previous => report::Report {
             generated_utc: utc_now(),
             summaries: sweep::summarize(&data),
             plan,
             machine,
-            control,
+            control: control.or_else(|| {
+                docker_data.map(|d| control::ControlData::docker_only(&control_plan, Some(d)))
+            }),
             sweep: data,
             counting: counting.or_else(|| previous.and_then(|p| p.counting)),
         },
