@@ -285,7 +285,7 @@ fn measure(cell: &DockerCell) -> Result<DockerFigure> {
     if let Some(p) = &cell.poll {
         args.extend(["--docker-poll", p]);
     }
-    let daemon = Svclbd::start_within(&pins, &args, READY_WITHIN, |_| Ok(()))?;
+    let daemon = Svclbd::start_within(&pins, &args, READY_WITHIN, crate::modes::as_deployed)?;
     engine.wait_for_subscriber(Duration::from_secs(10))?;
     // The resync the subscription causes, and one change not measured:
     // every measured change starts from a steady state.
@@ -313,9 +313,15 @@ fn measure(cell: &DockerCell) -> Result<DockerFigure> {
             visible.push(ms);
         }
         current = next;
-        // The probe has reached the new task: the maps are written. A short
-        // pause lets svclbd finish (log, scopes) before the next event.
-        std::thread::sleep(Duration::from_millis(20));
+        // The probe has reached the new task; the next change starts once
+        // the replaced one is out of the maps too (its `die` event, or the
+        // full resync after it), so each starts from a steady state.
+        wait_for_only(&pins, PROBE_BACKENDS[next])
+            .with_context(|| format!("change {i}: the replaced task stayed"))?;
+        // And the full resync that follows every event is over (about
+        // 150 ms at 10,000 services): a change during one waits for it,
+        // which the rows with the 1 s poll show.
+        std::thread::sleep(FULL_RESYNC_SETTLE);
     }
     std::thread::sleep(Duration::from_millis(500));
     let log = daemon.log_text();
@@ -345,6 +351,35 @@ fn measure(cell: &DockerCell) -> Result<DockerFigure> {
         svclbd_p99_ms: percentile(&logged, 99.0),
         error: None,
     })
+}
+
+/// Time for svclbd's full resync after an event to finish.
+const FULL_RESYNC_SETTLE: Duration = Duration::from_millis(300);
+
+/// Waits until the probe service's only backend in the maps is `task`.
+fn wait_for_only(pins: &PinDir, task: std::net::Ipv4Addr) -> Result<()> {
+    let want = vec![serde_json::Value::String(task.to_string())];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed: serde_json::Value = serde_json::from_str(&pins.ctl(&["list", "--json"])?)?;
+        let backends: Option<Vec<serde_json::Value>> = listed.as_array().and_then(|all| {
+            all.iter()
+                .find(|s| {
+                    s["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(&format!("{PROBE_SERVICE}@")))
+                })
+                .and_then(|s| s["backends"].as_array())
+                .map(|b| b.iter().map(|b| b["address"].clone()).collect())
+        });
+        if backends.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the probe service's backends are {backends:?}, not [{task}]");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[cfg(test)]

@@ -707,7 +707,14 @@ pub fn start_svclbd_with(
         config_arg = config.to_str().context("config path")?.to_string();
         args.extend(["--config", &config_arg]);
     }
-    Svclbd::start_within(pins, &args, READY_WITHIN, |_| Ok(()))
+    Svclbd::start_within(pins, &args, READY_WITHIN, as_deployed)
+}
+
+/// svclbd as it runs in production: the test harness's read-back of every
+/// apply (SVCLB_VERIFY_SNAPSHOTS) is off, it is not part of the cost.
+pub fn as_deployed(cmd: &mut std::process::Command) -> Result<()> {
+    cmd.env("SVCLB_VERIFY_SNAPSHOTS", "0");
+    Ok(())
 }
 
 fn start_haproxy(sandbox: &Sandbox, dir: &TempDir) -> Result<(KillOnDrop, SocketAddrV4)> {

@@ -269,32 +269,9 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         );
     }
 
-    // Backend ids: a backend keeps its id (and so its counters) while its
-    // service keeps its mark; new ones take ids free before this apply.
-    // The ids in use are gathered only when a new backend needs one.
-    let mut used_ids: Option<HashSet<u32>> = None;
-    let mut next_free_id = 0u32;
-    let mut free_id = || -> Option<u32> {
-        let used = used_ids.get_or_insert_with(|| {
-            current
-                .services
-                .values()
-                .flat_map(|s| s.backends.iter().map(|b| b.id))
-                .collect()
-        });
-        while next_free_id < capacity.backends {
-            let id = next_free_id;
-            next_free_id += 1;
-            if !used.contains(&id) {
-                return Some(id);
-            }
-        }
-        None
-    };
-    // Backends kept by the services planned; a service passed over keeps all.
-    let mut kept_ids = HashSet::new();
+    let mut ids = Ids::new(current, capacity.backends);
+    // Services passed over keep all their backends.
     let mut passed_over: HashSet<u32> = HashSet::new();
-
     let mut peak_slots: u64 = current
         .services
         .values()
@@ -313,174 +290,15 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
         if spec.mark.is_none() {
             plan.marks.insert(spec.name.clone(), mark);
         }
-        plan.planned_specs.push((mark, spec.clone()));
-        let existing_ids: HashMap<(IpAddr, Option<u16>), (u32, u32)> = old
-            .map(|o| {
-                o.backends
-                    .iter()
-                    .map(|b| ((b.addr, b.port), (b.id, b.weight)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // This service's line goes before its backends' lines, as in `ipvsadm -S`.
-        let service_line_at = plan.changes.len();
-        let mut slot_targets = Vec::with_capacity(spec.backends.len());
-        let mut weights = Vec::with_capacity(spec.backends.len());
-        for b in &spec.backends {
-            let info = BackendInfo {
-                addr: addr_words(b.addr),
-                port_be: b.port.map_or(0, u16::to_be),
-                family: family_of(b.addr),
-                mark,
-                weight: b.weight,
-            };
-            let id = match existing_ids.get(&(b.addr, b.port)) {
-                Some(&(id, old_weight)) => {
-                    if old_weight != b.weight {
-                        plan.edited_backends.push((id, info));
-                        plan.changes.push(Change::EditBackend {
-                            mark,
-                            addr: b.addr,
-                            port: b.port,
-                            old_weight,
-                            weight: b.weight,
-                        });
-                    }
-                    id
-                }
-                None => {
-                    let id = free_id().with_context(|| {
-                        format!(
-                            "no free backend id for {} of service {}: the capacity is {} backends (raise svclbd --max-backends)",
-                            b.addr, spec.name, capacity.backends
-                        )
-                    })?;
-                    plan.new_backends.push((id, info));
-                    plan.changes.push(Change::AddBackend {
-                        mark,
-                        addr: b.addr,
-                        port: b.port,
-                        weight: b.weight,
-                    });
-                    id
-                }
-            };
-            kept_ids.insert(id);
-            weights.push(b.weight);
-            slot_targets.push(Slot {
-                addr: info.addr,
-                port_be: info.port_be,
-                family: info.family,
-                backend_id: id,
-                weight: b.weight,
-            });
-        }
-        let planned: Vec<PlannedBackend> = spec
-            .backends
-            .iter()
-            .map(|b| PlannedBackend {
-                addr: b.addr,
-                port: b.port,
-                weight: b.weight,
-            })
-            .collect();
-        let picks = plan_slots(spec.scheduler, &planned)
-            .with_context(|| format!("service {}", spec.name))?;
-        let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
-        let mut meta = ServiceMeta::new(&spec.name, spec.vip);
-        meta.port_proto = spec
-            .port
-            .map_or(0, |p| u32::from(p.port) | u32::from(p.protocol) << 16);
-        let scope = spec
-            .networks
-            .iter()
-            .fold(0u64, |m, n| m | scope_bits.get(n).map_or(0, |b| 1u64 << b));
-        let (mut flags, affinity_secs) = match spec.affinity {
-            Some(secs) => (SVC_F_AFFINITY, secs),
-            None => (0, 0),
-        };
-        if !spec.terminate_on_removal {
-            flags |= SVC_F_KEEP_SOCKETS;
-        }
-
-        let (value, new_slots, retired) = match old {
-            Some(old) if old.slots == slots && old.scheduler == spec.scheduler => (
-                ServiceValue {
-                    flags,
-                    affinity_secs,
-                    scope,
-                    ..old.value
-                },
-                None,
-                None,
-            ),
-            _ => {
-                let active = old
-                    .map(|o| o.value.slot_base)
-                    .unwrap_or(MAX_SLOTS_PER_SERVICE);
-                let value = ServiceValue {
-                    count: slots.len() as u32,
-                    slot_base: other_generation(active),
-                    scheduler: spec.scheduler as u32,
-                    flags,
-                    // Choices remembered under the old schedule get checked again.
-                    generation: old.map_or(1, |o| o.value.generation.wrapping_add(1)),
-                    affinity_secs,
-                    scope,
-                };
-                peak_slots += slots.len() as u64;
-                let retired = old.map(|o| Generation {
-                    base: o.value.slot_base,
-                    count: o.value.count,
-                });
-                (value, Some(slots), retired)
-            }
-        };
-        let meta_changed =
-            old.is_none_or(|o| o.name != spec.name || o.vip != spec.vip || o.port != spec.port);
-        let frontend = Frontend {
-            vip: spec.vip,
-            port: spec.port,
-        };
-        match old {
-            None => plan.changes.insert(
-                service_line_at,
-                Change::AddService {
-                    mark,
-                    name: spec.name.clone(),
-                    vip: frontend,
-                    scheduler: spec.scheduler,
-                    persistent: spec.affinity,
-                },
-            ),
-            Some(o)
-                if meta_changed
-                    || o.scheduler != spec.scheduler
-                    || (o.value.flags, o.value.affinity_secs, o.value.scope)
-                        != (value.flags, value.affinity_secs, value.scope) =>
-            {
-                plan.changes.insert(
-                    service_line_at,
-                    Change::EditService {
-                        mark,
-                        name: spec.name.clone(),
-                        vip: frontend,
-                        scheduler: spec.scheduler,
-                        persistent: spec.affinity,
-                    },
-                )
-            }
-            Some(_) => {}
-        }
-        if new_slots.is_some() || meta_changed || old.is_none_or(|o| o.value != value) {
-            plan.services.push(ServiceWrite {
-                mark,
-                meta,
-                value,
-                new_slots,
-                retired,
-            });
-        }
+        plan_service(
+            &mut plan,
+            &mut ids,
+            &mut peak_slots,
+            spec,
+            mark,
+            old,
+            &scope_bits,
+        )?;
     }
 
     if peak_slots > u64::from(capacity.slots) {
@@ -556,7 +374,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
             });
         }
         for b in &svc.backends {
-            if !kept_ids.contains(&b.id) {
+            if !ids.kept.contains(&b.id) {
                 plan.removed_backends.push(b.id);
                 plan.departed.push(DepartedBackend {
                     service: svc.name.clone(),
@@ -586,29 +404,334 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
     Ok(plan)
 }
 
+/// Backend ids for one plan, the one allocator of them: a backend keeps its
+/// id (and so its counters) while its service keeps its mark; new ones take
+/// the lowest ids free before this apply (gathered only when one is needed).
+struct Ids<'a> {
+    current: &'a Snapshot,
+    capacity: u32,
+    used: Option<HashSet<u32>>,
+    next: u32,
+    /// Backends kept by the services planned.
+    kept: HashSet<u32>,
+}
+
+impl<'a> Ids<'a> {
+    fn new(current: &'a Snapshot, capacity: u32) -> Self {
+        Ids {
+            current,
+            capacity,
+            used: None,
+            next: 0,
+            kept: HashSet::new(),
+        }
+    }
+
+    fn free(&mut self) -> Option<u32> {
+        let current = self.current;
+        let used = self.used.get_or_insert_with(|| {
+            current
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect()
+        });
+        while self.next < self.capacity {
+            let id = self.next;
+            self.next += 1;
+            if !used.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// Plans one service, new or changed since `old`: its backends' ids and
+/// weights, its schedule (a new generation when the slots change), its
+/// value and metadata, and the `ipvsadm -S` lines.
+fn plan_service(
+    plan: &mut Plan,
+    ids: &mut Ids,
+    peak_slots: &mut u64,
+    spec: &ServiceSpec,
+    mark: u32,
+    old: Option<&ServiceState>,
+    scope_bits: &BTreeMap<String, u32>,
+) -> Result<()> {
+    plan.planned_specs.push((mark, spec.clone()));
+    let existing_ids: HashMap<(IpAddr, Option<u16>), (u32, u32)> = old
+        .map(|o| {
+            o.backends
+                .iter()
+                .map(|b| ((b.addr, b.port), (b.id, b.weight)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // This service's line goes before its backends' lines, as in `ipvsadm -S`.
+    let service_line_at = plan.changes.len();
+    let mut slot_targets = Vec::with_capacity(spec.backends.len());
+    let mut weights = Vec::with_capacity(spec.backends.len());
+    for b in &spec.backends {
+        let info = BackendInfo {
+            addr: addr_words(b.addr),
+            port_be: b.port.map_or(0, u16::to_be),
+            family: family_of(b.addr),
+            mark,
+            weight: b.weight,
+        };
+        let id = match existing_ids.get(&(b.addr, b.port)) {
+            Some(&(id, old_weight)) => {
+                if old_weight != b.weight {
+                    plan.edited_backends.push((id, info));
+                    plan.changes.push(Change::EditBackend {
+                        mark,
+                        addr: b.addr,
+                        port: b.port,
+                        old_weight,
+                        weight: b.weight,
+                    });
+                }
+                id
+            }
+            None => {
+                let id = ids.free().with_context(|| {
+                    format!(
+                        "no free backend id for {} of service {}: the capacity is {} backends (raise svclbd --max-backends)",
+                        b.addr, spec.name, ids.capacity
+                    )
+                })?;
+                plan.new_backends.push((id, info));
+                plan.changes.push(Change::AddBackend {
+                    mark,
+                    addr: b.addr,
+                    port: b.port,
+                    weight: b.weight,
+                });
+                id
+            }
+        };
+        ids.kept.insert(id);
+        weights.push(b.weight);
+        slot_targets.push(Slot {
+            addr: info.addr,
+            port_be: info.port_be,
+            family: info.family,
+            backend_id: id,
+            weight: b.weight,
+        });
+    }
+    let planned: Vec<PlannedBackend> = spec
+        .backends
+        .iter()
+        .map(|b| PlannedBackend {
+            addr: b.addr,
+            port: b.port,
+            weight: b.weight,
+        })
+        .collect();
+    let picks =
+        plan_slots(spec.scheduler, &planned).with_context(|| format!("service {}", spec.name))?;
+    let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
+    let mut meta = ServiceMeta::new(&spec.name, spec.vip);
+    meta.port_proto = spec
+        .port
+        .map_or(0, |p| u32::from(p.port) | u32::from(p.protocol) << 16);
+    let scope = spec
+        .networks
+        .iter()
+        .fold(0u64, |m, n| m | scope_bits.get(n).map_or(0, |b| 1u64 << b));
+    let (mut flags, affinity_secs) = match spec.affinity {
+        Some(secs) => (SVC_F_AFFINITY, secs),
+        None => (0, 0),
+    };
+    if !spec.terminate_on_removal {
+        flags |= SVC_F_KEEP_SOCKETS;
+    }
+
+    let (value, new_slots, retired) = match old {
+        Some(old) if old.slots == slots && old.scheduler == spec.scheduler => (
+            ServiceValue {
+                flags,
+                affinity_secs,
+                scope,
+                ..old.value
+            },
+            None,
+            None,
+        ),
+        _ => {
+            let active = old
+                .map(|o| o.value.slot_base)
+                .unwrap_or(MAX_SLOTS_PER_SERVICE);
+            let value = ServiceValue {
+                count: slots.len() as u32,
+                slot_base: other_generation(active),
+                scheduler: spec.scheduler as u32,
+                flags,
+                // Choices remembered under the old schedule get checked again.
+                generation: old.map_or(1, |o| o.value.generation.wrapping_add(1)),
+                affinity_secs,
+                scope,
+            };
+            *peak_slots += slots.len() as u64;
+            let retired = old.map(|o| Generation {
+                base: o.value.slot_base,
+                count: o.value.count,
+            });
+            (value, Some(slots), retired)
+        }
+    };
+    let meta_changed =
+        old.is_none_or(|o| o.name != spec.name || o.vip != spec.vip || o.port != spec.port);
+    let frontend = Frontend {
+        vip: spec.vip,
+        port: spec.port,
+    };
+    match old {
+        None => plan.changes.insert(
+            service_line_at,
+            Change::AddService {
+                mark,
+                name: spec.name.clone(),
+                vip: frontend,
+                scheduler: spec.scheduler,
+                persistent: spec.affinity,
+            },
+        ),
+        Some(o)
+            if meta_changed
+                || o.scheduler != spec.scheduler
+                || (o.value.flags, o.value.affinity_secs, o.value.scope)
+                    != (value.flags, value.affinity_secs, value.scope) =>
+        {
+            plan.changes.insert(
+                service_line_at,
+                Change::EditService {
+                    mark,
+                    name: spec.name.clone(),
+                    vip: frontend,
+                    scheduler: spec.scheduler,
+                    persistent: spec.affinity,
+                },
+            )
+        }
+        Some(_) => {}
+    }
+    if new_slots.is_some() || meta_changed || old.is_none_or(|o| o.value != value) {
+        plan.services.push(ServiceWrite {
+            mark,
+            meta,
+            value,
+            new_slots,
+            retired,
+        });
+    }
+    Ok(())
+}
+
+/// The incremental path's plan, when only backends changed: `specs` are
+/// services that the carried snapshot holds, each with the same name, VIP,
+/// port, mark and settings as when it was last planned, only other
+/// backends. Only they are looked at (no table of every service is
+/// built), and the plan is the one [`plan`] makes for the same change.
+/// `None` when a spec does not qualify: plan everything then.
+pub fn plan_backends(
+    current: &Snapshot,
+    specs: &[&ServiceSpec],
+    capacity: Capacity,
+) -> Result<Option<Plan>> {
+    let mut plan = Plan::default();
+    let mut ids = Ids::new(current, capacity.backends);
+    let mut peak_slots: u64 = current
+        .services
+        .values()
+        .map(|s| u64::from(s.value.count))
+        .sum();
+    let mut olds = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let Some(mark) = spec.mark else {
+            return Ok(None);
+        };
+        let (Some(old), Some(last)) = (current.services.get(&mark), current.specs.get(&mark))
+        else {
+            return Ok(None);
+        };
+        let same_but_backends = ServiceSpec {
+            backends: spec.backends.clone(),
+            ..last.clone()
+        };
+        if same_but_backends != **spec {
+            return Ok(None);
+        }
+        if last == *spec {
+            continue;
+        }
+        plan_service(
+            &mut plan,
+            &mut ids,
+            &mut peak_slots,
+            spec,
+            mark,
+            Some(old),
+            &current.networks,
+        )?;
+        olds.push((old, spec.terminate_on_removal));
+    }
+    if peak_slots > u64::from(capacity.slots) {
+        return Ok(None);
+    }
+    for (old, end_sockets) in olds {
+        for b in &old.backends {
+            if !ids.kept.contains(&b.id) {
+                plan.removed_backends.push(b.id);
+                plan.departed.push(DepartedBackend {
+                    service: old.name.clone(),
+                    mark: old.mark,
+                    id: b.id,
+                    addr: b.addr,
+                    end_sockets,
+                });
+                plan.changes.push(Change::RemoveBackend {
+                    mark: old.mark,
+                    addr: b.addr,
+                    port: b.port,
+                });
+            }
+        }
+    }
+    Ok(Some(plan))
+}
+
 /// Marks in the order of `desired.services`: the configured one, else the
 /// one the VIP already has (so a restart or reload keeps FWM numbers), else
 /// the lowest free one from 256.
 fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> {
+    let mut marks: Vec<u32> = desired
+        .services
+        .iter()
+        .map(|s| s.mark.unwrap_or(0))
+        .collect();
+    let unmarked: Vec<usize> = (0..marks.len()).filter(|&i| marks[i] == 0).collect();
+    // Every mark given (Docker's LocalLBIndex): nothing to look up.
+    if unmarked.is_empty() {
+        return Ok(marks);
+    }
     let existing: HashMap<(IpAddr, Option<ServicePort>), u32> = current
         .services
         .values()
         .map(|svc| ((svc.vip, svc.port), svc.mark))
         .collect();
-    let explicit: BTreeSet<u32> = desired.services.iter().filter_map(|s| s.mark).collect();
-    let mut taken = explicit.clone();
-    let mut marks = vec![0; desired.services.len()];
+    let mut taken: HashSet<u32> = desired.services.iter().filter_map(|s| s.mark).collect();
     let mut pending = Vec::new();
-    for (i, spec) in desired.services.iter().enumerate() {
-        match spec.mark {
-            Some(m) => marks[i] = m,
-            None => match existing.get(&(spec.vip, spec.port)) {
-                Some(&m) if !taken.contains(&m) => {
-                    taken.insert(m);
-                    marks[i] = m;
-                }
-                _ => pending.push(i),
-            },
+    for i in unmarked {
+        let spec = &desired.services[i];
+        match existing.get(&(spec.vip, spec.port)) {
+            Some(&m) if !taken.contains(&m) => {
+                taken.insert(m);
+                marks[i] = m;
+            }
+            _ => pending.push(i),
         }
     }
     let mut next = FIRST_AUTO_MARK;
@@ -729,24 +852,47 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
     let read = start.elapsed();
     let plan = plan(&snapshot, desired, dp.capacity)?;
     let planned = start.elapsed();
-    if plan.is_empty() {
-        dp.keep_snapshot(snapshot);
-        return Ok(plan);
-    }
-    execute(dp, &plan)?;
-    let live = start.elapsed();
-    let mut now = snapshot;
-    absorb(&mut now, &plan);
-    dp.applied(Some(now))?;
+    execute_and_carry(dp, snapshot, &plan)?;
     tracing::debug!(
         read_ms = read.as_secs_f64() * 1e3,
         planned_ms = planned.as_secs_f64() * 1e3,
-        live_ms = live.as_secs_f64() * 1e3,
         done_ms = start.elapsed().as_secs_f64() * 1e3,
         changes = plan.changes.len(),
         "applied"
     );
     Ok(plan)
+}
+
+/// [`apply`] on the incremental path ([`plan_backends`]): services whose
+/// backends alone changed. `Ok(None)`, having written nothing, when they do
+/// not qualify: [`apply`] the whole desired state then.
+pub fn apply_backends(dp: &mut Dataplane, specs: &[&ServiceSpec]) -> Result<Option<Plan>> {
+    let start = std::time::Instant::now();
+    let snapshot = dp.current_snapshot()?;
+    let Some(plan) = plan_backends(&snapshot, specs, dp.capacity)? else {
+        dp.keep_snapshot(snapshot);
+        return Ok(None);
+    };
+    execute_and_carry(dp, snapshot, &plan)?;
+    tracing::debug!(
+        done_ms = start.elapsed().as_secs_f64() * 1e3,
+        changes = plan.changes.len(),
+        "applied (backends only)"
+    );
+    Ok(Some(plan))
+}
+
+/// Executes `plan` over the maps `snapshot` was taken of, and keeps the
+/// snapshot carried forward for the next apply.
+fn execute_and_carry(dp: &mut Dataplane, snapshot: Snapshot, plan: &Plan) -> Result<()> {
+    if plan.is_empty() {
+        dp.keep_snapshot(snapshot);
+        return Ok(());
+    }
+    execute(dp, plan)?;
+    let mut now = snapshot;
+    absorb(&mut now, plan);
+    dp.applied(Some(now))
 }
 
 /// Carries `snapshot` forward over an executed `plan`: afterwards it is what
@@ -962,5 +1108,64 @@ mod tests {
             .contains_key(&"10.1.0.4".parse::<IpAddr>().unwrap()));
         assert!(now.ports.is_empty());
         assert!(plan(&now, &fewer, CAPACITY).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_backends_only_change_plans_as_the_whole_plan_does_and_nothing_else_qualifies() {
+        let before =
+            carried(&plan(&Snapshot::default(), &desired(50, "10.9.0.2"), CAPACITY).unwrap());
+        let mut after = desired(50, "10.9.0.4");
+        for s in &mut after.services {
+            s.mark = before
+                .specs
+                .iter()
+                .find(|(_, l)| l.name == s.name)
+                .map(|(m, _)| *m);
+        }
+        let before = Snapshot {
+            specs: before
+                .specs
+                .iter()
+                .map(|(m, s)| {
+                    (
+                        *m,
+                        ServiceSpec {
+                            mark: Some(*m),
+                            ..s.clone()
+                        },
+                    )
+                })
+                .collect(),
+            ..before
+        };
+        let probe = after.services.iter().find(|s| s.name == "probe").unwrap();
+        let quick = plan_backends(&before, &[probe], CAPACITY)
+            .unwrap()
+            .expect("qualifies");
+        let full = plan(&before, &after, CAPACITY).unwrap();
+        assert_eq!(writes(&quick), writes(&full));
+        assert_eq!(quick.changes, full.changes);
+        assert_eq!(quick.planned_specs.len(), 1);
+        // Unchanged: an empty plan; another VIP, or a service the snapshot
+        // has no spec of: not for this path.
+        let same = before.specs.values().find(|s| s.name == "s7").unwrap();
+        assert!(plan_backends(&before, &[same], CAPACITY)
+            .unwrap()
+            .unwrap()
+            .is_empty());
+        let moved = ServiceSpec {
+            vip: "10.9.9.9".parse().unwrap(),
+            ..probe.clone()
+        };
+        assert!(plan_backends(&before, &[&moved], CAPACITY)
+            .unwrap()
+            .is_none());
+        let unknown = ServiceSpec {
+            mark: Some(9999),
+            ..probe.clone()
+        };
+        assert!(plan_backends(&before, &[&unknown], CAPACITY)
+            .unwrap()
+            .is_none());
     }
 }

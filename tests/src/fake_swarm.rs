@@ -8,7 +8,8 @@
 //! - `GET /_ping`, `GET /version` (API 1.41, as Debian's 20.10 engine);
 //! - `GET /info` (cgroupfs, cgroup v2);
 //! - `GET /containers/json`: no container (svclbd is given the cgroup to
-//!   attach to with `--docker-cgroup-parent`); `GET /containers/{id}/json`: 404;
+//!   attach to with `--docker-cgroup-parent`); `GET /containers/{id}/json`
+//!   of a task container an event announced: its service label and address;
 //! - `GET /networks`: one swarm-scope overlay network;
 //! - `GET /networks/{id or name}?verbose=true`: its `Services`, each with
 //!   `VIP`, `LocalLBIndex` and `Tasks` (`EndpointIP`), as the engine answers;
@@ -66,6 +67,9 @@ struct State {
     subscribers: Vec<UnixStream>,
     /// Counts task containers, for fresh IDs.
     next_task: u64,
+    /// The task containers [`FakeSwarm::set_tasks`] announced: ID ->
+    /// (service, address), for `GET /containers/{id}/json`.
+    containers: BTreeMap<String, (String, IpAddr)>,
 }
 
 impl State {
@@ -159,6 +163,7 @@ impl FakeSwarm {
             inspect: None,
             subscribers: Vec::new(),
             next_task: 0,
+            containers: BTreeMap::new(),
         };
         for n in &names {
             state.entry(n);
@@ -238,8 +243,9 @@ impl FakeSwarm {
         Ok(())
     }
 
-    /// Replaces `service`'s tasks and sends one `container start` event (a
-    /// new task container of that service), stamped with the current time,
+    /// Replaces `service`'s tasks and sends a `container start` event (a new
+    /// task container of that service, with the first new address) and a
+    /// `die` event per replaced task, stamped with the current time,
     /// which is returned. The view changes before the event goes out, as in
     /// the engine: whoever reads after the event sees the new tasks.
     pub fn set_tasks(&self, service: &str, tasks: &[IpAddr]) -> Result<EventTime> {
@@ -247,27 +253,57 @@ impl FakeSwarm {
         let Some(s) = st.services.get_mut(service) else {
             bail!("the fake swarm has no service {service:?}");
         };
-        s.tasks = tasks.to_vec();
+        let old = std::mem::replace(&mut s.tasks, tasks.to_vec());
         st.entry(service);
-        st.next_task += 1;
-        let id = format!("{:064x}", st.next_task);
+        let id = st.task_container(service, tasks.first().copied());
         let monotonic_ns = monotonic_ns();
         let unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        let event = format!(
-            r#"{{"status":"start","id":"{id}","from":"bench:latest","Type":"container","Action":"start","Actor":{{"ID":"{id}","Attributes":{{"com.docker.swarm.service.name":"{service}","com.docker.swarm.task.name":"{service}.1.t{n:020}","image":"bench:latest","name":"{service}.1.t{n:020}"}}}},"scope":"local","time":{},"timeNano":{unix_ns}}}"#,
-            unix_ns / 1_000_000_000,
-            n = st.next_task,
-        );
-        let chunk = format!("{:x}\r\n{event}\n\r\n", event.len() + 1);
-        st.subscribers
-            .retain_mut(|s| s.write_all(chunk.as_bytes()).is_ok());
+        st.send_event(&id, "start", service, unix_ns);
+        // The replaced tasks' containers die (their inspect still answers,
+        // as the engine's does until a container is removed).
+        for addr in old.into_iter().filter(|a| !tasks.contains(a)) {
+            let known = st
+                .containers
+                .iter()
+                .find(|(_, (svc, a))| svc == service && *a == addr)
+                .map(|(id, _)| id.clone());
+            let id = match known {
+                Some(id) => id,
+                None => st.task_container(service, Some(addr)),
+            };
+            st.send_event(&id, "die", service, unix_ns);
+        }
         Ok(EventTime {
             unix_ns,
             monotonic_ns,
         })
+    }
+}
+
+impl State {
+    /// A new task container of `service` with `addr`; its ID.
+    fn task_container(&mut self, service: &str, addr: Option<IpAddr>) -> String {
+        self.next_task += 1;
+        let id = format!("{:064x}", self.next_task);
+        if let Some(addr) = addr {
+            self.containers
+                .insert(id.clone(), (service.to_owned(), addr));
+        }
+        id
+    }
+
+    /// Sends one container event to every `/events` client.
+    fn send_event(&mut self, id: &str, action: &str, service: &str, unix_ns: i64) {
+        let event = format!(
+            r#"{{"status":"{action}","id":"{id}","from":"bench:latest","Type":"container","Action":"{action}","Actor":{{"ID":"{id}","Attributes":{{"com.docker.swarm.service.name":"{service}","image":"bench:latest","name":"{service}.1.{id}"}}}},"scope":"local","time":{},"timeNano":{unix_ns}}}"#,
+            unix_ns / 1_000_000_000,
+        );
+        let chunk = format!("{:x}\r\n{event}\n\r\n", event.len() + 1);
+        self.subscribers
+            .retain_mut(|s| s.write_all(chunk.as_bytes()).is_ok());
     }
 }
 
@@ -415,11 +451,27 @@ fn serve(conn: UnixStream, state: &Mutex<State>, requests: &AtomicU64) -> Result
                     )
                 }
             }
-            p if p.starts_with("/containers/") => (
-                "404 Not Found",
-                "application/json",
-                text(r#"{"message":"No such container"}"#),
-            ),
+            p if p.starts_with("/containers/") && p.ends_with("/json") => {
+                let id = &p["/containers/".len()..p.len() - "/json".len()];
+                let st = state.lock().unwrap();
+                match st.containers.get(id) {
+                    // A task container as the engine shows it, in part; no
+                    // process (PID 0), so svclbd scopes no cgroup for it.
+                    Some((service, addr)) => (
+                        "200 OK",
+                        "application/json",
+                        text(&format!(
+                            r#"{{"Id":"{id}","State":{{"Status":"running","Running":true,"Pid":0}},"Config":{{"Labels":{{"com.docker.swarm.service.name":"{service}"}}}},"NetworkSettings":{{"Networks":{{"{}":{{"NetworkID":"{}","IPAddress":"{addr}"}}}}}}}}"#,
+                            st.network_name, st.network_id
+                        )),
+                    ),
+                    None => (
+                        "404 Not Found",
+                        "application/json",
+                        text(r#"{"message":"No such container"}"#),
+                    ),
+                }
+            }
             _ => (
                 "404 Not Found",
                 "application/json",

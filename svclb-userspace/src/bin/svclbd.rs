@@ -229,39 +229,55 @@ async fn run(args: Args) -> Result<()> {
     let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::MIN_POLL));
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.tick().await;
+    // The full resync an event asked for, and the event's name.
+    let mut full_due: Option<tokio::time::Instant> = None;
+    let mut full_why = String::new();
 
     loop {
         let due = discovery.next_due();
         tokio::select! {
             Some(wake) = docker_rx.recv(), if docker.is_some() => {
-                if let Some(d) = &mut docker {
-                    d.note(&wake);
-                }
-                let why = match wake {
-                    Wake::Event { what, .. } => what,
-                    Wake::Connected => {
-                        if let Some(d) = &mut docker {
-                            d.reconnected();
-                        }
-                        "Docker engine connected".to_owned()
-                    }
-                    Wake::Lost(why) => {
-                        warn!("lost the Docker engine's events ({why}): the maps keep the last good view; reconnecting");
-                        continue;
-                    }
-                };
-                // At once, with what is already queued: the events of a
-                // burst (a task start is create, connect, start) that come
-                // during this resync wake the next one.
+                // With what is already queued: a task start is a burst
+                // (create, network connect, start).
+                let mut wakes = vec![wake];
                 while let Ok(more) = docker_rx.try_recv() {
+                    wakes.push(more);
+                }
+                let mut containers = Vec::new();
+                for wake in wakes {
                     if let Some(d) = &mut docker {
-                        d.note(&more);
-                        if matches!(more, Wake::Connected) {
-                            d.reconnected();
+                        d.note(&wake);
+                    }
+                    match wake {
+                        Wake::Event { what, stopping, started, .. } => {
+                            containers.extend(started.map(|id| (id, true)));
+                            containers.extend(stopping.map(|id| (id, false)));
+                            if full_due.is_none() {
+                                full_due = Some(tokio::time::Instant::now() + sync::docker::FULL_RESYNC_AFTER);
+                                full_why = what;
+                            }
+                        }
+                        Wake::Connected => {
+                            if let Some(d) = &mut docker {
+                                d.reconnected();
+                            }
+                            full_due = Some(tokio::time::Instant::now());
+                            full_why = "Docker engine connected".to_owned();
+                        }
+                        Wake::Lost(why) => {
+                            warn!("lost the Docker engine's events ({why}): the maps keep the last good view; reconnecting");
                         }
                     }
                 }
-                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &why).await;
+                // The incremental path: what a container's start or stop
+                // says alone goes to the maps now; the full resync follows.
+                if !containers.is_empty() {
+                    docker_containers(&mut dp, &config, &mut docker, &mut discovery, &containers, &full_why).await;
+                }
+            },
+            _ = sleep_until(full_due), if docker.is_some() => {
+                full_due = None;
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &full_why).await;
             },
             _ = periodic.tick(), if docker.is_some() => {
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, "Docker poll").await;
@@ -346,6 +362,10 @@ fn compose(
         Some(d) => d.compose(&statics),
         None => statics,
     };
+    if discovery.is_empty() {
+        // Nothing to fill in (as with --docker alone): no copy of it all.
+        return with_docker;
+    }
     discovery.compose(&with_docker)
 }
 
@@ -360,26 +380,82 @@ async fn docker_resync(
 ) {
     let Some(d) = docker.as_mut() else { return };
     match d.resync().await {
-        Ok(true) => {
-            let desired = compose(config, docker, discovery);
-            match apply(dp, &desired, why) {
-                Ok(()) => {
-                    if let Some(took) = docker.as_mut().and_then(DockerSync::applied) {
-                        info!(
-                            event_to_maps_ms = (took.as_secs_f64() * 1e4).round() / 10.0,
-                            "{why}: Docker's view applied"
-                        );
-                    }
-                }
-                Err(e) => {
-                    error!("{why}: applying Docker's view failed, the maps keep the previous state: {e:#}")
-                }
-            }
-        }
+        Ok(true) => apply_docker(dp, config, docker, discovery, why),
         Ok(false) => tracing::debug!("{why}: Docker's services unchanged"),
         // Logged (once) as stale by resync.
         Err(_) => return,
     }
+    write_docker_scopes(dp, docker, why);
+}
+
+/// The incremental path for containers that started (`true`) or are being
+/// stopped: each is read alone and its services changed at once.
+async fn docker_containers(
+    dp: &mut Dataplane,
+    config: &Config,
+    docker: &mut Option<DockerSync>,
+    discovery: &mut Discovery,
+    containers: &[(String, bool)],
+    why: &str,
+) {
+    let Some(d) = docker.as_mut() else { return };
+    let mut changed = Vec::new();
+    for (id, started) in containers {
+        match d.container_event(id, *started).await {
+            Ok(names) => changed.extend(names),
+            Err(e) => tracing::debug!(container = %id, "{why}: left to the full resync: {e:#}"),
+        }
+    }
+    if !changed.is_empty() {
+        // Backends alone changed: only these services are planned and
+        // written, with no copy of the whole desired state.
+        let quick = d
+            .accepted(&changed)
+            .map(|specs| reconcile::apply_backends(dp, &specs));
+        match quick {
+            Some(Ok(Some(plan))) => {
+                report_plan(dp, &plan, why);
+                docker_applied(docker, why);
+            }
+            Some(Err(e)) => {
+                error!(
+                    "{why}: applying Docker's view failed, the maps keep the previous state: {e:#}"
+                )
+            }
+            _ => apply_docker(dp, config, docker, discovery, why),
+        }
+    }
+    write_docker_scopes(dp, docker, why);
+}
+
+/// Applies Docker's services as the last read left them.
+fn apply_docker(
+    dp: &mut Dataplane,
+    config: &Config,
+    docker: &mut Option<DockerSync>,
+    discovery: &mut Discovery,
+    why: &str,
+) {
+    let desired = compose(config, docker, discovery);
+    match apply(dp, &desired, why) {
+        Ok(()) => docker_applied(docker, why),
+        Err(e) => {
+            error!("{why}: applying Docker's view failed, the maps keep the previous state: {e:#}")
+        }
+    }
+}
+
+/// Docker's services are in the maps: logs how long after the event.
+fn docker_applied(docker: &mut Option<DockerSync>, why: &str) {
+    if let Some(took) = docker.as_mut().and_then(DockerSync::applied) {
+        info!(
+            event_to_maps_ms = (took.as_secs_f64() * 1e4).round() / 10.0,
+            "{why}: Docker's view applied"
+        );
+    }
+}
+
+fn write_docker_scopes(dp: &mut Dataplane, docker: &mut Option<DockerSync>, why: &str) {
     if let Some(d) = docker.as_mut() {
         if let Err(e) = d.write_scopes(dp) {
             error!("{why}: writing containers' networks failed: {e:#}");
@@ -403,12 +479,18 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 
 fn apply(dp: &mut Dataplane, desired: &DesiredState, why: &str) -> Result<()> {
     let plan = reconcile::apply(dp, desired)?;
+    report_plan(dp, &plan, why);
+    Ok(())
+}
+
+/// Logs an applied plan's changes and ends the sockets of the backends it
+/// removed.
+fn report_plan(dp: &Dataplane, plan: &reconcile::Plan, why: &str) {
     for change in &plan.changes {
         info!(%change, "{why}");
     }
-    svclb::terminate::after_apply(dp.pins(), &plan);
+    svclb::terminate::after_apply(dp.pins(), plan);
     for (name, mark) in &plan.marks {
         tracing::debug!(service = %name, mark, "mark assigned");
     }
-    Ok(())
 }

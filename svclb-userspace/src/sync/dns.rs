@@ -576,6 +576,12 @@ impl Discovery {
         changed
     }
 
+    /// Whether no service is discovered through DNS (then [`Discovery::compose`]
+    /// adds nothing to the file's and Docker's services).
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
     /// The desired state: the static services, then every discovered one
     /// whose answers make a valid service (else its last valid set).
     pub fn compose(&mut self, statics: &model::DesiredState) -> model::DesiredState {
