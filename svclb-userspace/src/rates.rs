@@ -164,7 +164,7 @@ impl RateSampler {
         for &(id, owner) in backends {
             let entry = self.states[id as usize].get_or_insert_with(|| {
                 // A restarted svclbd continues the pinned estimator.
-                (owner, dp.rates.get(&id, 0).unwrap_or_default())
+                (owner, dp.rate_estimator(id))
             });
             if entry.0 != owner {
                 // The id was given to another backend: a new estimator.
@@ -185,7 +185,7 @@ impl RateSampler {
             }
         }
         for (id, state) in moved_states {
-            dp.rates.insert(id, state, 0)?;
+            dp.write_rate_estimator(id, state)?;
         }
         // Estimators of backends that are gone would mislead a reused id;
         // backends go only with an apply.
@@ -197,7 +197,7 @@ impl RateSampler {
                 }
             }
             for id in stale_estimators(&dp, &live) {
-                let _ = dp.rates.remove(&id);
+                let _ = dp.remove_rate_estimator(id);
             }
         }
         Ok(())
@@ -206,10 +206,9 @@ impl RateSampler {
 
 /// Pinned estimators whose backend is gone.
 fn stale_estimators(dp: &Dataplane, live: &std::collections::HashSet<u32>) -> Vec<u32> {
-    dp.rates
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !live.contains(k))
+    dp.rate_estimators()
+        .map(|(id, _)| id)
+        .filter(|id| !live.contains(id))
         .collect()
 }
 

@@ -178,12 +178,7 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
 
 /// How long ago svclbd last sampled the rates (None: never).
 pub fn rates_age(dp: &Dataplane) -> Result<Option<std::time::Duration>> {
-    let newest = dp
-        .rates
-        .iter()
-        .filter_map(|e| e.ok())
-        .map(|(_, st)| st.sampled_ns)
-        .max();
+    let newest = dp.rate_estimators().map(|(_, st)| st.sampled_ns).max();
     let now = rates::monotonic_ns();
     Ok(newest.map(|n| std::time::Duration::from_nanos(now.saturating_sub(n))))
 }
