@@ -1,4 +1,5 @@
-//! `#[repr(C)]` keys and values of the pinned maps, and their names.
+//! `#[repr(C)]` keys and values of the pinned maps (the maps themselves,
+//! their names and capacities are in [`crate::maps`]).
 //!
 //! Changing any of these types changes the pinned layout: bump
 //! [`LAYOUT_VERSION`] so that a running node refuses to adopt maps it cannot
@@ -6,32 +7,6 @@
 
 /// Version of the pinned map layout, written into the `svclb_layout` map.
 pub const LAYOUT_VERSION: u32 = 2;
-
-/// Map names, as the eBPF object declares them and as they are pinned.
-/// Kernel object names are limited to 15 characters.
-pub mod map_names {
-    pub const VIPS: &str = "svclb_vips";
-    pub const PORTS: &str = "svclb_ports";
-    pub const SERVICES: &str = "svclb_services";
-    pub const SLOTS: &str = "svclb_slots";
-    pub const BACKENDS: &str = "svclb_backends";
-    pub const STATS: &str = "svclb_stats";
-    pub const CONNS: &str = "svclb_conns";
-    pub const META: &str = "svclb_meta";
-    pub const LAYOUT: &str = "svclb_layout";
-    pub const SOCKS: &str = "svclb_socks";
-    pub const RR: &str = "svclb_rr";
-    pub const AFFINITY: &str = "svclb_affinity";
-    pub const SCOPES: &str = "svclb_scopes";
-    pub const NETWORKS: &str = "svclb_networks";
-    pub const RATES: &str = "svclb_rates";
-    pub const UDP_CONNS: &str = "svclb_udp_conns";
-    /// Every map that svclb pins.
-    pub const ALL: [&str; 16] = [
-        VIPS, PORTS, SERVICES, SLOTS, BACKENDS, STATS, CONNS, META, LAYOUT, SOCKS, RR, AFFINITY,
-        SCOPES, NETWORKS, RATES, UDP_CONNS,
-    ];
-}
 
 /// Program names in the eBPF object.
 pub mod program_names {

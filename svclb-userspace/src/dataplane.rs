@@ -1,18 +1,19 @@
 //! The pinned maps, opened with their types, and a snapshot of the services
 //! they hold.
 
-use std::{collections::BTreeMap, mem::size_of, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::AsFd;
 
 use aya::maps::{
-    Array, HashMap, IterableMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    Array, HashMap, IterableMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap,
+    PerCpuValues,
 };
 use svclb_common::{
-    map_names, words_addr, AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge,
-    LayoutValue, NetworkName, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot,
-    SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
+    map_defs as m, words_addr, BackendInfo, BackendStats, ConnGauge, Key, MapDef, NetworkName,
+    PinnedMap, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, Value,
+    VipKey, VipValue, LAYOUT_VERSION,
 };
 
 use crate::{
@@ -21,58 +22,16 @@ use crate::{
     pins::PinDir,
 };
 
-/// Key and value sizes of every pinned map, to check before adopting pins
-/// left by another svclb version.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 16] = [
-    (
-        map_names::UDP_CONNS,
-        size_of::<u64>(),
-        size_of::<svclb_common::UdpConn>(),
-    ),
-    (
-        map_names::NETWORKS,
-        size_of::<NetworkName>(),
-        size_of::<u32>(),
-    ),
-    (map_names::RATES, size_of::<u32>(), size_of::<RateState>()),
-    (map_names::VIPS, size_of::<VipKey>(), size_of::<VipValue>()),
-    (map_names::PORTS, size_of::<PortKey>(), size_of::<u32>()),
-    (map_names::CONNS, size_of::<u32>(), size_of::<ConnGauge>()),
-    (map_names::SOCKS, size_of::<i32>(), size_of::<SockState>()),
-    (map_names::RR, size_of::<u32>(), size_of::<u32>()),
-    (
-        map_names::AFFINITY,
-        size_of::<AffinityKey>(),
-        size_of::<AffinityValue>(),
-    ),
-    (map_names::SCOPES, size_of::<u64>(), size_of::<u64>()),
-    (
-        map_names::SERVICES,
-        size_of::<u32>(),
-        size_of::<ServiceValue>(),
-    ),
-    (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>()),
-    (
-        map_names::BACKENDS,
-        size_of::<u32>(),
-        size_of::<BackendInfo>(),
-    ),
-    (
-        map_names::STATS,
-        size_of::<u32>(),
-        size_of::<BackendStats>(),
-    ),
-    (map_names::META, size_of::<u32>(), size_of::<ServiceMeta>()),
-    (
-        map_names::LAYOUT,
-        size_of::<u32>(),
-        size_of::<LayoutValue>(),
-    ),
-];
-
-/// Refuses pinned maps whose layout differs from this binary's.
+/// Refuses pinned maps whose layout (key and value sizes, from svclb_common's
+/// map table) differs from this binary's: pins left by another svclb version.
 pub fn check_pinned_layout(pins: &PinDir) -> Result<()> {
-    for (name, key, value) in EXPECTED_LAYOUT {
+    for MapDef {
+        name,
+        key_size: key,
+        value_size: value,
+        ..
+    } in svclb_common::MAPS
+    {
         let path = pins.map(name);
         if !path.exists() {
             continue;
@@ -123,27 +82,34 @@ pub struct Capacity {
 /// it valid: a snapshot does not hold them.
 pub struct Dataplane {
     pins: PinDir,
-    vips: HashMap<MapData, VipKey, VipValue>,
-    layout: Array<MapData, LayoutValue>,
+    vips: Hash<m::VIPS>,
+    layout: Arr<m::LAYOUT>,
     /// svclbd keeps the snapshot of its last apply (see [`Dataplane::keep_snapshots`]).
     kept: Option<(u32, Snapshot)>,
     keep: bool,
-    ports: HashMap<MapData, PortKey, u32>,
-    conns: Array<MapData, ConnGauge>,
-    rr: PerCpuHashMap<MapData, u32, u32>,
-    scopes: HashMap<MapData, u64, u64>,
-    networks: HashMap<MapData, NetworkName, u32>,
-    rates: HashMap<MapData, u32, RateState>,
-    services: HashMap<MapData, u32, ServiceValue>,
-    slots: HashMap<MapData, SlotKey, Slot>,
-    backends: HashMap<MapData, u32, BackendInfo>,
-    stats: PerCpuArray<MapData, BackendStats>,
-    meta: HashMap<MapData, u32, ServiceMeta>,
+    ports: Hash<m::PORTS>,
+    conns: Arr<m::CONNS>,
+    rr: PerCpuHashMap<MapData, Key<m::RR>, Value<m::RR>>,
+    scopes: Hash<m::SCOPES>,
+    networks: Hash<m::NETWORKS>,
+    rates: Hash<m::RATES>,
+    services: Hash<m::SERVICES>,
+    slots: Hash<m::SLOTS>,
+    backends: Hash<m::BACKENDS>,
+    stats: PerCpuArray<MapData, Value<m::STATS>>,
+    meta: Hash<m::META>,
     capacity: Capacity,
 }
 
-fn open_map(pins: &PinDir, name: &str) -> Result<(Map, u32)> {
-    let path = pins.map(name);
+/// A pinned hash map with the key and value types of its row in the table.
+type Hash<M> = HashMap<MapData, Key<M>, Value<M>>;
+/// A pinned array with the value type of its row in the table.
+type Arr<M> = Array<MapData, Value<M>>;
+
+/// Opens the map `M` of the table from its pin, typed as the table says,
+/// with its capacity.
+fn open_map<M: PinnedMap, T: TryFrom<Map, Error = MapError>>(pins: &PinDir) -> Result<(T, u32)> {
+    let path = pins.map(M::NAME);
     if !path.exists() {
         bail!(
             "no svclb data plane is pinned at {} (missing {}): start svclbd first, or pass --pin-dir",
@@ -155,15 +121,14 @@ fn open_map(pins: &PinDir, name: &str) -> Result<(Map, u32)> {
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     let max = data.info()?.max_entries();
     let map = Map::from_map_data(data)?;
-    Ok((map, max))
+    Ok((map.try_into()?, max))
 }
 
 impl Dataplane {
     /// Opens the maps pinned under `pins`, checking their layout.
     pub fn open(pins: &PinDir) -> Result<Self> {
         check_pinned_layout(pins)?;
-        let (layout, _) = open_map(pins, map_names::LAYOUT)?;
-        let layout: Array<MapData, LayoutValue> = layout.try_into()?;
+        let (layout, _) = open_map::<m::LAYOUT, Arr<m::LAYOUT>>(pins)?;
         let version = layout.get(&0, 0)?.version;
         if version != LAYOUT_VERSION {
             bail!(
@@ -171,35 +136,27 @@ impl Dataplane {
                 pins.root().display()
             );
         }
-        let (vips, services_max) = open_map(pins, map_names::VIPS)?;
-        let (services, _) = open_map(pins, map_names::SERVICES)?;
-        let (slots, slots_max) = open_map(pins, map_names::SLOTS)?;
-        let (backends, backends_max) = open_map(pins, map_names::BACKENDS)?;
-        let (stats, _) = open_map(pins, map_names::STATS)?;
-        let (meta, _) = open_map(pins, map_names::META)?;
-        let (ports, _) = open_map(pins, map_names::PORTS)?;
-        let (conns, _) = open_map(pins, map_names::CONNS)?;
-        let (rr, _) = open_map(pins, map_names::RR)?;
-        let (scopes, _) = open_map(pins, map_names::SCOPES)?;
-        let (networks, _) = open_map(pins, map_names::NETWORKS)?;
-        let (rates, _) = open_map(pins, map_names::RATES)?;
+        let (vips, services_max) = open_map::<m::VIPS, _>(pins)?;
+        let (services, _) = open_map::<m::SERVICES, _>(pins)?;
+        let (slots, slots_max) = open_map::<m::SLOTS, _>(pins)?;
+        let (backends, backends_max) = open_map::<m::BACKENDS, _>(pins)?;
         Ok(Dataplane {
             pins: pins.clone(),
             layout,
             kept: None,
             keep: false,
-            vips: vips.try_into()?,
-            ports: ports.try_into()?,
-            conns: conns.try_into()?,
-            rr: rr.try_into()?,
-            scopes: scopes.try_into()?,
-            networks: networks.try_into()?,
-            rates: rates.try_into()?,
-            services: services.try_into()?,
-            slots: slots.try_into()?,
-            backends: backends.try_into()?,
-            stats: stats.try_into()?,
-            meta: meta.try_into()?,
+            vips,
+            services,
+            slots,
+            backends,
+            stats: open_map::<m::STATS, _>(pins)?.0,
+            meta: open_map::<m::META, _>(pins)?.0,
+            ports: open_map::<m::PORTS, _>(pins)?.0,
+            conns: open_map::<m::CONNS, _>(pins)?.0,
+            rr: open_map::<m::RR, _>(pins)?.0,
+            scopes: open_map::<m::SCOPES, _>(pins)?.0,
+            networks: open_map::<m::NETWORKS, _>(pins)?.0,
+            rates: open_map::<m::RATES, _>(pins)?.0,
             capacity: Capacity {
                 services: services_max,
                 backends: backends_max,
