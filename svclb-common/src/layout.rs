@@ -238,9 +238,12 @@ pub struct BackendInfo {
     pub weight: u32,
 }
 
-/// IPVS's per-destination counters. Per CPU in the map; userspace sums them.
+/// IPVS's per-destination counters. Per CPU in the map; userspace sums them
+/// and uses this type for every set of the five (a backend's, a service's,
+/// the rate estimator's last sample and averages).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct BackendStats {
     pub conns: u64,
     pub in_pkts: u64,
@@ -373,10 +376,11 @@ impl Default for ServiceMeta {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RateState {
-    /// Counters at the last sample: conns, in_pkts, out_pkts, in_bytes, out_bytes.
-    pub last: [u64; 5],
-    /// Scaled averages, as IPVS keeps them (<<10 for conns and packets, <<5 for bytes).
-    pub avg: [u64; 5],
+    /// Counters at the last sample.
+    pub last: BackendStats,
+    /// Each counter's scaled average rate, as IPVS keeps them (<<10 for
+    /// conns and packets, <<5 for bytes).
+    pub avg: BackendStats,
     /// CLOCK_MONOTONIC nanoseconds of the last sample.
     pub sampled_ns: u64,
 }
