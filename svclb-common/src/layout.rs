@@ -1,4 +1,5 @@
-//! `#[repr(C)]` keys and values of the pinned maps, and their names.
+//! `#[repr(C)]` keys and values of the pinned maps (the maps themselves,
+//! their names and capacities are in [`crate::maps`]).
 //!
 //! Changing any of these types changes the pinned layout: bump
 //! [`LAYOUT_VERSION`] so that a running node refuses to adopt maps it cannot
@@ -6,32 +7,6 @@
 
 /// Version of the pinned map layout, written into the `svclb_layout` map.
 pub const LAYOUT_VERSION: u32 = 2;
-
-/// Map names, as the eBPF object declares them and as they are pinned.
-/// Kernel object names are limited to 15 characters.
-pub mod map_names {
-    pub const VIPS: &str = "svclb_vips";
-    pub const PORTS: &str = "svclb_ports";
-    pub const SERVICES: &str = "svclb_services";
-    pub const SLOTS: &str = "svclb_slots";
-    pub const BACKENDS: &str = "svclb_backends";
-    pub const STATS: &str = "svclb_stats";
-    pub const CONNS: &str = "svclb_conns";
-    pub const META: &str = "svclb_meta";
-    pub const LAYOUT: &str = "svclb_layout";
-    pub const SOCKS: &str = "svclb_socks";
-    pub const RR: &str = "svclb_rr";
-    pub const AFFINITY: &str = "svclb_affinity";
-    pub const SCOPES: &str = "svclb_scopes";
-    pub const NETWORKS: &str = "svclb_networks";
-    pub const RATES: &str = "svclb_rates";
-    pub const UDP_CONNS: &str = "svclb_udp_conns";
-    /// Every map that svclb pins.
-    pub const ALL: [&str; 16] = [
-        VIPS, PORTS, SERVICES, SLOTS, BACKENDS, STATS, CONNS, META, LAYOUT, SOCKS, RR, AFFINITY,
-        SCOPES, NETWORKS, RATES, UDP_CONNS,
-    ];
-}
 
 /// Program names in the eBPF object.
 pub mod program_names {
@@ -263,9 +238,12 @@ pub struct BackendInfo {
     pub weight: u32,
 }
 
-/// IPVS's per-destination counters. Per CPU in the map; userspace sums them.
+/// IPVS's per-destination counters. Per CPU in the map; userspace sums them
+/// and uses this type for every set of the five (a backend's, a service's,
+/// the rate estimator's last sample and averages).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct BackendStats {
     pub conns: u64,
     pub in_pkts: u64,
@@ -398,10 +376,11 @@ impl Default for ServiceMeta {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RateState {
-    /// Counters at the last sample: conns, in_pkts, out_pkts, in_bytes, out_bytes.
-    pub last: [u64; 5],
-    /// Scaled averages, as IPVS keeps them (<<10 for conns and packets, <<5 for bytes).
-    pub avg: [u64; 5],
+    /// Counters at the last sample.
+    pub last: BackendStats,
+    /// Each counter's scaled average rate, as IPVS keeps them (<<10 for
+    /// conns and packets, <<5 for bytes).
+    pub avg: BackendStats,
     /// CLOCK_MONOTONIC nanoseconds of the last sample.
     pub sampled_ns: u64,
 }

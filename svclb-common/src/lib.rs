@@ -10,6 +10,11 @@
 //! STATS     backend id   -> BackendStats (per CPU: Conns, In/Out packets and bytes)
 //! ```
 //!
+//! Those are five of the sixteen; every pinned map, with its name, kind,
+//! key and value types and capacity class, is a row of one table,
+//! [`svclb_map_table!`] in [`maps`], from which the eBPF declarations, the
+//! loader, the layout check and userspace's typed maps are all made.
+//!
 //! Every address is kept as 16 bytes; an IPv4 address is stored IPv4-mapped
 //! (`::ffff:a.b.c.d`), so one key type serves both families and a dual-stack
 //! socket dialling `::ffff:VIP` finds the IPv4 service.
@@ -21,6 +26,8 @@
 pub mod hash;
 pub mod layout;
 pub mod maglev;
+pub mod maps;
 pub mod schedule;
 
 pub use layout::*;
+pub use maps::*;

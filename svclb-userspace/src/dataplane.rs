@@ -1,77 +1,37 @@
 //! The pinned maps, opened with their types, and a snapshot of the services
 //! they hold.
 
-use std::{collections::BTreeMap, mem::size_of, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::AsFd;
 
 use aya::maps::{
-    Array, HashMap, IterableMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    Array, HashMap, IterableMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap,
+    PerCpuValues,
 };
 use svclb_common::{
-    map_names, words_addr, AffinityKey, AffinityValue, BackendInfo, BackendStats, ConnGauge,
-    LayoutValue, NetworkName, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot,
-    SlotKey, SockState, VipKey, VipValue, LAYOUT_VERSION,
+    map_defs as m, words_addr, BackendInfo, BackendStats, ConnGauge, Key, MapDef, NetworkName,
+    PinnedMap, PortKey, RateState, Scheduler, ServiceMeta, ServiceValue, Slot, SlotKey, Value,
+    VipKey, VipValue, LAYOUT_VERSION,
 };
 
 use crate::{
+    alloc::new_network_bits,
     model::{ServicePort, ServiceSpec},
     pins::PinDir,
 };
 
-/// Key and value sizes of every pinned map, to check before adopting pins
-/// left by another svclb version.
-pub const EXPECTED_LAYOUT: [(&str, usize, usize); 16] = [
-    (
-        map_names::UDP_CONNS,
-        size_of::<u64>(),
-        size_of::<svclb_common::UdpConn>(),
-    ),
-    (
-        map_names::NETWORKS,
-        size_of::<NetworkName>(),
-        size_of::<u32>(),
-    ),
-    (map_names::RATES, size_of::<u32>(), size_of::<RateState>()),
-    (map_names::VIPS, size_of::<VipKey>(), size_of::<VipValue>()),
-    (map_names::PORTS, size_of::<PortKey>(), size_of::<u32>()),
-    (map_names::CONNS, size_of::<u32>(), size_of::<ConnGauge>()),
-    (map_names::SOCKS, size_of::<i32>(), size_of::<SockState>()),
-    (map_names::RR, size_of::<u32>(), size_of::<u32>()),
-    (
-        map_names::AFFINITY,
-        size_of::<AffinityKey>(),
-        size_of::<AffinityValue>(),
-    ),
-    (map_names::SCOPES, size_of::<u64>(), size_of::<u64>()),
-    (
-        map_names::SERVICES,
-        size_of::<u32>(),
-        size_of::<ServiceValue>(),
-    ),
-    (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>()),
-    (
-        map_names::BACKENDS,
-        size_of::<u32>(),
-        size_of::<BackendInfo>(),
-    ),
-    (
-        map_names::STATS,
-        size_of::<u32>(),
-        size_of::<BackendStats>(),
-    ),
-    (map_names::META, size_of::<u32>(), size_of::<ServiceMeta>()),
-    (
-        map_names::LAYOUT,
-        size_of::<u32>(),
-        size_of::<LayoutValue>(),
-    ),
-];
-
-/// Refuses pinned maps whose layout differs from this binary's.
+/// Refuses pinned maps whose layout (key and value sizes, from svclb_common's
+/// map table) differs from this binary's: pins left by another svclb version.
 pub fn check_pinned_layout(pins: &PinDir) -> Result<()> {
-    for (name, key, value) in EXPECTED_LAYOUT {
+    for MapDef {
+        name,
+        key_size: key,
+        value_size: value,
+        ..
+    } in svclb_common::MAPS
+    {
         let path = pins.map(name);
         if !path.exists() {
             continue;
@@ -102,30 +62,54 @@ pub struct Capacity {
     pub slots: u32,
 }
 
-/// The pinned maps, typed.
+/// The pinned maps, typed: their one owner in userspace. The maps are
+/// private, and every write to them goes through a method below
+/// ([`crate::reconcile::execute`] calls them in the order that keeps each
+/// connect() consistent), except two that are not this type's: the loader
+/// stamps the layout version into a map it has just created or adopted,
+/// before any `Dataplane` opens it, and the programs themselves write the
+/// per-socket and per-packet maps.
+///
+/// The numbers the maps are keyed by are chosen in [`crate::alloc`], one
+/// allocator per kind (marks, backend ids, network bits).
+///
+/// A write to a map that a [`Snapshot`] holds (services, meta, slots,
+/// backends, VIPs, ports, networks) drops the snapshot kept from the last
+/// apply, unless it is part of an apply, which carries it forward
+/// ([`Dataplane::applied`]) or a registration of networks, which carries
+/// its names forward ([`Dataplane::network_scope`]). Writes to the others
+/// (scopes, round-robin positions, counters, gauges, rate estimators) leave
+/// it valid: a snapshot does not hold them.
 pub struct Dataplane {
     pins: PinDir,
-    pub vips: HashMap<MapData, VipKey, VipValue>,
-    layout: Array<MapData, LayoutValue>,
+    vips: Hash<m::VIPS>,
+    layout: Arr<m::LAYOUT>,
     /// svclbd keeps the snapshot of its last apply (see [`Dataplane::keep_snapshots`]).
     kept: Option<(u32, Snapshot)>,
     keep: bool,
-    pub ports: HashMap<MapData, PortKey, u32>,
-    pub conns: Array<MapData, ConnGauge>,
-    pub rr: PerCpuHashMap<MapData, u32, u32>,
-    pub scopes: HashMap<MapData, u64, u64>,
-    pub networks: HashMap<MapData, NetworkName, u32>,
-    pub rates: HashMap<MapData, u32, RateState>,
-    pub services: HashMap<MapData, u32, ServiceValue>,
-    pub slots: HashMap<MapData, SlotKey, Slot>,
-    pub backends: HashMap<MapData, u32, BackendInfo>,
-    pub stats: PerCpuArray<MapData, BackendStats>,
-    pub meta: HashMap<MapData, u32, ServiceMeta>,
-    pub capacity: Capacity,
+    ports: Hash<m::PORTS>,
+    conns: Arr<m::CONNS>,
+    rr: PerCpuHashMap<MapData, Key<m::RR>, Value<m::RR>>,
+    scopes: Hash<m::SCOPES>,
+    networks: Hash<m::NETWORKS>,
+    rates: Hash<m::RATES>,
+    services: Hash<m::SERVICES>,
+    slots: Hash<m::SLOTS>,
+    backends: Hash<m::BACKENDS>,
+    stats: PerCpuArray<MapData, Value<m::STATS>>,
+    meta: Hash<m::META>,
+    capacity: Capacity,
 }
 
-fn open_map(pins: &PinDir, name: &str) -> Result<(Map, u32)> {
-    let path = pins.map(name);
+/// A pinned hash map with the key and value types of its row in the table.
+type Hash<M> = HashMap<MapData, Key<M>, Value<M>>;
+/// A pinned array with the value type of its row in the table.
+type Arr<M> = Array<MapData, Value<M>>;
+
+/// Opens the map `M` of the table from its pin, typed as the table says,
+/// with its capacity.
+fn open_map<M: PinnedMap, T: TryFrom<Map, Error = MapError>>(pins: &PinDir) -> Result<(T, u32)> {
+    let path = pins.map(M::NAME);
     if !path.exists() {
         bail!(
             "no svclb data plane is pinned at {} (missing {}): start svclbd first, or pass --pin-dir",
@@ -137,15 +121,14 @@ fn open_map(pins: &PinDir, name: &str) -> Result<(Map, u32)> {
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     let max = data.info()?.max_entries();
     let map = Map::from_map_data(data)?;
-    Ok((map, max))
+    Ok((map.try_into()?, max))
 }
 
 impl Dataplane {
     /// Opens the maps pinned under `pins`, checking their layout.
     pub fn open(pins: &PinDir) -> Result<Self> {
         check_pinned_layout(pins)?;
-        let (layout, _) = open_map(pins, map_names::LAYOUT)?;
-        let layout: Array<MapData, LayoutValue> = layout.try_into()?;
+        let (layout, _) = open_map::<m::LAYOUT, Arr<m::LAYOUT>>(pins)?;
         let version = layout.get(&0, 0)?.version;
         if version != LAYOUT_VERSION {
             bail!(
@@ -153,35 +136,27 @@ impl Dataplane {
                 pins.root().display()
             );
         }
-        let (vips, services_max) = open_map(pins, map_names::VIPS)?;
-        let (services, _) = open_map(pins, map_names::SERVICES)?;
-        let (slots, slots_max) = open_map(pins, map_names::SLOTS)?;
-        let (backends, backends_max) = open_map(pins, map_names::BACKENDS)?;
-        let (stats, _) = open_map(pins, map_names::STATS)?;
-        let (meta, _) = open_map(pins, map_names::META)?;
-        let (ports, _) = open_map(pins, map_names::PORTS)?;
-        let (conns, _) = open_map(pins, map_names::CONNS)?;
-        let (rr, _) = open_map(pins, map_names::RR)?;
-        let (scopes, _) = open_map(pins, map_names::SCOPES)?;
-        let (networks, _) = open_map(pins, map_names::NETWORKS)?;
-        let (rates, _) = open_map(pins, map_names::RATES)?;
+        let (vips, services_max) = open_map::<m::VIPS, _>(pins)?;
+        let (services, _) = open_map::<m::SERVICES, _>(pins)?;
+        let (slots, slots_max) = open_map::<m::SLOTS, _>(pins)?;
+        let (backends, backends_max) = open_map::<m::BACKENDS, _>(pins)?;
         Ok(Dataplane {
             pins: pins.clone(),
             layout,
             kept: None,
             keep: false,
-            vips: vips.try_into()?,
-            ports: ports.try_into()?,
-            conns: conns.try_into()?,
-            rr: rr.try_into()?,
-            scopes: scopes.try_into()?,
-            networks: networks.try_into()?,
-            rates: rates.try_into()?,
-            services: services.try_into()?,
-            slots: slots.try_into()?,
-            backends: backends.try_into()?,
-            stats: stats.try_into()?,
-            meta: meta.try_into()?,
+            vips,
+            services,
+            slots,
+            backends,
+            stats: open_map::<m::STATS, _>(pins)?.0,
+            meta: open_map::<m::META, _>(pins)?.0,
+            ports: open_map::<m::PORTS, _>(pins)?.0,
+            conns: open_map::<m::CONNS, _>(pins)?.0,
+            rr: open_map::<m::RR, _>(pins)?.0,
+            scopes: open_map::<m::SCOPES, _>(pins)?.0,
+            networks: open_map::<m::NETWORKS, _>(pins)?.0,
+            rates: open_map::<m::RATES, _>(pins)?.0,
             capacity: Capacity {
                 services: services_max,
                 backends: backends_max,
@@ -193,6 +168,11 @@ impl Dataplane {
     /// Where these maps are pinned.
     pub fn pins(&self) -> &PinDir {
         &self.pins
+    }
+
+    /// Capacities of the maps, as they were created.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     /// Sums one backend's per-CPU counters.
@@ -279,19 +259,165 @@ impl Dataplane {
         Ok(self.conns.get(&id, 0)?)
     }
 
-    /// Zeroes a backend's counters, before its id is given to a new backend.
-    pub fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
+    /// Zeroes a backend's counters and gauges, before its id is given to a
+    /// new backend. (Not in a snapshot: a kept one stays valid.)
+    fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
         let zeros = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
         self.stats.set(id, zeros, 0)?;
         self.conns.set(id, ConnGauge::default(), 0)?;
         Ok(())
     }
 
+    /// A write to a map that snapshots hold, outside of what an apply or a
+    /// network registration carries forward: the kept snapshot no longer
+    /// says what the maps hold. During an apply it has already been taken
+    /// ([`Dataplane::current_snapshot`]), and [`Dataplane::applied`] keeps
+    /// the one carried over the plan.
+    fn snapshot_maps_written(&mut self) {
+        self.kept = None;
+    }
+
+    /// Records that an apply wrote some of its writes and then failed: moves
+    /// the apply serial, so that no process (svclbd included) plans from a
+    /// snapshot kept from before, and drops this one's.
+    pub fn written_partly(&mut self) {
+        self.kept = None;
+        if let Ok(mut v) = self.layout.get(&0, 0) {
+            v.apply_serial = v.apply_serial.wrapping_add(1);
+            let _ = self.layout.set(0, v, 0);
+        }
+    }
+
+    /// A new backend under `id`: its counters zeroed first (the id may have
+    /// been another backend's), then its entry.
+    pub fn add_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        self.reset_backend_stats(id)?;
+        self.write_backend(id, info)
+    }
+
+    /// A backend's entry (address, service, weight).
+    pub fn write_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
+        self.snapshot_maps_written();
+        self.backends
+            .insert(id, info, 0)
+            .context("writing a backend")
+    }
+
+    /// The slots of one generation of a service's schedule, from `base`.
+    pub fn write_slots(&mut self, mark: u32, base: u32, slots: &[Slot]) -> Result<()> {
+        self.snapshot_maps_written();
+        for (k, slot) in slots.iter().enumerate() {
+            let key = SlotKey {
+                mark,
+                slot: base.wrapping_add(k as u32),
+            };
+            self.slots
+                .insert(key, slot, 0)
+                .context("writing a schedule slot")?;
+        }
+        Ok(())
+    }
+
+    /// A service's value: the one update that switches a connect() from the
+    /// old generation of slots to the new one.
+    pub fn switch_service(&mut self, mark: u32, value: ServiceValue) -> Result<()> {
+        self.snapshot_maps_written();
+        self.services
+            .insert(mark, value, 0)
+            .context("writing a service")
+    }
+
+    /// A service's name, VIP and port, for listings.
+    pub fn write_meta(&mut self, mark: u32, meta: ServiceMeta) -> Result<()> {
+        self.snapshot_maps_written();
+        self.meta
+            .insert(mark, meta, 0)
+            .context("writing service metadata")
+    }
+
+    /// A per-port service's entry.
+    pub fn write_port(&mut self, key: PortKey, mark: u32) -> Result<()> {
+        self.snapshot_maps_written();
+        self.ports
+            .insert(key, mark, 0)
+            .context("writing a per-port service")
+    }
+
+    /// A VIP's entry: its all-ports service and flags.
+    pub fn write_vip(&mut self, vip: IpAddr, value: VipValue) -> Result<()> {
+        self.snapshot_maps_written();
+        self.vips
+            .insert(VipKey::from_ip(vip), value, 0)
+            .context("writing a VIP")
+    }
+
+    /// Deletes `count` slots of a service from `base` (a generation).
+    pub fn remove_slots(&mut self, mark: u32, base: u32, count: u32) -> Result<()> {
+        self.snapshot_maps_written();
+        for k in 0..count {
+            let key = SlotKey {
+                mark,
+                slot: base.wrapping_add(k),
+            };
+            ignore_missing(self.slots.remove(&key))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a per-port service's entry.
+    pub fn remove_port(&mut self, key: &PortKey) -> Result<()> {
+        self.snapshot_maps_written();
+        ignore_missing(self.ports.remove(key))
+    }
+
+    /// Deletes a VIP's entry.
+    pub fn remove_vip(&mut self, vip: IpAddr) -> Result<()> {
+        self.snapshot_maps_written();
+        ignore_missing(self.vips.remove(&VipKey::from_ip(vip)))
+    }
+
+    /// Deletes a service's value, metadata and round-robin positions, in
+    /// that order (its slots are the caller's next step).
+    pub fn remove_service(&mut self, mark: u32) -> Result<()> {
+        self.snapshot_maps_written();
+        ignore_missing(self.services.remove(&mark))?;
+        ignore_missing(self.meta.remove(&mark))?;
+        ignore_missing(self.rr.remove(&mark))
+    }
+
+    /// Deletes a backend's entry (its counters stay until the id is reused).
+    pub fn remove_backend(&mut self, id: u32) -> Result<()> {
+        self.snapshot_maps_written();
+        ignore_missing(self.backends.remove(&id))
+    }
+
+    /// A backend's pinned rate estimator (default when it has none).
+    pub fn rate_estimator(&self, id: u32) -> RateState {
+        self.rates.get(&id, 0).unwrap_or_default()
+    }
+
+    /// Every pinned rate estimator, by backend id.
+    pub fn rate_estimators(&self) -> impl Iterator<Item = (u32, RateState)> + '_ {
+        self.rates.iter().filter_map(|e| e.ok())
+    }
+
+    /// Stores a backend's rate estimator (the rate sampler's; not in a
+    /// snapshot, so a kept one stays valid).
+    pub fn write_rate_estimator(&mut self, id: u32, state: RateState) -> Result<()> {
+        Ok(self.rates.insert(id, state, 0)?)
+    }
+
+    /// Deletes a backend's rate estimator.
+    pub fn remove_rate_estimator(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.rates.remove(&id))
+    }
+
     /// The scope bits of `networks`, registering names that have none yet
     /// (a bit, once given, stays: services and attachments refer to it).
     /// Bits come from the one allocator, [`new_network_bits`], over what the
     /// map holds now; a registration moves the apply serial, so no kept
-    /// snapshot (this process's or svclbd's) hands the same bit out again.
+    /// snapshot (this process's or svclbd's) hands the same bit out again,
+    /// and this process's kept snapshot is carried forward with the names.
     pub fn network_scope(&mut self, networks: &[String]) -> Result<u64> {
         for name in networks {
             crate::model::check_network(name).map_err(anyhow::Error::msg)?;
@@ -299,9 +425,10 @@ impl Dataplane {
         let mut bits = self.read_networks()?;
         let new = new_network_bits(&bits, networks)?;
         if !new.is_empty() {
-            self.register_networks(&new)?;
             let serial = self.apply_serial()?;
-            let carried = match self.kept.take() {
+            let kept = self.kept.take();
+            self.register_networks(&new)?;
+            let carried = match kept {
                 Some((s, mut snapshot)) if s == serial => {
                     snapshot.networks.extend(new.iter().cloned());
                     Some(snapshot)
@@ -341,6 +468,9 @@ impl Dataplane {
                 bail!("network bit {bit} was given to {other:?} by another svclb process during this change; try again");
             }
         }
+        if !new.is_empty() {
+            self.snapshot_maps_written();
+        }
         for (name, bit) in new {
             let key = NetworkName::new(name).context("network name too long")?;
             self.networks
@@ -351,7 +481,9 @@ impl Dataplane {
     }
 
     /// Puts the processes of a cgroup (by cgroup id) on `networks`; none
-    /// removes it from all.
+    /// removes it from all. The scopes map is in no snapshot; a network
+    /// registered on the way is carried into the kept one
+    /// ([`Dataplane::network_scope`]).
     pub fn set_cgroup_networks(&mut self, cgroup_id: u64, networks: &[String]) -> Result<()> {
         if networks.is_empty() {
             return ignore_missing(self.scopes.remove(&cgroup_id));
@@ -363,7 +495,8 @@ impl Dataplane {
 
     /// Puts the processes of a cgroup on no network at all, explicitly: an
     /// attached ancestor's networks do not apply to it (the deepest entry
-    /// wins), so it sees no network-scoped service.
+    /// wins), so it sees no network-scoped service. (Scopes are in no
+    /// snapshot: a kept one stays valid.)
     pub fn set_cgroup_no_networks(&mut self, cgroup_id: u64) -> Result<()> {
         self.scopes.insert(cgroup_id, 0u64, 0)?;
         Ok(())
@@ -390,6 +523,7 @@ impl Dataplane {
     /// update keeps each CPU's place in the walk: resetting it would send
     /// the next connect of every CPU to the first slot, and a service
     /// updated more often than it is used would get nothing but that one.
+    /// (Round-robin positions are in no snapshot: a kept one stays valid.)
     pub fn init_rr(&mut self, mark: u32) -> Result<()> {
         if self.rr.get(&mark, 0).is_ok() {
             return Ok(());
@@ -553,29 +687,6 @@ impl Dataplane {
         }
         Ok(out)
     }
-}
-
-/// The scope bits for the names in `wanted` that `existing` has none for:
-/// each takes the lowest bit free. The one allocator of network bits, for
-/// an apply's plan and for an attachment alike.
-pub fn new_network_bits<'a>(
-    existing: &BTreeMap<String, u32>,
-    wanted: impl IntoIterator<Item = &'a String>,
-) -> Result<Vec<(String, u32)>> {
-    let mut used: u64 = existing.values().fold(0, |u, b| u | 1u64 << b);
-    let mut new: Vec<(String, u32)> = Vec::new();
-    for name in wanted {
-        if existing.contains_key(name) || new.iter().any(|(n, _)| n == name) {
-            continue;
-        }
-        if used == u64::MAX {
-            bail!("network {name:?}: svclb distinguishes at most 64 networks per node");
-        }
-        let bit = used.trailing_ones();
-        used |= 1u64 << bit;
-        new.push((name.clone(), bit));
-    }
-    Ok(new)
 }
 
 /// Past this many backends, [`Dataplane::backend_figures`] reads the maps

@@ -11,7 +11,9 @@
 //! - [`batch`]: reading a whole map in a few syscalls.
 //! - [`pins`]: the bpffs directory where maps and links are pinned.
 //! - [`cgroup`]: finding cgroup v2 and naming cgroups.
-//! - [`dataplane`]: the pinned maps, typed, and a snapshot of what they hold.
+//! - [`dataplane`]: the pinned maps, typed, their one writer, and a
+//!   snapshot of what they hold.
+//! - [`alloc`]: the allocators of marks, backend ids and network bits.
 //! - [`reconcile`]: turning a desired state into map writes, all or nothing.
 //! - [`loader`]: loading the programs and attaching them to cgroups.
 //! - [`rates`]: IPVS's rate estimator (CPS, PPS, BPS).
@@ -23,6 +25,7 @@
 //! - [`docker`]: asking the Docker Engine API for a container's PID.
 //! - [`terminate`]: ending the sockets connected to a backend that left.
 
+pub mod alloc;
 pub mod batch;
 pub mod cgroup;
 pub mod config;

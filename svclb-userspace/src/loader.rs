@@ -20,7 +20,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use svclb_common::{map_names, program_names, LayoutValue, LAYOUT_VERSION};
+use svclb_common::{map_names, program_names, LayoutValue, MapCapacity, LAYOUT_VERSION};
 
 use crate::{cgroup::CgroupPath, dataplane::check_pinned_layout, pins::PinDir};
 
@@ -149,21 +149,22 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader
-        .map_max_entries(map_names::VIPS, caps.max_services)
-        .map_max_entries(map_names::SERVICES, caps.max_services)
-        .map_max_entries(map_names::META, caps.max_services)
-        .map_max_entries(map_names::PORTS, caps.max_services)
-        .map_max_entries(map_names::RR, caps.max_services)
-        .map_max_entries(map_names::CONNS, caps.max_backends)
-        .map_max_entries(map_names::RATES, caps.max_backends)
-        .map_max_entries(map_names::BACKENDS, caps.max_backends)
-        .map_max_entries(map_names::STATS, caps.max_backends)
-        // Entries are allocated on use; the buckets (16 bytes per entry of
-        // capacity) up front.
-        .map_max_entries(map_names::SLOTS, caps.slots());
+    // The capacity classes of svclb_common's map table; fixed ones keep
+    // the object's. Slots are allocated on use; their hash buckets (16
+    // bytes per entry of capacity) up front.
+    for map in svclb_common::MAPS {
+        let entries = match map.capacity {
+            MapCapacity::Services => caps.max_services,
+            MapCapacity::Backends => caps.max_backends,
+            MapCapacity::Slots => caps.slots(),
+            MapCapacity::Fixed(_) => continue,
+        };
+        loader.map_max_entries(map.name, entries);
+    }
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
 
+    // The one map write outside `Dataplane`: the version stamp of maps just
+    // created or adopted, before any `Dataplane` may open them.
     let mut layout: Array<&mut MapData, LayoutValue> = ebpf
         .map_mut(map_names::LAYOUT)
         .context("the eBPF object has no layout map")?

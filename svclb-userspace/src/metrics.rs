@@ -14,6 +14,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use svclb_common::BackendStats;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -64,11 +65,11 @@ pub fn render(pins: &PinDir) -> Result<String> {
             .with_label_values(&[&svc.name, &vip, &mark, svc.scheduler])
             .set(svc.backends.len() as i64);
         for (kind, v) in [
-            ("cps", svc.rates.cps),
-            ("in_pps", svc.rates.in_pps),
-            ("out_pps", svc.rates.out_pps),
-            ("in_bps", svc.rates.in_bps),
-            ("out_bps", svc.rates.out_bps),
+            ("cps", svc.rates.conns),
+            ("in_pps", svc.rates.in_pkts),
+            ("out_pps", svc.rates.out_pkts),
+            ("in_bps", svc.rates.in_bytes),
+            ("out_bps", svc.rates.out_bytes),
         ] {
             rate.with_label_values(&[&svc.name, &mark, kind])
                 .set(v as f64);
@@ -118,16 +119,17 @@ pub fn render(pins: &PinDir) -> Result<String> {
             "Bytes to clients, all services.",
         ),
     ];
-    let mut sums = [0u64; 5];
+    let mut sum = BackendStats::default();
     for svc in &services {
-        let c = &svc.stats;
-        for (i, v) in [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes]
-            .into_iter()
-            .enumerate()
-        {
-            sums[i] += v;
-        }
+        sum.add(&svc.stats);
     }
+    let sums = [
+        sum.conns,
+        sum.in_pkts,
+        sum.out_pkts,
+        sum.in_bytes,
+        sum.out_bytes,
+    ];
     for ((name, help), v) in totals.iter().zip(sums) {
         counter(name, help, &[])?
             .with_label_values::<&str>(&[])

@@ -13,57 +13,72 @@ use crate::{dataplane::Dataplane, pins::PinDir};
 /// IPVS samples every 2 seconds.
 pub const SAMPLE_INTERVAL_SECS: u64 = 2;
 
-/// Counters in estimator order: conns, in_pkts, out_pkts, in_bytes, out_bytes.
-pub fn counters(s: &BackendStats) -> [u64; 5] {
-    [s.conns, s.in_pkts, s.out_pkts, s.in_bytes, s.out_bytes]
-}
-
 /// Folds one 2-second sample into the estimator.
-pub fn sample(state: &mut RateState, now: [u64; 5], now_ns: u64) {
+pub fn sample(state: &mut RateState, now: BackendStats, now_ns: u64) {
     if state.sampled_ns == 0 {
         // First sample: a baseline, no rate yet.
         state.last = now;
         state.sampled_ns = now_ns;
         return;
     }
-    for (i, (avg, (now, last))) in state
-        .avg
-        .iter_mut()
-        .zip(now.iter().zip(state.last))
-        .enumerate()
-    {
-        // A counter that went back (its backend id was given to a new
-        // backend) restarts from here.
-        let delta = now.saturating_sub(last);
-        let shift = if i < 3 { 9 } else { 4 };
-        let rate = delta.saturating_mul(1 << shift).min(i64::MAX as u64 >> 2) as i64;
-        let old = (*avg).min(i64::MAX as u64 >> 2) as i64;
-        *avg = (old + ((rate - old) >> 2)).max(0) as u64;
-    }
+    let (avg, last) = (&mut state.avg, &state.last);
+    fold(&mut avg.conns, now.conns, last.conns, PACKET_SHIFT);
+    fold(&mut avg.in_pkts, now.in_pkts, last.in_pkts, PACKET_SHIFT);
+    fold(&mut avg.out_pkts, now.out_pkts, last.out_pkts, PACKET_SHIFT);
+    fold(&mut avg.in_bytes, now.in_bytes, last.in_bytes, BYTE_SHIFT);
+    fold(
+        &mut avg.out_bytes,
+        now.out_bytes,
+        last.out_bytes,
+        BYTE_SHIFT,
+    );
     state.last = now;
     state.sampled_ns = now_ns;
 }
 
-/// What `ipvsadm --rate` shows: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
+/// A 2 s delta of connections or packets as a per-second rate <<10.
+const PACKET_SHIFT: u32 = 9;
+/// A 2 s delta of bytes as a per-second rate <<5.
+const BYTE_SHIFT: u32 = 4;
+
+/// One counter's step of the average: avg += (rate - avg) / 4.
+fn fold(avg: &mut u64, now: u64, last: u64, shift: u32) {
+    // A counter that went back (its backend id was given to a new
+    // backend) restarts from here.
+    let delta = now.saturating_sub(last);
+    let rate = delta.saturating_mul(1 << shift).min(i64::MAX as u64 >> 2) as i64;
+    let old = (*avg).min(i64::MAX as u64 >> 2) as i64;
+    *avg = (old + ((rate - old) >> 2)).max(0) as u64;
+}
+
+/// What `ipvsadm --rate` shows, per second: CPS, InPPS, OutPPS, InBPS,
+/// OutBPS (bytes/s). Named like the counters they are rates of; the JSON
+/// keeps ipvsadm's names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Rates {
-    pub cps: u64,
-    pub in_pps: u64,
-    pub out_pps: u64,
-    pub in_bps: u64,
-    pub out_bps: u64,
+    #[serde(rename = "cps")]
+    pub conns: u64,
+    #[serde(rename = "in_pps")]
+    pub in_pkts: u64,
+    #[serde(rename = "out_pps")]
+    pub out_pkts: u64,
+    #[serde(rename = "in_bps")]
+    pub in_bytes: u64,
+    #[serde(rename = "out_bps")]
+    pub out_bytes: u64,
 }
 
 /// Reads the estimator the way IPVS reports it.
 pub fn rates(state: &RateState) -> Rates {
     let pkts = |avg: u64| avg.saturating_add(0x1FF) >> 10;
     let bytes = |avg: u64| avg.saturating_add(0xF) >> 5;
+    let avg = &state.avg;
     Rates {
-        cps: pkts(state.avg[0]),
-        in_pps: pkts(state.avg[1]),
-        out_pps: pkts(state.avg[2]),
-        in_bps: bytes(state.avg[3]),
-        out_bps: bytes(state.avg[4]),
+        conns: pkts(avg.conns),
+        in_pkts: pkts(avg.in_pkts),
+        out_pkts: pkts(avg.out_pkts),
+        in_bytes: bytes(avg.in_bytes),
+        out_bytes: bytes(avg.out_bytes),
     }
 }
 
@@ -71,9 +86,7 @@ pub fn rates(state: &RateState) -> Rates {
 pub fn sum(states: &[RateState]) -> RateState {
     let mut total = RateState::default();
     for s in states {
-        for (t, a) in total.avg.iter_mut().zip(s.avg) {
-            *t = t.wrapping_add(a);
-        }
+        total.avg.add(&s.avg);
     }
     total
 }
@@ -164,14 +177,17 @@ impl RateSampler {
         for &(id, owner) in backends {
             let entry = self.states[id as usize].get_or_insert_with(|| {
                 // A restarted svclbd continues the pinned estimator.
-                (owner, dp.rates.get(&id, 0).unwrap_or_default())
+                (owner, dp.rate_estimator(id))
             });
             if entry.0 != owner {
                 // The id was given to another backend: a new estimator.
                 *entry = (owner, RateState::default());
             }
-            let now = counters(&stats[id as usize]);
-            if entry.1.sampled_ns != 0 && entry.1.last == now && entry.1.avg == [0; 5] {
+            let now = stats[id as usize];
+            if entry.1.sampled_ns != 0
+                && entry.1.last == now
+                && entry.1.avg == BackendStats::default()
+            {
                 // Idle and settled: nothing to fold in, nothing to write.
                 entry.1.sampled_ns = now_ns;
                 continue;
@@ -185,7 +201,7 @@ impl RateSampler {
             }
         }
         for (id, state) in moved_states {
-            dp.rates.insert(id, state, 0)?;
+            dp.write_rate_estimator(id, state)?;
         }
         // Estimators of backends that are gone would mislead a reused id;
         // backends go only with an apply.
@@ -197,7 +213,7 @@ impl RateSampler {
                 }
             }
             for id in stale_estimators(&dp, &live) {
-                let _ = dp.rates.remove(&id);
+                let _ = dp.remove_rate_estimator(id);
             }
         }
         Ok(())
@@ -206,10 +222,9 @@ impl RateSampler {
 
 /// Pinned estimators whose backend is gone.
 fn stale_estimators(dp: &Dataplane, live: &std::collections::HashSet<u32>) -> Vec<u32> {
-    dp.rates
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !live.contains(k))
+    dp.rate_estimators()
+        .map(|(id, _)| id)
+        .filter(|id| !live.contains(id))
         .collect()
 }
 
@@ -217,14 +232,23 @@ fn stale_estimators(dp: &Dataplane, live: &std::collections::HashSet<u32>) -> Ve
 mod tests {
     use super::*;
 
+    /// Counters given in column order: conns, in/out packets, in/out bytes.
+    fn c([conns, in_pkts, out_pkts, in_bytes, out_bytes]: [u64; 5]) -> BackendStats {
+        BackendStats {
+            conns,
+            in_pkts,
+            out_pkts,
+            in_bytes,
+            out_bytes,
+        }
+    }
+
     fn feed(per_2s: [u64; 5], samples: usize) -> Rates {
         let mut st = RateState::default();
-        let mut now = [0u64; 5];
+        let mut now = BackendStats::default();
         sample(&mut st, now, 1);
         for k in 0..samples {
-            for (n, d) in now.iter_mut().zip(per_2s) {
-                *n += d;
-            }
+            now.add(&c(per_2s));
             sample(&mut st, now, 2 + k as u64);
         }
         rates(&st)
@@ -237,11 +261,11 @@ mod tests {
         assert_eq!(
             r,
             Rates {
-                cps: 100,
-                in_pps: 1000,
-                out_pps: 1000,
-                in_bps: 500_000,
-                out_bps: 500_000
+                conns: 100,
+                in_pkts: 1000,
+                out_pkts: 1000,
+                in_bytes: 500_000,
+                out_bytes: 500_000
             }
         );
     }
@@ -250,19 +274,19 @@ mod tests {
     fn the_average_moves_a_quarter_of_the_way_per_sample() {
         let r = feed([400, 0, 0, 0, 0], 1);
         // One sample of 200/s: avg = 200 * 2^10 / 4.
-        assert_eq!(r.cps, 50);
+        assert_eq!(r.conns, 50);
         let r = feed([400, 0, 0, 0, 0], 2);
         // 50 + (200 - 50) / 4 = 87.5; IPVS adds 0x1FF before the shift, so .5 rounds down.
-        assert_eq!(r.cps, 87);
+        assert_eq!(r.conns, 87);
     }
 
     #[test]
     fn an_idle_backend_decays_to_zero() {
         let mut st = RateState::default();
-        sample(&mut st, [0; 5], 1);
-        sample(&mut st, [1000, 1000, 1000, 1000, 1000], 2);
+        sample(&mut st, c([0; 5]), 1);
+        sample(&mut st, c([1000, 1000, 1000, 1000, 1000]), 2);
         for k in 0..80 {
-            sample(&mut st, [1000, 1000, 1000, 1000, 1000], 3 + k);
+            sample(&mut st, c([1000, 1000, 1000, 1000, 1000]), 3 + k);
         }
         assert_eq!(rates(&st), Rates::default());
     }
@@ -270,9 +294,9 @@ mod tests {
     #[test]
     fn a_counter_that_goes_back_does_not_overflow() {
         let mut st = RateState::default();
-        sample(&mut st, [1_000_000; 5], 1);
-        sample(&mut st, [5; 5], 2);
-        sample(&mut st, [u64::MAX; 5], 3);
+        sample(&mut st, c([1_000_000; 5]), 1);
+        sample(&mut st, c([5; 5]), 2);
+        sample(&mut st, c([u64::MAX; 5]), 3);
         let _ = rates(&st);
         let _ = rates(&sum(&[st, st, st]));
     }
@@ -280,7 +304,7 @@ mod tests {
     #[test]
     fn the_first_sample_is_only_a_baseline() {
         let mut st = RateState::default();
-        sample(&mut st, [1_000_000; 5], 5);
+        sample(&mut st, c([1_000_000; 5]), 5);
         assert_eq!(rates(&st), Rates::default());
     }
 }

@@ -31,19 +31,17 @@ use anyhow::{bail, Context, Result};
 use svclb_common::words_addr;
 use svclb_common::{
     addr_words, family_of, schedule::other_generation, BackendInfo, PortKey, Scheduler,
-    ServiceMeta, ServiceValue, Slot, SlotKey, VipKey, VipValue, MAX_SLOTS_PER_SERVICE,
-    SVC_F_AFFINITY, SVC_F_KEEP_SOCKETS, VIP_F_PORTS,
+    ServiceMeta, ServiceValue, Slot, VipValue, MAX_SLOTS_PER_SERVICE, SVC_F_AFFINITY,
+    SVC_F_KEEP_SOCKETS, VIP_F_PORTS,
 };
 
 use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
-    dataplane::{new_network_bits, BackendState, Capacity, Dataplane, ServiceState, Snapshot},
+    alloc::{assign_marks, new_network_bits, BackendIds},
+    dataplane::{BackendState, Capacity, Dataplane, ServiceState, Snapshot},
     model::{protocol_name, DesiredState, ServicePort, ServiceSpec},
 };
-
-/// Docker's firewall-mark counter starts at 256; so do marks svclb picks.
-pub const FIRST_AUTO_MARK: u32 = 256;
 
 /// One line of a diff, printed the way `ipvsadm -S` writes rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -404,46 +402,25 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
     Ok(plan)
 }
 
-/// Backend ids for one plan, the one allocator of them: a backend keeps its
-/// id (and so its counters) while its service keeps its mark; new ones take
-/// the lowest ids free before this apply (gathered only when one is needed).
+/// The backend ids of one plan: handed out by [`BackendIds`], and those
+/// the services planned keep.
 struct Ids<'a> {
-    current: &'a Snapshot,
+    alloc: BackendIds<'a>,
     capacity: u32,
-    used: Option<HashSet<u32>>,
-    next: u32,
-    /// Backends kept by the services planned.
     kept: HashSet<u32>,
 }
 
 impl<'a> Ids<'a> {
     fn new(current: &'a Snapshot, capacity: u32) -> Self {
         Ids {
-            current,
+            alloc: BackendIds::new(current, capacity),
             capacity,
-            used: None,
-            next: 0,
             kept: HashSet::new(),
         }
     }
 
     fn free(&mut self) -> Option<u32> {
-        let current = self.current;
-        let used = self.used.get_or_insert_with(|| {
-            current
-                .services
-                .values()
-                .flat_map(|s| s.backends.iter().map(|b| b.id))
-                .collect()
-        });
-        while self.next < self.capacity {
-            let id = self.next;
-            self.next += 1;
-            if !used.contains(&id) {
-                return Some(id);
-            }
-        }
-        None
+        self.alloc.next_free()
     }
 }
 
@@ -703,48 +680,6 @@ pub fn plan_backends(
     Ok(Some(plan))
 }
 
-/// Marks in the order of `desired.services`: the configured one, else the
-/// one the VIP already has (so a restart or reload keeps FWM numbers), else
-/// the lowest free one from 256.
-fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u32>> {
-    let mut marks: Vec<u32> = desired
-        .services
-        .iter()
-        .map(|s| s.mark.unwrap_or(0))
-        .collect();
-    let unmarked: Vec<usize> = (0..marks.len()).filter(|&i| marks[i] == 0).collect();
-    // Every mark given (Docker's LocalLBIndex): nothing to look up.
-    if unmarked.is_empty() {
-        return Ok(marks);
-    }
-    let existing: HashMap<(IpAddr, Option<ServicePort>), u32> = current
-        .services
-        .values()
-        .map(|svc| ((svc.vip, svc.port), svc.mark))
-        .collect();
-    let mut taken: HashSet<u32> = desired.services.iter().filter_map(|s| s.mark).collect();
-    let mut pending = Vec::new();
-    for i in unmarked {
-        let spec = &desired.services[i];
-        match existing.get(&(spec.vip, spec.port)) {
-            Some(&m) if !taken.contains(&m) => {
-                taken.insert(m);
-                marks[i] = m;
-            }
-            _ => pending.push(i),
-        }
-    }
-    let mut next = FIRST_AUTO_MARK;
-    for i in pending {
-        while taken.contains(&next) {
-            next = next.checked_add(1).context("no free firewall mark left")?;
-        }
-        taken.insert(next);
-        marks[i] = next;
-    }
-    Ok(marks)
-}
-
 /// Scope bits of the networks the services name: a network keeps its bit
 /// once it has one (attachments refer to it); new ones take free bits.
 fn assign_networks(
@@ -759,90 +694,51 @@ fn assign_networks(
     Ok(bits)
 }
 
-/// Writes `plan` into the maps, in the order described in the module docs.
+/// Writes `plan` into the maps, in the order described in the module docs,
+/// through [`Dataplane`]'s write methods (the only writers of the maps).
 pub fn execute(dp: &mut Dataplane, plan: &Plan) -> Result<()> {
     dp.register_networks(&plan.new_networks)?;
     for (id, info) in &plan.new_backends {
-        dp.reset_backend_stats(*id)?;
-        dp.backends
-            .insert(id, info, 0)
-            .context("writing a backend")?;
+        dp.add_backend(*id, info)?;
     }
     for (id, info) in &plan.edited_backends {
-        dp.backends
-            .insert(id, info, 0)
-            .context("writing a backend weight")?;
+        dp.write_backend(*id, info)?;
     }
     for w in &plan.services {
         if let Some(slots) = &w.new_slots {
-            for (k, slot) in slots.iter().enumerate() {
-                let key = SlotKey {
-                    mark: w.mark,
-                    slot: w.value.slot_base + k as u32,
-                };
-                dp.slots
-                    .insert(key, slot, 0)
-                    .context("writing a schedule slot")?;
-            }
-        }
-        if w.new_slots.is_some() {
+            dp.write_slots(w.mark, w.value.slot_base, slots)?;
             // Round-robin positions exist before any program can read them.
             dp.init_rr(w.mark)?;
         }
-        dp.services
-            .insert(w.mark, w.value, 0)
-            .context("writing a service")?;
-        dp.meta
-            .insert(w.mark, w.meta, 0)
-            .context("writing service metadata")?;
+        dp.switch_service(w.mark, w.value)?;
+        dp.write_meta(w.mark, w.meta)?;
     }
     // Per-port entries before the VIP flag that sends lookups to them.
     for (key, mark) in &plan.port_writes {
-        dp.ports
-            .insert(key, mark, 0)
-            .context("writing a per-port service")?;
+        dp.write_port(*key, *mark)?;
     }
     for (vip, value) in &plan.vip_writes {
-        dp.vips
-            .insert(VipKey::from_ip(*vip), value, 0)
-            .context("writing a VIP")?;
+        dp.write_vip(*vip, *value)?;
     }
     for w in &plan.services {
         if let Some(old) = w.retired {
-            remove_slots(dp, w.mark, old)?;
+            dp.remove_slots(w.mark, old.base, old.count)?;
         }
     }
     for key in &plan.removed_ports {
-        remove_missing_ok(dp.ports.remove(key))?;
+        dp.remove_port(key)?;
     }
     for vip in &plan.removed_vips {
-        remove_missing_ok(dp.vips.remove(&VipKey::from_ip(*vip)))?;
+        dp.remove_vip(*vip)?;
     }
     for (mark, generation) in &plan.removed_services {
-        remove_missing_ok(dp.services.remove(mark))?;
-        remove_missing_ok(dp.meta.remove(mark))?;
-        remove_missing_ok(dp.rr.remove(mark))?;
-        remove_slots(dp, *mark, *generation)?;
+        dp.remove_service(*mark)?;
+        dp.remove_slots(*mark, generation.base, generation.count)?;
     }
     for id in &plan.removed_backends {
-        remove_missing_ok(dp.backends.remove(id))?;
+        dp.remove_backend(*id)?;
     }
     Ok(())
-}
-
-fn remove_slots(dp: &mut Dataplane, mark: u32, generation: Generation) -> Result<()> {
-    for k in 0..generation.count {
-        let key = SlotKey {
-            mark,
-            slot: generation.base + k,
-        };
-        remove_missing_ok(dp.slots.remove(&key))?;
-    }
-    Ok(())
-}
-
-fn remove_missing_ok(r: Result<(), aya::maps::MapError>) -> Result<()> {
-    crate::dataplane::ignore_missing(r)
 }
 
 /// Plans and applies in one step; returns the plan for reporting.
@@ -850,7 +746,7 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
     let start = std::time::Instant::now();
     let snapshot = dp.current_snapshot()?;
     let read = start.elapsed();
-    let plan = plan(&snapshot, desired, dp.capacity)?;
+    let plan = plan(&snapshot, desired, dp.capacity())?;
     let planned = start.elapsed();
     execute_and_carry(dp, snapshot, &plan)?;
     tracing::debug!(
@@ -869,7 +765,7 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
 pub fn apply_backends(dp: &mut Dataplane, specs: &[&ServiceSpec]) -> Result<Option<Plan>> {
     let start = std::time::Instant::now();
     let snapshot = dp.current_snapshot()?;
-    let Some(plan) = plan_backends(&snapshot, specs, dp.capacity)? else {
+    let Some(plan) = plan_backends(&snapshot, specs, dp.capacity())? else {
         dp.keep_snapshot(snapshot);
         return Ok(None);
     };
@@ -889,7 +785,12 @@ fn execute_and_carry(dp: &mut Dataplane, snapshot: Snapshot, plan: &Plan) -> Res
         dp.keep_snapshot(snapshot);
         return Ok(());
     }
-    execute(dp, plan)?;
+    if let Err(e) = execute(dp, plan) {
+        // Some writes may have gone in: no process keeps a snapshot of
+        // maps that changed under it.
+        dp.written_partly();
+        return Err(e);
+    }
     let mut now = snapshot;
     absorb(&mut now, plan);
     dp.applied(Some(now))

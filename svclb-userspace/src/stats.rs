@@ -14,38 +14,6 @@ use crate::{
     rates::{self, Rates},
 };
 
-/// Counters of one service or backend, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub conns: u64,
-    pub in_pkts: u64,
-    pub out_pkts: u64,
-    pub in_bytes: u64,
-    pub out_bytes: u64,
-}
-
-impl From<BackendStats> for Counters {
-    fn from(s: BackendStats) -> Self {
-        Counters {
-            conns: s.conns,
-            in_pkts: s.in_pkts,
-            out_pkts: s.out_pkts,
-            in_bytes: s.in_bytes,
-            out_bytes: s.out_bytes,
-        }
-    }
-}
-
-impl Counters {
-    fn add(&mut self, o: &Counters) {
-        self.conns += o.conns;
-        self.in_pkts += o.in_pkts;
-        self.out_pkts += o.out_pkts;
-        self.in_bytes += o.in_bytes;
-        self.out_bytes += o.out_bytes;
-    }
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendReport {
     pub address: IpAddr,
@@ -56,7 +24,8 @@ pub struct BackendReport {
     pub active_conns: u64,
     /// Other live connections: TCP being set up or torn down, UDP sockets (InActConn).
     pub inactive_conns: u64,
-    pub stats: Counters,
+    /// Summed over CPUs (a service's: over its backends too).
+    pub stats: BackendStats,
     /// svclbd's estimate; zero when it has not sampled yet.
     pub rates: Rates,
 }
@@ -73,7 +42,8 @@ pub struct ServiceReport {
     /// The affinity timeout in seconds (ipvsadm's `persistent`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub persistent: Option<u32>,
-    pub stats: Counters,
+    /// Summed over CPUs (a service's: over its backends too).
+    pub stats: BackendStats,
     pub rates: Rates,
     pub backends: Vec<BackendReport>,
 }
@@ -141,12 +111,12 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
     let figures = dp.backend_figures(&ids)?;
     let mut out = Vec::new();
     for svc in snapshot.services.values() {
-        let mut total = Counters::default();
+        let mut total = BackendStats::default();
         let mut estimators = Vec::new();
         let mut backends = Vec::new();
         for b in &svc.backends {
             let f = figures.get(&b.id).copied().unwrap_or_default();
-            let stats = Counters::from(f.stats);
+            let stats = f.stats;
             total.add(&stats);
             let gauge = f.conns;
             let estimator = f.rate;
@@ -178,12 +148,7 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
 
 /// How long ago svclbd last sampled the rates (None: never).
 pub fn rates_age(dp: &Dataplane) -> Result<Option<std::time::Duration>> {
-    let newest = dp
-        .rates
-        .iter()
-        .filter_map(|e| e.ok())
-        .map(|(_, st)| st.sampled_ns)
-        .max();
+    let newest = dp.rate_estimators().map(|(_, st)| st.sampled_ns).max();
     let now = rates::monotonic_ns();
     Ok(newest.map(|n| std::time::Duration::from_nanos(now.saturating_sub(n))))
 }
@@ -232,7 +197,7 @@ pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
     format_columns(
         services,
         "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes",
-        |c: &Counters, _: &Rates| [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes],
+        |c: &BackendStats, _: &Rates| [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes],
         exact,
     )
 }
@@ -242,7 +207,7 @@ pub fn format_rate(services: &[ServiceReport]) -> String {
     format_columns(
         services,
         "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS",
-        |_: &Counters, r: &Rates| [r.cps, r.in_pps, r.out_pps, r.in_bps, r.out_bps],
+        |_: &BackendStats, r: &Rates| [r.conns, r.in_pkts, r.out_pkts, r.in_bytes, r.out_bytes],
         false,
     )
 }
@@ -252,7 +217,7 @@ pub fn format_rate(services: &[ServiceReport]) -> String {
 fn format_columns(
     services: &[ServiceReport],
     title: &str,
-    columns: impl Fn(&Counters, &Rates) -> [u64; 5],
+    columns: impl Fn(&BackendStats, &Rates) -> [u64; 5],
     exact: bool,
 ) -> String {
     let mut s = String::new();
@@ -316,7 +281,7 @@ mod tests {
     use super::*;
 
     fn seed() -> Vec<ServiceReport> {
-        let c = |conns, in_pkts, out_pkts, in_bytes, out_bytes| Counters {
+        let c = |conns, in_pkts, out_pkts, in_bytes, out_bytes| BackendStats {
             conns,
             in_pkts,
             out_pkts,
@@ -332,11 +297,11 @@ mod tests {
             persistent: None,
             stats: c(44981, 231280, 218415, 19264401, 22763535),
             rates: Rates {
-                cps: 12,
-                in_pps: 34,
-                out_pps: 56,
-                in_bps: 7800,
-                out_bps: 123_456_789,
+                conns: 12,
+                in_pkts: 34,
+                out_pkts: 56,
+                in_bytes: 7800,
+                out_bytes: 123_456_789,
             },
             backends: vec![
                 BackendReport {

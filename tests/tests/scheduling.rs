@@ -843,7 +843,7 @@ fn churn_never_fails_nor_reaches_a_removed_backend() {
                     // execute writes, so the update starts there.
                     let plan = dp
                         .snapshot()
-                        .and_then(|snap| svclb::reconcile::plan(&snap, state, dp.capacity));
+                        .and_then(|snap| svclb::reconcile::plan(&snap, state, dp.capacity()));
                     let started = Instant::now();
                     let r = plan.and_then(|plan| svclb::reconcile::execute(&mut dp, &plan));
                     let returned = Instant::now();

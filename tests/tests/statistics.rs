@@ -966,9 +966,7 @@ fn rate_json(pins: &PinDir) -> (Value, String) {
 /// When svclbd last sampled the rates (from the pinned estimator map).
 fn last_sample_ns(pins: &PinDir) -> u64 {
     let dp = svclb::dataplane::Dataplane::open(&svclb::pins::PinDir::new(pins.path())).unwrap();
-    dp.rates
-        .iter()
-        .filter_map(|e| e.ok())
+    dp.rate_estimators()
         .map(|(_, st)| st.sampled_ns)
         .max()
         .expect("svclbd has sampled")

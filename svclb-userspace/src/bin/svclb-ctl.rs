@@ -174,7 +174,7 @@ fn run(args: Args) -> Result<()> {
             let dp = Dataplane::open(&pins)?;
             let snapshot = dp.snapshot()?;
             let desired = desired_now(&config, &snapshot)?;
-            let plan = reconcile::plan(&snapshot, &desired, dp.capacity)?;
+            let plan = reconcile::plan(&snapshot, &desired, dp.capacity())?;
             for change in &plan.changes {
                 println!("{change}");
             }
