@@ -413,7 +413,8 @@ async fn docker_containers(
             .accepted(&changed)
             .map(|specs| reconcile::apply_backends(dp, &specs));
         match quick {
-            Some(Ok(Some(plan))) => {
+            Some(Ok(Some(mut plan))) => {
+                d.spare_draining(&mut plan);
                 report_plan(dp, &plan, why);
                 docker_applied(docker, why);
             }
@@ -437,8 +438,14 @@ fn apply_docker(
     why: &str,
 ) {
     let desired = compose(config, docker, discovery);
-    match apply(dp, &desired, why) {
-        Ok(()) => docker_applied(docker, why),
+    match reconcile::apply(dp, &desired) {
+        Ok(mut plan) => {
+            if let Some(d) = docker.as_ref() {
+                d.spare_draining(&mut plan);
+            }
+            report_plan(dp, &plan, why);
+            docker_applied(docker, why);
+        }
         Err(e) => {
             error!("{why}: applying Docker's view failed, the maps keep the previous state: {e:#}")
         }

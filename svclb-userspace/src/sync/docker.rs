@@ -143,11 +143,14 @@ impl Status {
 #[derive(Debug)]
 pub enum Wake {
     /// An event of this type and action; `stopping`: the container (ID) a
-    /// terminating signal was just sent to; `started`: a container (ID)
-    /// that started (again).
+    /// terminating signal was just sent to, or that died; `draining`: that
+    /// signal asks it to stop gracefully (SIGTERM, SIGINT, SIGQUIT: `docker
+    /// stop`, a scale-down, an update), so its connections may finish;
+    /// `started`: a container (ID) that started (again).
     Event {
         what: String,
         stopping: Option<String>,
+        draining: bool,
         started: Option<String>,
         /// When the engine says it happened (Unix nanoseconds).
         at_ns: Option<i64>,
@@ -179,6 +182,10 @@ pub struct DockerSync {
     /// addresses are no backend any more, though the engine still lists
     /// them until they die.
     stopping: std::collections::BTreeSet<String>,
+    /// Those of them stopping gracefully (see [`Wake::Event`]), and their
+    /// addresses: a backend that leaves for this keeps its connections.
+    draining: std::collections::BTreeSet<String>,
+    draining_addrs: std::collections::HashSet<IpAddr>,
     /// The earliest event not yet followed by a resync, and the one the
     /// last resync followed (Unix nanoseconds): for event-to-maps times.
     event_since: Option<i64>,
@@ -447,6 +454,8 @@ impl DockerSync {
             pending: None,
             dirty: true,
             stopping: Default::default(),
+            draining: Default::default(),
+            draining_addrs: Default::default(),
             event_since: None,
             resynced_event: None,
             status: Arc::new(Status::default()),
@@ -682,6 +691,9 @@ impl DockerSync {
                 (false, Some(i)) => {
                     spec.backends.remove(i);
                     changed.push(name);
+                    if self.draining.contains(id) {
+                        self.draining_addrs.insert(addr);
+                    }
                 }
                 _ => {}
             }
@@ -703,6 +715,18 @@ impl DockerSync {
             debug!(container = %id, service = %service, started, "applied from the container alone");
         }
         Ok(changed)
+    }
+
+    /// A backend that leaves because its container is stopping gracefully
+    /// keeps its connections (they finish as the task shuts down, as with
+    /// IPVS, which keeps a removed destination's connections): its sockets
+    /// are not ended. One that dies, is SIGKILLed or vanishes is ended.
+    pub fn spare_draining(&self, plan: &mut crate::reconcile::Plan) {
+        for d in &mut plan.departed {
+            if self.draining_addrs.contains(&d.addr) {
+                d.end_sockets = false;
+            }
+        }
     }
 
     /// The specs of `names` as the composed state has them, if all are
@@ -732,6 +756,7 @@ impl DockerSync {
     pub fn note(&mut self, wake: &Wake) {
         if let Wake::Event {
             stopping,
+            draining,
             started,
             at_ns,
             ..
@@ -742,9 +767,15 @@ impl DockerSync {
             }
             if let Some(id) = stopping {
                 self.container_stopping(id.clone());
+                if *draining {
+                    self.draining.insert(id.clone());
+                } else {
+                    self.draining.remove(id);
+                }
             }
             if let Some(id) = started {
                 self.stopping.remove(id);
+                self.draining.remove(id);
             }
         }
     }
@@ -780,11 +811,13 @@ impl DockerSync {
         // running is forgotten (the engine drops it from its view too).
         let running: Vec<&str> = list.iter().filter_map(|c| c.id.as_deref()).collect();
         self.stopping.retain(|id| running.contains(&id.as_str()));
+        self.draining.retain(|id| running.contains(&id.as_str()));
+        self.draining_addrs.clear();
         let mut leaving: Vec<IpAddr> = Vec::new();
         for c in &list {
-            if !c.id.as_ref().is_some_and(|id| self.stopping.contains(id)) {
+            let Some(id) = c.id.as_ref().filter(|id| self.stopping.contains(*id)) else {
                 continue;
-            }
+            };
             let nets = c
                 .network_settings
                 .as_ref()
@@ -792,6 +825,9 @@ impl DockerSync {
             for ep in nets.into_iter().flat_map(|m| m.values()) {
                 if let Some(ip) = ep.ip_address.as_deref().and_then(|a| a.parse().ok()) {
                     leaving.push(ip);
+                    if self.draining.contains(id) {
+                        self.draining_addrs.insert(ip);
+                    }
                 }
             }
         }
@@ -965,7 +1001,13 @@ impl DockerSync {
 /// Signals `docker stop` (the usual stop signals) and `docker kill` send
 /// to end a container.
 fn is_terminating(signal: i32) -> bool {
-    matches!(signal, 2 | 3 | 9 | 15)
+    is_graceful(signal) || signal == 9
+}
+
+/// Stop signals a task may handle by finishing its work (SIGINT, SIGQUIT,
+/// SIGTERM).
+fn is_graceful(signal: i32) -> bool {
+    matches!(signal, 2 | 3 | 15)
 }
 
 fn wake_matters(wake: &Wake) -> bool {
@@ -1039,12 +1081,16 @@ pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>
                                 || (action == "kill" && signal.is_some_and(is_terminating))))
                         .then(|| actor.id.clone())
                         .flatten();
-                        let started = (typ == "container" && action == "start")
+                        let draining = action == "kill" && signal.is_some_and(is_graceful);
+                        // A task with a health check joins its VIP when healthy.
+                        let started = (typ == "container"
+                            && (action == "start" || action == "health_status: healthy"))
                             .then(|| actor.id.clone())
                             .flatten();
                         let wake = Wake::Event {
                             what,
                             stopping,
+                            draining,
                             started,
                             at_ns: ev.time_nano,
                         };
@@ -1159,6 +1205,7 @@ mod tests {
         let event = |stopping: Option<&str>, started: Option<&str>| Wake::Event {
             what: "container".to_owned(),
             stopping: stopping.map(str::to_owned),
+            draining: false,
             started: started.map(str::to_owned),
             at_ns: None,
         };
