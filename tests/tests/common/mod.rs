@@ -2,6 +2,8 @@
 //! service (VIP 172.50.0.37, mark 0x13d, tasks .40 and .41) and svclbd.
 #![allow(dead_code)]
 
+pub mod stats;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
