@@ -4,6 +4,8 @@
 //!
 //! - [`load`]: the load generator (`svclb-load`): CRR, RR, STREAM, UDP.
 //! - [`server`]: echo servers in the sandbox's backends namespace.
+//! - [`wire`]: what the two agree on (the STREAM request and chunk size);
+//!   [`cpu`]: pinning their threads.
 //! - [`modes`]: each mode set up fresh in its own sandbox.
 //! - [`sweep`]: the interleaved, repeated sweep and its statistics.
 //! - [`control`]: control-plane figures (apply time, change latency, map memory).
@@ -17,6 +19,7 @@
 
 pub mod control;
 pub mod counting;
+pub mod cpu;
 pub mod docker;
 pub mod hist;
 pub mod load;
@@ -25,3 +28,4 @@ pub mod modes;
 pub mod report;
 pub mod server;
 pub mod sweep;
+pub mod wire;

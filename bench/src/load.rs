@@ -21,15 +21,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::hist::Histogram;
+use crate::wire::{STREAM_CHUNK, STREAM_REQUEST};
 
 /// Hard cap on operations per thread, whatever the duration.
 pub const MAX_OPS_PER_THREAD: u64 = 50_000_000;
 /// Pause after a failed operation, so that an error cannot spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(1);
-/// STREAM read size; the server writes chunks of the same size.
-pub const STREAM_CHUNK: usize = 64 * 1024;
-/// First byte of a connection that asks the server to stream.
-pub const STREAM_REQUEST: u8 = b'S';
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -174,7 +171,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
                     .name(format!("load-{i}"))
                     .spawn_scoped(s, move || {
                         if let Some(c) = cpu {
-                            crate::server::pin_thread(c as i32);
+                            crate::cpu::pin_thread(c as i32);
                         }
                         let now = Instant::now();
                         if start > now {

@@ -18,7 +18,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use svclb_tests::Sandbox;
 
-use crate::load::{STREAM_CHUNK, STREAM_REQUEST};
+use crate::cpu::pin_thread;
+use crate::wire::{STREAM_CHUNK, STREAM_REQUEST};
 
 /// How often a blocked worker looks at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
@@ -114,23 +115,6 @@ fn incoming_cpu(s: &TcpStream) -> Option<i32> {
         )
     };
     (rc == 0 && cpu >= 0).then_some(cpu)
-}
-
-/// Pins the calling thread to `cpu` (negative: every CPU).
-pub fn pin_thread(cpu: i32) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET/sched_setaffinity take valid pointers.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if cpu >= 0 {
-            libc::CPU_SET(cpu as usize, &mut set);
-        } else {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            for c in 0..n.min(libc::CPU_SETSIZE as usize) {
-                libc::CPU_SET(c, &mut set);
-            }
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 impl Drop for EchoServers {
