@@ -1,4 +1,4 @@
-//! What svclb's packet counting costs (issue 4): svclb against svclb with
+//! What svclb's packet counting costs: svclb against svclb with
 //! `svclbd --no-packet-counters` (the two `cgroup_skb` counting programs
 //! left unattached, everything else the same), against svclb with no-op
 //! programs on those hooks (`--packet-counters-hook-only`: what the hook

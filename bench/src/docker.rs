@@ -1,4 +1,4 @@
-//! The Docker source's figures (issue 13): from a Docker event (a task
+//! The Docker source's figures: from a Docker event (a task
 //! started or stopped) to the change visible to new connects, through
 //! `svclbd --docker`, with 1,000 and 10,000 services on the network.
 //!

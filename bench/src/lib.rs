@@ -1,4 +1,4 @@
-//! svclb's benchmark (`cargo xtask bench`, issue 6): svclb side by side with
+//! svclb's benchmark (`cargo xtask bench`): svclb side by side with
 //! a direct connection, kube-proxy-style iptables (nft and legacy back ends)
 //! and nftables DNAT, and haproxy, at 1 to 100,000 installed services.
 //!

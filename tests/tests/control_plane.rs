@@ -1,4 +1,4 @@
-//! Issue 5: the control plane. The config file (watched, SIGHUP, `apply`,
+//! The control plane. The config file (watched, SIGHUP, `apply`,
 //! `diff`), DNS discovery against a real dnsmasq in the sandbox, restarts
 //! and upgrades without a failed connect, foreign pins, teardown, and
 //! attaching by cgroup, PID and container. Run as root, serially

@@ -1,4 +1,4 @@
-//! Issue 7: the schedulers with the real programs in the real kernel, real
+//! The schedulers with the real programs in the real kernel, real
 //! sockets in the sandbox. Run as root, serially (`cargo xtask test`).
 //!
 //! Every service here is the seed's `api` (VIP 172.50.0.37, FWM 317) unless

@@ -1,6 +1,6 @@
-//! Issue 3: an application cannot tell that its connect() was rewritten,
-//! and every way a program talks to a VIP is balanced. Real programs, real
-//! sockets, real DNS servers and clients, in the sandbox.
+//! Socket-level semantics: an application cannot tell that its connect()
+//! was rewritten, and every way a program talks to a VIP is balanced. Real
+//! programs, real sockets, real DNS servers and clients, in the sandbox.
 
 mod common;
 

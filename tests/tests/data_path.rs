@@ -1,5 +1,7 @@
-//! Issue 2: the first data path, end to end, with the real programs in the
-//! real kernel. Run as root, serially (`cargo xtask test`).
+//! The data path, end to end, with the real programs in the real kernel:
+//! balancing, its scope (the attached cgroup, VIPs only), detaching, svclbd's
+//! exit, refusals and missing privileges. Run as root, serially
+//! (`cargo xtask test`).
 
 mod common;
 
