@@ -1,4 +1,5 @@
-//! cgroup v2 helpers: finding the mount, moving processes, removing directories.
+//! cgroup v2 helpers: moving processes, removing directories (the mount is
+//! found by svclb's [`cgroup2_mount`]).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -6,49 +7,12 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::util::warn;
 
-/// The mount point of the cgroup2 hierarchy, from /proc/self/mounts (e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified).
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts =
-        fs::read_to_string("/proc/self/mounts").context("could not read /proc/self/mounts")?;
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        let (_dev, Some(mount_point), Some(fstype)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if fstype == "cgroup2" {
-            return Ok(PathBuf::from(unescape_mount_field(mount_point)));
-        }
-    }
-    bail!(
-        "no cgroup2 filesystem is mounted (none in /proc/self/mounts); the svclb sandbox needs \
-         cgroup v2, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
-    )
-}
-
-/// Decodes the octal escapes (`\040` etc.) the kernel uses in /proc/self/mounts.
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// The cgroup2 mount point: svclb's own (`svclb::cgroup`), the one place it is found.
+pub use svclb::cgroup::cgroup2_mount;
 
 /// The calling process's cgroup v2 path relative to the hierarchy root (the `0::/path` line of /proc/self/cgroup).
 pub fn current_cgroup_relative() -> Result<String> {
