@@ -273,8 +273,13 @@ impl Dataplane {
     /// says what the maps hold. During an apply it has already been taken
     /// ([`Dataplane::current_snapshot`]), and [`Dataplane::applied`] keeps
     /// the one carried over the plan.
-    fn snapshot_maps_written(&mut self) {
+    ///
+    /// Every map write method starts here, which is also where a test makes
+    /// one fail (`SVCLB_FAIL_MAP_WRITE=N`: the Nth write of this process
+    /// fails, as a full map or the kernel's ENOMEM would).
+    fn snapshot_maps_written(&mut self) -> Result<()> {
         self.kept = None;
+        injected_write_failure()
     }
 
     /// Records that an apply wrote some of its writes and then failed: moves
@@ -297,7 +302,7 @@ impl Dataplane {
 
     /// A backend's entry (address, service, weight).
     pub fn write_backend(&mut self, id: u32, info: &BackendInfo) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         self.backends
             .insert(id, info, 0)
             .context("writing a backend")
@@ -305,7 +310,7 @@ impl Dataplane {
 
     /// The slots of one generation of a service's schedule, from `base`.
     pub fn write_slots(&mut self, mark: u32, base: u32, slots: &[Slot]) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         for (k, slot) in slots.iter().enumerate() {
             let key = SlotKey {
                 mark,
@@ -321,7 +326,7 @@ impl Dataplane {
     /// A service's value: the one update that switches a connect() from the
     /// old generation of slots to the new one.
     pub fn switch_service(&mut self, mark: u32, value: ServiceValue) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         self.services
             .insert(mark, value, 0)
             .context("writing a service")
@@ -329,7 +334,7 @@ impl Dataplane {
 
     /// A service's name, VIP and port, for listings.
     pub fn write_meta(&mut self, mark: u32, meta: ServiceMeta) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         self.meta
             .insert(mark, meta, 0)
             .context("writing service metadata")
@@ -337,7 +342,7 @@ impl Dataplane {
 
     /// A per-port service's entry.
     pub fn write_port(&mut self, key: PortKey, mark: u32) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         self.ports
             .insert(key, mark, 0)
             .context("writing a per-port service")
@@ -345,7 +350,7 @@ impl Dataplane {
 
     /// A VIP's entry: its all-ports service and flags.
     pub fn write_vip(&mut self, vip: IpAddr, value: VipValue) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         self.vips
             .insert(VipKey::from_ip(vip), value, 0)
             .context("writing a VIP")
@@ -353,7 +358,7 @@ impl Dataplane {
 
     /// Deletes `count` slots of a service from `base` (a generation).
     pub fn remove_slots(&mut self, mark: u32, base: u32, count: u32) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         for k in 0..count {
             let key = SlotKey {
                 mark,
@@ -366,20 +371,20 @@ impl Dataplane {
 
     /// Deletes a per-port service's entry.
     pub fn remove_port(&mut self, key: &PortKey) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         ignore_missing(self.ports.remove(key))
     }
 
     /// Deletes a VIP's entry.
     pub fn remove_vip(&mut self, vip: IpAddr) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         ignore_missing(self.vips.remove(&VipKey::from_ip(vip)))
     }
 
     /// Deletes a service's value, metadata and round-robin positions, in
     /// that order (its slots are the caller's next step).
     pub fn remove_service(&mut self, mark: u32) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         ignore_missing(self.services.remove(&mark))?;
         ignore_missing(self.meta.remove(&mark))?;
         ignore_missing(self.rr.remove(&mark))
@@ -387,7 +392,7 @@ impl Dataplane {
 
     /// Deletes a backend's entry (its counters stay until the id is reused).
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        self.snapshot_maps_written();
+        self.snapshot_maps_written()?;
         ignore_missing(self.backends.remove(&id))
     }
 
@@ -469,7 +474,7 @@ impl Dataplane {
             }
         }
         if !new.is_empty() {
-            self.snapshot_maps_written();
+            self.snapshot_maps_written()?;
         }
         for (name, bit) in new {
             let key = NetworkName::new(name).context("network name too long")?;
@@ -788,4 +793,24 @@ impl BackendState {
 fn verify_snapshots() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("SVCLB_VERIFY_SNAPSHOTS").is_some_and(|v| v == "1"))
+}
+
+/// `SVCLB_FAIL_MAP_WRITE=N`: the Nth map write of this process fails (a
+/// test's fault, at a point it chooses).
+fn injected_write_failure() -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    static FAIL_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let fail_at = FAIL_AT.get_or_init(|| {
+        std::env::var("SVCLB_FAIL_MAP_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let Some(at) = *fail_at else {
+        return Ok(());
+    };
+    if WRITES.fetch_add(1, Ordering::Relaxed) + 1 == at {
+        bail!("map write {at} failed (injected by SVCLB_FAIL_MAP_WRITE)");
+    }
+    Ok(())
 }

@@ -40,7 +40,7 @@ use crate::schedule::{plan_slots, PlannedBackend};
 use crate::{
     alloc::{assign_marks, new_network_bits, BackendIds},
     dataplane::{BackendState, Capacity, Dataplane, ServiceState, Snapshot},
-    model::{protocol_name, DesiredState, ServicePort, ServiceSpec},
+    model::{protocol_name, BackendSpec, DesiredState, ServicePort, ServiceSpec},
 };
 
 /// One line of a diff, printed the way `ipvsadm -S` writes rules.
@@ -787,13 +787,71 @@ fn execute_and_carry(dp: &mut Dataplane, snapshot: Snapshot, plan: &Plan) -> Res
     }
     if let Err(e) = execute(dp, plan) {
         // Some writes may have gone in: no process keeps a snapshot of
-        // maps that changed under it.
+        // maps that changed under it, and the maps go back to what the
+        // snapshot says they held, so no service stays half-changed.
         dp.written_partly();
-        return Err(e);
+        return Err(match roll_back(dp, &snapshot) {
+            Ok(()) => e.context("the change was rolled back: the maps hold what they held before"),
+            Err(r) => e.context(format!(
+                "rolling the change back failed too ({r:#}): the maps may hold part of it; apply again"
+            )),
+        });
     }
     let mut now = snapshot;
     absorb(&mut now, plan);
     dp.applied(Some(now))
+}
+
+/// Brings the maps back to what `before` says they held, after a change
+/// that failed half-way: read them as they are, plan back, write.
+fn roll_back(dp: &mut Dataplane, before: &Snapshot) -> Result<()> {
+    let now = dp.snapshot()?;
+    let back = plan(&now, &state_of(before), dp.capacity())?;
+    if !back.is_empty() {
+        execute(dp, &back)?;
+    }
+    dp.applied(None)
+}
+
+/// The desired state that the maps in `snapshot` express: the specs it was
+/// planned from where it carries them, else each service as read back.
+pub fn state_of(snapshot: &Snapshot) -> DesiredState {
+    let services = snapshot
+        .services
+        .values()
+        .map(|svc| match snapshot.specs.get(&svc.mark) {
+            Some(spec) => ServiceSpec {
+                mark: Some(svc.mark),
+                ..spec.clone()
+            },
+            None => ServiceSpec {
+                name: svc.name.clone(),
+                vip: svc.vip,
+                mark: Some(svc.mark),
+                scheduler: svc.scheduler,
+                backends: svc
+                    .backends
+                    .iter()
+                    .map(|b| BackendSpec {
+                        addr: b.addr,
+                        port: b.port,
+                        weight: b.weight,
+                    })
+                    .collect(),
+                port: svc.port,
+                affinity: (svc.value.flags & SVC_F_AFFINITY != 0)
+                    .then_some(svc.value.affinity_secs),
+                networks: snapshot
+                    .networks
+                    .iter()
+                    .filter(|(_, bit)| svc.value.scope & (1u64 << **bit) != 0)
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                terminate_on_removal: svc.value.flags & SVC_F_KEEP_SOCKETS == 0,
+            },
+        })
+        .collect();
+    DesiredState { services }
 }
 
 /// Carries `snapshot` forward over an executed `plan`: afterwards it is what
@@ -1068,5 +1126,23 @@ mod tests {
         assert!(plan_backends(&before, &[&unknown], CAPACITY)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn the_state_a_snapshot_expresses_plans_nothing_against_it() {
+        let carried_with_specs =
+            carried(&plan(&Snapshot::default(), &desired(30, "10.9.0.2"), CAPACITY).unwrap());
+        // As read back from the maps (no specs) and as carried (with them).
+        let as_read = Snapshot {
+            specs: Default::default(),
+            ..carried_with_specs.clone()
+        };
+        for snapshot in [&as_read, &carried_with_specs] {
+            let back = state_of(snapshot);
+            assert_eq!(back.services.len(), 31);
+            let p = plan(&as_read, &back, CAPACITY).unwrap();
+            assert!(p.changes.is_empty(), "{:?}", p.changes);
+            assert!(p.new_backends.is_empty() && p.removed_backends.is_empty());
+        }
     }
 }

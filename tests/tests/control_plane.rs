@@ -269,6 +269,77 @@ backends = ["172.50.0.21"]
     );
 }
 
+/// A change whose map write fails half-way (the fault injected at each write
+/// in turn, as a full map or the kernel's ENOMEM would fail it) is refused
+/// whole: the command names the failure, the maps are rolled back to what
+/// they held, and connects still reach the old backends only. With no
+/// fault, the same change applies.
+#[test]
+fn a_change_whose_map_write_fails_half_way_is_rolled_back_whole() {
+    let fx = ApiFixture::start();
+    let before = pins_list(&fx.pins);
+    let next = write_temp(
+        "next.toml",
+        r#"
+[[service]]
+name = "api"
+vip = "172.50.0.37"
+mark = 0x13d
+scheduler = "wrr"
+backends = [{ address = "172.50.0.40", weight = 2 }, "172.50.0.42"]
+
+[[service]]
+name = "db"
+vip = "172.50.0.20"
+port = 5432
+protocol = "tcp"
+mark = 0x128
+backends = ["172.50.0.21"]
+"#,
+    )
+    .unwrap();
+    let apply_failing_at = |n: u32| {
+        Command::new(svclb_tests::daemon::bin("svclb-ctl"))
+            .arg("--pin-dir")
+            .arg(fx.pins.path())
+            .args(["apply", next.to_str().unwrap()])
+            .env("SVCLB_FAIL_MAP_WRITE", n.to_string())
+            .output()
+            .unwrap()
+    };
+    let mut failed_at = Vec::new();
+    for n in 1..=40 {
+        let out = apply_failing_at(n);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("map write {n} failed"))
+                && err.contains("rolled back: the maps hold what they held before"),
+            "write {n}: {err}"
+        );
+        assert_eq!(pins_list(&fx.pins), before, "after a failure at write {n}");
+        let reached = fx.tcp_spread(addr(VIP, PORT), 20, true);
+        assert!(
+            reached.keys().all(|t| TASKS.contains(&t.as_str())) && reached.len() == 2,
+            "after a failure at write {n}, connects reach the old backends only: {reached:?}"
+        );
+        failed_at.push(n);
+    }
+    assert!(
+        failed_at.len() >= 6,
+        "the change makes at least 6 writes, each failed once: {failed_at:?}"
+    );
+    // The run past the last write applied it (no write failed).
+    assert_eq!(
+        backends_of(&fx.pins, "api"),
+        Some(set(&["172.50.0.40 2", "172.50.0.42 1"]))
+    );
+    assert_eq!(backends_of(&fx.pins, "db"), Some(set(&["172.50.0.21 1"])));
+    println!("rolled back after a failure at each of writes {failed_at:?}");
+}
+
 /// Services, VIPs, marks, backends and weights: what the maps say, without
 /// the counters and rates (which move with traffic and time).
 fn pins_list(pins: &PinDir) -> Vec<Listed> {

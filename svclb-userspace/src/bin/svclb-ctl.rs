@@ -183,15 +183,12 @@ fn run(args: Args) -> Result<()> {
             let config = config::load_file(&file)?;
             let mut dp = Dataplane::open(&pins)?;
             let desired = desired_now(&config, &dp.snapshot()?)?;
-            let plan = reconcile::apply(&mut dp, &desired)?;
-            for change in &plan.changes {
+            let committed = sync::commit(&mut dp, &desired, |_| {})?;
+            for change in &committed.plan.changes {
                 println!("{change}");
             }
             // Said only where sockets were ended: an apply prints what it did.
-            for e in svclb::terminate::after_apply(&pins, &plan)
-                .into_iter()
-                .filter(|e| e.sockets > 0)
-            {
+            for e in committed.ended.iter().filter(|e| e.sockets > 0) {
                 println!(
                     "ended {} socket(s) connected to {} of {} (FWM {})",
                     e.sockets, e.addr, e.service, e.mark

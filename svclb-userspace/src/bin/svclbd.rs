@@ -350,23 +350,13 @@ async fn reload(
     }
 }
 
-/// The whole desired state: the file's services, then Docker's (those that
-/// conflict with the file's refused), then DNS's.
+/// The whole desired state now (see [`sync::compose`]).
 fn compose(
     config: &Config,
     docker: &mut Option<DockerSync>,
     discovery: &mut Discovery,
 ) -> DesiredState {
-    let statics = config.static_state();
-    let with_docker = match docker {
-        Some(d) => d.compose(&statics),
-        None => statics,
-    };
-    if discovery.is_empty() {
-        // Nothing to fill in (as with --docker alone): no copy of it all.
-        return with_docker;
-    }
-    discovery.compose(&with_docker)
+    sync::compose(config, docker.as_mut(), discovery)
 }
 
 /// Reads the engine's view and applies it; on failure the maps keep the
@@ -411,11 +401,10 @@ async fn docker_containers(
         // written, with no copy of the whole desired state.
         let quick = d
             .accepted(&changed)
-            .map(|specs| reconcile::apply_backends(dp, &specs));
+            .map(|specs| sync::commit_backends(dp, &specs, |plan| d.spare_draining(plan)));
         match quick {
-            Some(Ok(Some(mut plan))) => {
-                d.spare_draining(&mut plan);
-                report_plan(dp, &plan, why);
+            Some(Ok(Some(committed))) => {
+                report(&committed, why);
                 docker_applied(docker, why);
             }
             Some(Err(e)) => {
@@ -438,12 +427,14 @@ fn apply_docker(
     why: &str,
 ) {
     let desired = compose(config, docker, discovery);
-    match reconcile::apply(dp, &desired) {
-        Ok(mut plan) => {
-            if let Some(d) = docker.as_ref() {
-                d.spare_draining(&mut plan);
-            }
-            report_plan(dp, &plan, why);
+    let spare = |plan: &mut reconcile::Plan| {
+        if let Some(d) = docker.as_ref() {
+            d.spare_draining(plan);
+        }
+    };
+    match sync::commit(dp, &desired, spare) {
+        Ok(committed) => {
+            report(&committed, why);
             docker_applied(docker, why);
         }
         Err(e) => {
@@ -485,19 +476,17 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 }
 
 fn apply(dp: &mut Dataplane, desired: &DesiredState, why: &str) -> Result<()> {
-    let plan = reconcile::apply(dp, desired)?;
-    report_plan(dp, &plan, why);
+    let committed = sync::commit(dp, desired, |_| {})?;
+    report(&committed, why);
     Ok(())
 }
 
-/// Logs an applied plan's changes and ends the sockets of the backends it
-/// removed.
-fn report_plan(dp: &Dataplane, plan: &reconcile::Plan, why: &str) {
-    for change in &plan.changes {
+/// Logs a committed change (the sockets it ended are logged by terminate).
+fn report(committed: &sync::Committed, why: &str) {
+    for change in &committed.plan.changes {
         info!(%change, "{why}");
     }
-    svclb::terminate::after_apply(dp.pins(), plan);
-    for (name, mark) in &plan.marks {
+    for (name, mark) in &committed.plan.marks {
         tracing::debug!(service = %name, mark, "mark assigned");
     }
 }
