@@ -371,32 +371,19 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                 },
             });
         }
-        for b in &svc.backends {
-            if !ids.kept.contains(&b.id) {
-                plan.removed_backends.push(b.id);
-                plan.departed.push(DepartedBackend {
-                    service: svc.name.clone(),
-                    mark: svc.mark,
-                    id: b.id,
-                    addr: b.addr,
-                    end_sockets: ends_sockets
-                        .get_or_insert_with(|| {
-                            marks
-                                .iter()
-                                .zip(&desired.services)
-                                .map(|(&mark, spec)| (mark, spec.terminate_on_removal))
-                                .collect()
-                        })
-                        .get(&svc.mark)
-                        .copied()
-                        .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0),
-                });
-                plan.changes.push(Change::RemoveBackend {
-                    mark: svc.mark,
-                    addr: b.addr,
-                    port: b.port,
-                });
-            }
+        for b in svc.backends.iter().filter(|b| !ids.kept.contains(&b.id)) {
+            let end_sockets = ends_sockets
+                .get_or_insert_with(|| {
+                    marks
+                        .iter()
+                        .zip(&desired.services)
+                        .map(|(&mark, spec)| (mark, spec.terminate_on_removal))
+                        .collect()
+                })
+                .get(&svc.mark)
+                .copied()
+                .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0);
+            depart(&mut plan, svc, b, end_sockets);
         }
     }
     Ok(plan)
@@ -659,25 +646,28 @@ pub fn plan_backends(
         return Ok(None);
     }
     for (old, end_sockets) in olds {
-        for b in &old.backends {
-            if !ids.kept.contains(&b.id) {
-                plan.removed_backends.push(b.id);
-                plan.departed.push(DepartedBackend {
-                    service: old.name.clone(),
-                    mark: old.mark,
-                    id: b.id,
-                    addr: b.addr,
-                    end_sockets,
-                });
-                plan.changes.push(Change::RemoveBackend {
-                    mark: old.mark,
-                    addr: b.addr,
-                    port: b.port,
-                });
-            }
+        for b in old.backends.iter().filter(|b| !ids.kept.contains(&b.id)) {
+            depart(&mut plan, old, b, end_sockets);
         }
     }
     Ok(Some(plan))
+}
+
+/// Takes backend `b` out of `svc`: its removal, its sockets' fate, its line.
+fn depart(plan: &mut Plan, svc: &ServiceState, b: &BackendState, end_sockets: bool) {
+    plan.removed_backends.push(b.id);
+    plan.departed.push(DepartedBackend {
+        service: svc.name.clone(),
+        mark: svc.mark,
+        id: b.id,
+        addr: b.addr,
+        end_sockets,
+    });
+    plan.changes.push(Change::RemoveBackend {
+        mark: svc.mark,
+        addr: b.addr,
+        port: b.port,
+    });
 }
 
 /// Scope bits of the networks the services name: a network keeps its bit
@@ -824,34 +814,39 @@ pub fn state_of(snapshot: &Snapshot) -> DesiredState {
                 mark: Some(svc.mark),
                 ..spec.clone()
             },
-            None => ServiceSpec {
-                name: svc.name.clone(),
-                vip: svc.vip,
-                mark: Some(svc.mark),
-                scheduler: svc.scheduler,
-                backends: svc
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        addr: b.addr,
-                        port: b.port,
-                        weight: b.weight,
-                    })
-                    .collect(),
-                port: svc.port,
-                affinity: (svc.value.flags & SVC_F_AFFINITY != 0)
-                    .then_some(svc.value.affinity_secs),
-                networks: snapshot
-                    .networks
-                    .iter()
-                    .filter(|(_, bit)| svc.value.scope & (1u64 << **bit) != 0)
-                    .map(|(name, _)| name.clone())
-                    .collect(),
-                terminate_on_removal: svc.value.flags & SVC_F_KEEP_SOCKETS == 0,
-            },
+            None => spec_of(snapshot, svc),
         })
         .collect();
     DesiredState { services }
+}
+
+/// The spec that service `svc` of `snapshot` was planned from, as far as
+/// the maps say (backends in address order).
+pub fn spec_of(snapshot: &Snapshot, svc: &ServiceState) -> ServiceSpec {
+    ServiceSpec {
+        name: svc.name.clone(),
+        vip: svc.vip,
+        mark: Some(svc.mark),
+        scheduler: svc.scheduler,
+        backends: svc
+            .backends
+            .iter()
+            .map(|b| BackendSpec {
+                addr: b.addr,
+                port: b.port,
+                weight: b.weight,
+            })
+            .collect(),
+        port: svc.port,
+        affinity: (svc.value.flags & SVC_F_AFFINITY != 0).then_some(svc.value.affinity_secs),
+        networks: snapshot
+            .networks
+            .iter()
+            .filter(|(_, bit)| svc.value.scope & (1u64 << **bit) != 0)
+            .map(|(name, _)| name.clone())
+            .collect(),
+        terminate_on_removal: svc.value.flags & SVC_F_KEEP_SOCKETS == 0,
+    }
 }
 
 /// Carries `snapshot` forward over an executed `plan`: afterwards it is what

@@ -316,34 +316,7 @@ pub fn services_in_snapshot(snapshot: &Snapshot) -> BTreeMap<String, ServiceSpec
         if !is_docker_name(&s.name) || s.port.is_some() {
             continue;
         }
-        let networks = snapshot
-            .networks
-            .iter()
-            .filter(|(_, bit)| s.value.scope & (1u64 << **bit) != 0)
-            .map(|(n, _)| n.clone())
-            .collect();
-        out.insert(
-            s.name.clone(),
-            ServiceSpec {
-                name: s.name.clone(),
-                vip: s.vip,
-                mark: Some(s.mark),
-                scheduler: s.scheduler,
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        addr: b.addr,
-                        port: b.port,
-                        weight: b.weight,
-                    })
-                    .collect(),
-                port: None,
-                affinity: None,
-                networks,
-                terminate_on_removal: s.value.flags & svclb_common::SVC_F_KEEP_SOCKETS == 0,
-            },
-        );
+        out.insert(s.name.clone(), crate::reconcile::spec_of(snapshot, s));
     }
     out
 }
