@@ -16,17 +16,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 use svclb_common::{
-    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP, SOCK_F_UDP_CONN,
+    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_STATE_CB,
 };
 
 use crate::{
     maps::{SOCKS, STATS, UDP_CONNS},
     service::set_conn_state,
 };
-
-/// [`SockState::flags`] bit (eBPF only): the TCP state callback is on, so
-/// the socket's gauges are settled by its transition to CLOSE.
-const SOCK_F_STATE_CB: u32 = 1 << 16;
 
 #[inline(always)]
 fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
@@ -77,7 +73,7 @@ fn count(ctx: &SkBuffContext, egress: bool) {
     // A UDP socket may also send to (and, unconnected, receive from) other
     // peers: only what it exchanges with its backend is the backend's. A
     // TCP socket has one peer and skips the check.
-    if state.flags & SOCK_F_TCP == 0 && !peer_is_backend(ctx, state, egress) {
+    if !state.is_tcp() && !peer_is_backend(ctx, state, egress) {
         return;
     }
     let len = u64::from(unsafe { (*skb).len });
@@ -165,10 +161,10 @@ pub fn svclb_release(ctx: SockContext) -> i32 {
         return 1;
     };
     let tcp = unsafe { (*sk).protocol } == u32::from(IPPROTO_TCP);
-    if !(tcp && state.flags & SOCK_F_STATE_CB != 0) {
+    if !(tcp && state.follows_tcp_state()) {
         set_conn_state(state, CONN_NONE);
     }
-    if state.flags & SOCK_F_UDP_CONN != 0 {
+    if state.has_udp_conn() {
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
         let _ = UDP_CONNS.remove(&cookie);
     }

@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 use svclb_common::schedule::client_slot;
 use svclb_common::{
     AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState, VipKey,
-    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS, SVC_F_AFFINITY, VIP_F_PORTS,
+    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, CONNS, PORTS, RR, SCOPES, SERVICES, SLOTS, STATS, VIPS};
@@ -29,7 +29,7 @@ pub fn resolve(key: &VipKey, port_be: u16, proto: u8) -> Dest {
         return Dest::Plain;
     };
     let mut mark = vip.mark;
-    if vip.flags & VIP_F_PORTS != 0 {
+    if vip.has_ports() {
         let pk = PortKey {
             addr: key.addr,
             port_be,
@@ -82,7 +82,7 @@ pub fn pick(mark: u32, svc: &ServiceValue, client: impl Fn() -> u64) -> Option<S
     if svc.count == 0 {
         return None;
     }
-    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let affinity = svc.has_affinity();
     // Only affinity and the hashing schedulers need to know the client: the
     // others skip the helper call.
     let by_client =

@@ -157,7 +157,7 @@ fn forget(ctx: &SockAddrContext) {
     if let Some(state) = unsafe { state.as_mut() } {
         release_conn(state);
         state.mark = 0;
-        if state.flags & SOCK_F_UDP_CONN != 0 {
+        if state.has_udp_conn() {
             let _ = UDP_CONNS.remove(&socket_cookie(ctx));
             state.flags &= !SOCK_F_UDP_CONN;
         }

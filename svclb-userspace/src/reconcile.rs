@@ -389,7 +389,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                         })
                         .get(&svc.mark)
                         .copied()
-                        .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0),
+                        .unwrap_or(!svc.value.keeps_sockets()),
                 });
                 plan.changes.push(Change::RemoveBackend {
                     mark: svc.mark,

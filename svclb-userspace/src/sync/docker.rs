@@ -341,7 +341,7 @@ pub fn services_in_snapshot(snapshot: &Snapshot) -> BTreeMap<String, ServiceSpec
                 port: None,
                 affinity: None,
                 networks,
-                terminate_on_removal: s.value.flags & svclb_common::SVC_F_KEEP_SOCKETS == 0,
+                terminate_on_removal: !s.value.keeps_sockets(),
             },
         );
     }
