@@ -36,16 +36,32 @@ fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
 
 const ETH_P_IP_BE: u32 = 0x0008;
 
+// Where the addresses are in a cgroup_skb packet, whose data starts at the
+// network header: the IPv4 header's saddr and daddr (RFC 791), the IPv6
+// header's 16-byte saddr and daddr (RFC 8200).
+const IPV4_SADDR_OFF: usize = 12;
+const IPV4_DADDR_OFF: usize = 16;
+const IPV6_SADDR_OFF: usize = 8;
+const IPV6_DADDR_OFF: usize = 24;
+
 /// For UDP: whether the packet's peer address (destination on
 /// egress, source on ingress) is the socket's backend.
 #[inline(always)]
 fn peer_is_backend(ctx: &SkBuffContext, state: &SockState, egress: bool) -> bool {
     let protocol = unsafe { (*ctx.skb.skb).protocol };
     if protocol == ETH_P_IP_BE {
-        let off = if egress { 16 } else { 12 };
+        let off = if egress {
+            IPV4_DADDR_OFF
+        } else {
+            IPV4_SADDR_OFF
+        };
         matches!(ctx.load::<u32>(off), Ok(a) if a == state.backend[3])
     } else {
-        let off = if egress { 24 } else { 8 };
+        let off = if egress {
+            IPV6_DADDR_OFF
+        } else {
+            IPV6_SADDR_OFF
+        };
         let mut addr = [0u32; 4];
         for (i, w) in addr.iter_mut().enumerate() {
             match ctx.load::<u32>(off + 4 * i) {
