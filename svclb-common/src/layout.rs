@@ -75,6 +75,14 @@ pub struct VipValue {
 /// [`VipValue::flags`]: the VIP has per-port services in the ports map.
 pub const VIP_F_PORTS: u32 = 1;
 
+impl VipValue {
+    /// [`VIP_F_PORTS`]: look the destination port up in the ports map.
+    #[inline(always)]
+    pub const fn has_ports(&self) -> bool {
+        self.flags & VIP_F_PORTS != 0
+    }
+}
+
 /// A per-port service: VIP, destination port and protocol, the way a
 /// Kubernetes Service port is matched. It wins over the VIP's all-ports one.
 #[repr(C)]
@@ -116,6 +124,7 @@ impl Scheduler {
     /// operator replacing it sees the same `FWM  317 rr`.
     pub const DEFAULT: Scheduler = Scheduler::Rr;
 
+    #[inline(always)]
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Scheduler::Random),
@@ -127,6 +136,12 @@ impl Scheduler {
             6 => Some(Scheduler::Wlc),
             _ => None,
         }
+    }
+
+    /// The hashing schedulers (mh, sh): the pick depends on the client.
+    #[inline(always)]
+    pub const fn by_client(self) -> bool {
+        matches!(self, Scheduler::Mh | Scheduler::Sh)
     }
 
     /// Parses the name used in config files and on the command line.
@@ -195,6 +210,27 @@ pub const SVC_F_AFFINITY: u32 = 1;
 /// connected to it alone (the service's `terminate_on_removal = false`);
 /// without it, svclbd ends them. Userspace only: the programs ignore it.
 pub const SVC_F_KEEP_SOCKETS: u32 = 1 << 1;
+
+impl ServiceValue {
+    /// The [`Scheduler`] stored in [`ServiceValue::scheduler`]; `None` for
+    /// a value no svclb writes (the programs then pick at random).
+    #[inline(always)]
+    pub const fn scheduler(&self) -> Option<Scheduler> {
+        Scheduler::from_u32(self.scheduler)
+    }
+
+    /// [`SVC_F_AFFINITY`]: the same client keeps its backend.
+    #[inline(always)]
+    pub const fn has_affinity(&self) -> bool {
+        self.flags & SVC_F_AFFINITY != 0
+    }
+
+    /// [`SVC_F_KEEP_SOCKETS`]: a backend's removal leaves its sockets alone.
+    #[inline(always)]
+    pub const fn keeps_sockets(&self) -> bool {
+        self.flags & SVC_F_KEEP_SOCKETS != 0
+    }
+}
 
 /// Key of one schedule slot of a service.
 #[repr(C)]
@@ -312,6 +348,31 @@ pub const SOCK_F_TCP: u32 = 1 << 1;
 /// `svclb_udp_conns` (by cookie), which its release removes; sockets
 /// without the bit (TCP, unconnected UDP) cost their release no lookup.
 pub const SOCK_F_UDP_CONN: u32 = 1 << 2;
+/// [`SockState::flags`] (set and read by the programs only): the TCP state
+/// callback is on, so the socket's gauges are settled by its transition to
+/// CLOSE rather than by its release.
+pub const SOCK_F_STATE_CB: u32 = 1 << 16;
+
+impl SockState {
+    /// [`SOCK_F_TCP`]: a TCP socket, whose one peer is its backend.
+    #[inline(always)]
+    pub const fn is_tcp(&self) -> bool {
+        self.flags & SOCK_F_TCP != 0
+    }
+
+    /// [`SOCK_F_UDP_CONN`]: a connected UDP socket with an entry in
+    /// `svclb_udp_conns`.
+    #[inline(always)]
+    pub const fn has_udp_conn(&self) -> bool {
+        self.flags & SOCK_F_UDP_CONN != 0
+    }
+
+    /// [`SOCK_F_STATE_CB`]: the TCP state callback follows this socket.
+    #[inline(always)]
+    pub const fn follows_tcp_state(&self) -> bool {
+        self.flags & SOCK_F_STATE_CB != 0
+    }
+}
 
 /// Affinity is per client: svclb's clients are local, so a client is a
 /// network namespace (its cookie), i.e. a container.

@@ -16,17 +16,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
 use svclb_common::{
-    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_TCP, SOCK_F_UDP_CONN,
+    SockState, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, IPPROTO_TCP, SOCK_F_STATE_CB,
 };
 
 use crate::{
     maps::{SOCKS, STATS, UDP_CONNS},
     service::set_conn_state,
 };
-
-/// [`SockState::flags`] bit (eBPF only): the TCP state callback is on, so
-/// the socket's gauges are settled by its transition to CLOSE.
-const SOCK_F_STATE_CB: u32 = 1 << 16;
 
 #[inline(always)]
 fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
@@ -40,16 +36,32 @@ fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
 
 const ETH_P_IP_BE: u32 = 0x0008;
 
+// Where the addresses are in a cgroup_skb packet, whose data starts at the
+// network header: the IPv4 header's saddr and daddr (RFC 791), the IPv6
+// header's 16-byte saddr and daddr (RFC 8200).
+const IPV4_SADDR_OFF: usize = 12;
+const IPV4_DADDR_OFF: usize = 16;
+const IPV6_SADDR_OFF: usize = 8;
+const IPV6_DADDR_OFF: usize = 24;
+
 /// For UDP: whether the packet's peer address (destination on
 /// egress, source on ingress) is the socket's backend.
 #[inline(always)]
 fn peer_is_backend(ctx: &SkBuffContext, state: &SockState, egress: bool) -> bool {
     let protocol = unsafe { (*ctx.skb.skb).protocol };
     if protocol == ETH_P_IP_BE {
-        let off = if egress { 16 } else { 12 };
+        let off = if egress {
+            IPV4_DADDR_OFF
+        } else {
+            IPV4_SADDR_OFF
+        };
         matches!(ctx.load::<u32>(off), Ok(a) if a == state.backend[3])
     } else {
-        let off = if egress { 24 } else { 8 };
+        let off = if egress {
+            IPV6_DADDR_OFF
+        } else {
+            IPV6_SADDR_OFF
+        };
         let mut addr = [0u32; 4];
         for (i, w) in addr.iter_mut().enumerate() {
             match ctx.load::<u32>(off + 4 * i) {
@@ -77,7 +89,7 @@ fn count(ctx: &SkBuffContext, egress: bool) {
     // A UDP socket may also send to (and, unconnected, receive from) other
     // peers: only what it exchanges with its backend is the backend's. A
     // TCP socket has one peer and skips the check.
-    if state.flags & SOCK_F_TCP == 0 && !peer_is_backend(ctx, state, egress) {
+    if !state.is_tcp() && !peer_is_backend(ctx, state, egress) {
         return;
     }
     let len = u64::from(unsafe { (*skb).len });
@@ -165,10 +177,10 @@ pub fn svclb_release(ctx: SockContext) -> i32 {
         return 1;
     };
     let tcp = unsafe { (*sk).protocol } == u32::from(IPPROTO_TCP);
-    if !(tcp && state.flags & SOCK_F_STATE_CB != 0) {
+    if !(tcp && state.follows_tcp_state()) {
         set_conn_state(state, CONN_NONE);
     }
-    if state.flags & SOCK_F_UDP_CONN != 0 {
+    if state.has_udp_conn() {
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
         let _ = UDP_CONNS.remove(&cookie);
     }

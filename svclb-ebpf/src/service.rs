@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 use svclb_common::schedule::client_slot;
 use svclb_common::{
     AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState, VipKey,
-    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS, SVC_F_AFFINITY, VIP_F_PORTS,
+    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, CONNS, PORTS, RR, SCOPES, SERVICES, SLOTS, STATS, VIPS};
@@ -29,7 +29,7 @@ pub fn resolve(key: &VipKey, port_be: u16, proto: u8) -> Dest {
         return Dest::Plain;
     };
     let mut mark = vip.mark;
-    if vip.flags & VIP_F_PORTS != 0 {
+    if vip.has_ports() {
         let pk = PortKey {
             addr: key.addr,
             port_be,
@@ -82,11 +82,10 @@ pub fn pick(mark: u32, svc: &ServiceValue, client: impl Fn() -> u64) -> Option<S
     if svc.count == 0 {
         return None;
     }
-    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let affinity = svc.has_affinity();
     // Only affinity and the hashing schedulers need to know the client: the
     // others skip the helper call.
-    let by_client =
-        affinity || svc.scheduler == Scheduler::Mh as u32 || svc.scheduler == Scheduler::Sh as u32;
+    let by_client = affinity || svc.scheduler().is_some_and(Scheduler::by_client);
     let netns_cookie = if by_client { client() } else { 0 };
     let key = AffinityKey {
         netns_cookie,
@@ -149,9 +148,9 @@ fn slot(mark: u32, svc: &ServiceValue, index: u32) -> Option<Slot> {
 #[inline(always)]
 fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> {
     let count = svc.count;
-    let index = match svc.scheduler {
-        s if s == Scheduler::Rr as u32 || s == Scheduler::Wrr as u32 => match RR.get_ptr_mut(&mark)
-        {
+    // An unknown value (None) picks at random, like Random.
+    let index = match svc.scheduler() {
+        Some(Scheduler::Rr | Scheduler::Wrr) => match RR.get_ptr_mut(&mark) {
             Some(pos) => unsafe {
                 let i = *pos;
                 *pos = i.wrapping_add(1);
@@ -159,13 +158,9 @@ fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> 
             },
             None => (unsafe { bpf_get_prandom_u32() }) % count,
         },
-        s if s == Scheduler::Mh as u32 || s == Scheduler::Sh as u32 => {
-            client_slot(netns_cookie, mark, count)
-        }
-        s if s == Scheduler::Lc as u32 || s == Scheduler::Wlc as u32 => {
-            return least_connection(mark, svc);
-        }
-        _ => (unsafe { bpf_get_prandom_u32() }) % count,
+        Some(Scheduler::Mh | Scheduler::Sh) => client_slot(netns_cookie, mark, count),
+        Some(Scheduler::Lc | Scheduler::Wlc) => return least_connection(mark, svc),
+        Some(Scheduler::Random) | None => (unsafe { bpf_get_prandom_u32() }) % count,
     };
     slot(mark, svc, index)
 }
@@ -176,7 +171,7 @@ fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> 
 /// carries only scalars, so the verifier's work grows linearly with it.
 #[inline(never)]
 fn least_connection(mark: u32, svc: &ServiceValue) -> Option<Slot> {
-    let weighted = svc.scheduler == Scheduler::Wlc as u32;
+    let weighted = matches!(svc.scheduler(), Some(Scheduler::Wlc));
     let mut best_index = 0u32;
     // Compared by cross-multiplying, so "infinitely loaded" must not wrap.
     let mut best_load = u64::MAX >> 24;

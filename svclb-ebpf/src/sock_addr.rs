@@ -1,6 +1,12 @@
 //! The socket hooks: connect() and sendmsg() to a VIP are rewritten to a
 //! backend; recvmsg() and getpeername() show the VIP again, so the
 //! application cannot tell.
+//!
+//! Each hook is one line over two helpers, as in Cilium's bpf_sock.c:
+//! [`xlate_fwd`] (connect, sendmsg: [`on_connect`] or [`on_sendmsg`], as
+//! [`Fwd`] says, decide a [`Verdict`]) and [`xlate_rev`] (recvmsg,
+//! getpeername: [`reverse`]), each for a [`Family`] that reads and writes
+//! the context's address.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -27,6 +33,78 @@ const ECONNREFUSED: i32 = 111;
 struct Target {
     key: VipKey,
     port_be: u16,
+}
+
+/// What a hook does with the address it was given.
+enum Verdict {
+    /// Not svclb's: leave it as it is.
+    Pass,
+    /// Replace it (a backend on the way out, the VIP on the way back).
+    Rewrite { addr: [u32; 4], port_be: u16 },
+    /// A VIP that cannot take the connection: ECONNREFUSED.
+    Refuse,
+}
+
+/// The context's address family: which fields hold the address.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    #[inline(always)]
+    fn read(self, sa: *mut bpf_sock_addr) -> Target {
+        match self {
+            Family::V4 => read4(sa),
+            Family::V6 => read6(sa),
+        }
+    }
+
+    #[inline(always)]
+    fn write(self, sa: *mut bpf_sock_addr, addr: &[u32; 4], port_be: u16) {
+        match self {
+            Family::V4 => write4(sa, addr, port_be),
+            Family::V6 => write6(sa, addr, port_be),
+        }
+    }
+}
+
+/// The calls translated forward.
+#[derive(Clone, Copy)]
+enum Fwd {
+    Connect,
+    Sendmsg,
+}
+
+/// connect()/sendmsg(): the address the socket goes to. (An enum rather
+/// than a function argument: a function item passed in is called through
+/// an outlined shim, a BPF-to-BPF call that connect would pay.)
+#[inline(always)]
+fn xlate_fwd(ctx: &SockAddrContext, family: Family, call: Fwd) -> i32 {
+    let target = family.read(ctx.sock_addr);
+    let verdict = match call {
+        Fwd::Connect => on_connect(ctx, &target),
+        Fwd::Sendmsg => on_sendmsg(ctx, &target),
+    };
+    match verdict {
+        Verdict::Pass => ALLOW,
+        Verdict::Rewrite { addr, port_be } => {
+            family.write(ctx.sock_addr, &addr, port_be);
+            ALLOW
+        }
+        Verdict::Refuse => refuse(),
+    }
+}
+
+/// recvmsg()/getpeername(): the peer the application is shown. These
+/// programs must return exactly 1, so a reverse translation never refuses.
+#[inline(always)]
+fn xlate_rev(ctx: &SockAddrContext, family: Family) -> i32 {
+    if let Verdict::Rewrite { addr, port_be } = reverse(ctx, &family.read(ctx.sock_addr)) {
+        family.write(ctx.sock_addr, &addr, port_be);
+    }
+    ALLOW
 }
 
 #[inline(always)]
@@ -100,24 +178,26 @@ fn socket_proto(ctx: &SockAddrContext) -> Option<u8> {
 
 /// connect(): picks a backend for the socket and remembers it.
 #[inline(always)]
-fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4], u16)>, ()> {
+fn on_connect(ctx: &SockAddrContext, target: &Target) -> Verdict {
     let Some(proto) = socket_proto(ctx) else {
-        return Ok(None);
+        return Verdict::Pass;
     };
     let (mark, svc) = match resolve(&target.key, target.port_be, proto) {
         Dest::Plain => {
             if proto == IPPROTO_UDP {
                 forget(ctx);
             }
-            return Ok(None);
+            return Verdict::Pass;
         }
-        Dest::Refuse => return Err(()),
+        Dest::Refuse => return Verdict::Refuse,
         Dest::Service(mark, svc) => (mark, svc),
     };
     if svc.count == 0 {
-        return Err(());
+        return Verdict::Refuse;
     }
-    let slot = pick_or_warn(ctx, mark, &svc)?;
+    let Some(slot) = pick_or_warn(ctx, mark, &svc) else {
+        return Verdict::Refuse;
+    };
     let port_be = dest_port(&slot, target);
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     if let Some(state) = unsafe { state.as_mut() } {
@@ -143,7 +223,10 @@ fn on_connect(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         remember(state, target, &slot, port_be, mark, &svc, flags);
     }
     count_new_connection(slot.backend_id);
-    Ok(Some((slot.addr, port_be)))
+    Verdict::Rewrite {
+        addr: slot.addr,
+        port_be,
+    }
 }
 
 /// A UDP socket connected again, to something that is not a VIP, is no
@@ -157,7 +240,7 @@ fn forget(ctx: &SockAddrContext) {
     if let Some(state) = unsafe { state.as_mut() } {
         release_conn(state);
         state.mark = 0;
-        if state.flags & SOCK_F_UDP_CONN != 0 {
+        if state.has_udp_conn() {
             let _ = UDP_CONNS.remove(&socket_cookie(ctx));
             state.flags &= !SOCK_F_UDP_CONN;
         }
@@ -173,14 +256,14 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 /// the backend this socket was given, chosen again only when the schedule
 /// has changed since, so a request and its retries reach the same task.
 #[inline(always)]
-fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4], u16)>, ()> {
+fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Verdict {
     let (mark, svc) = match resolve(&target.key, target.port_be, IPPROTO_UDP) {
-        Dest::Plain => return Ok(None),
-        Dest::Refuse => return Err(()),
+        Dest::Plain => return Verdict::Pass,
+        Dest::Refuse => return Verdict::Refuse,
         Dest::Service(mark, svc) => (mark, svc),
     };
     if svc.count == 0 {
-        return Err(());
+        return Verdict::Refuse;
     }
     let state = unsafe { SOCKS.get_or_insert_ptr_mut(ctx, None) };
     let state = unsafe { state.as_mut() };
@@ -190,10 +273,15 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
             && state.vip == target.key.addr
             && state.vip_port_be == target.port_be
         {
-            return Ok(Some((state.backend, state.backend_port_be)));
+            return Verdict::Rewrite {
+                addr: state.backend,
+                port_be: state.backend_port_be,
+            };
         }
     }
-    let slot = pick_or_warn(ctx, mark, &svc)?;
+    let Some(slot) = pick_or_warn(ctx, mark, &svc) else {
+        return Verdict::Refuse;
+    };
     let port_be = dest_port(&slot, target);
     count_new_connection(slot.backend_id);
     // Without socket storage (memory pressure) it is balanced, unremembered.
@@ -203,7 +291,10 @@ fn on_sendmsg(ctx: &SockAddrContext, target: &Target) -> Result<Option<([u32; 4]
         let keep = state.flags & SOCK_F_UDP_CONN;
         remember(state, target, &slot, port_be, mark, &svc, keep);
     }
-    Ok(Some((slot.addr, port_be)))
+    Verdict::Rewrite {
+        addr: slot.addr,
+        port_be,
+    }
 }
 
 /// The backend's port, or the client's for an all-ports slot (`-> task:0`).
@@ -247,108 +338,73 @@ fn remember(
 /// A service whose active generation misses a slot means the maps were
 /// written out of order: refuse the connection, and say so (rare path).
 #[inline(always)]
-fn pick_or_warn(ctx: &SockAddrContext, mark: u32, svc: &ServiceValue) -> Result<Slot, ()> {
+fn pick_or_warn(ctx: &SockAddrContext, mark: u32, svc: &ServiceValue) -> Option<Slot> {
     // The client is the caller's network namespace (a container).
     let client = || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    match pick(mark, svc, client) {
-        Some(slot) => Ok(slot),
-        None => {
-            warn!(
-                ctx,
-                "svclb: service FWM {} has no backend slot in generation {}", mark, svc.generation
-            );
-            Err(())
-        }
+    let slot = pick(mark, svc, client);
+    if slot.is_none() {
+        warn!(
+            ctx,
+            "svclb: service FWM {} has no backend slot in generation {}", mark, svc.generation
+        );
     }
+    slot
 }
 
 /// recvmsg()/getpeername(): a peer that is this socket's backend is shown
 /// as the VIP the application asked for.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext, peer: &Target) -> Option<([u32; 4], u16)> {
+fn reverse(ctx: &SockAddrContext, peer: &Target) -> Verdict {
     let state = unsafe { SOCKS.get_ptr_mut(ctx) };
-    let state = unsafe { state.as_ref() }?;
+    let Some(state) = (unsafe { state.as_ref() }) else {
+        return Verdict::Pass;
+    };
     if state.mark != 0 && state.backend == peer.key.addr && state.backend_port_be == peer.port_be {
-        Some((state.vip, state.vip_port_be))
+        Verdict::Rewrite {
+            addr: state.vip,
+            port_be: state.vip_port_be,
+        }
     } else {
-        None
+        Verdict::Pass
     }
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn svclb_connect4(ctx: SockAddrContext) -> i32 {
-    let target = read4(ctx.sock_addr);
-    match on_connect(&ctx, &target) {
-        Ok(Some((addr, port))) => write4(ctx.sock_addr, &addr, port),
-        Ok(None) => {}
-        Err(()) => return refuse(),
-    }
-    ALLOW
+    xlate_fwd(&ctx, Family::V4, Fwd::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn svclb_connect6(ctx: SockAddrContext) -> i32 {
-    let target = read6(ctx.sock_addr);
-    match on_connect(&ctx, &target) {
-        Ok(Some((addr, port))) => write6(ctx.sock_addr, &addr, port),
-        Ok(None) => {}
-        Err(()) => return refuse(),
-    }
-    ALLOW
+    xlate_fwd(&ctx, Family::V6, Fwd::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn svclb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let target = read4(ctx.sock_addr);
-    match on_sendmsg(&ctx, &target) {
-        Ok(Some((addr, port))) => write4(ctx.sock_addr, &addr, port),
-        Ok(None) => {}
-        Err(()) => return refuse(),
-    }
-    ALLOW
+    xlate_fwd(&ctx, Family::V4, Fwd::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn svclb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let target = read6(ctx.sock_addr);
-    match on_sendmsg(&ctx, &target) {
-        Ok(Some((addr, port))) => write6(ctx.sock_addr, &addr, port),
-        Ok(None) => {}
-        Err(()) => return refuse(),
-    }
-    ALLOW
+    xlate_fwd(&ctx, Family::V6, Fwd::Sendmsg)
 }
-
-// recvmsg and getpeername programs must return exactly 1.
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn svclb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if let Some((addr, port)) = reverse(&ctx, &read4(ctx.sock_addr)) {
-        write4(ctx.sock_addr, &addr, port);
-    }
-    ALLOW
+    xlate_rev(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn svclb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if let Some((addr, port)) = reverse(&ctx, &read6(ctx.sock_addr)) {
-        write6(ctx.sock_addr, &addr, port);
-    }
-    ALLOW
+    xlate_rev(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn svclb_peer4(ctx: SockAddrContext) -> i32 {
-    if let Some((addr, port)) = reverse(&ctx, &read4(ctx.sock_addr)) {
-        write4(ctx.sock_addr, &addr, port);
-    }
-    ALLOW
+    xlate_rev(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn svclb_peer6(ctx: SockAddrContext) -> i32 {
-    if let Some((addr, port)) = reverse(&ctx, &read6(ctx.sock_addr)) {
-        write6(ctx.sock_addr, &addr, port);
-    }
-    ALLOW
+    xlate_rev(&ctx, Family::V6)
 }

@@ -382,7 +382,7 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
                 })
                 .get(&svc.mark)
                 .copied()
-                .unwrap_or(svc.value.flags & SVC_F_KEEP_SOCKETS == 0);
+                .unwrap_or(!svc.value.keeps_sockets());
             depart(&mut plan, svc, b, end_sockets);
         }
     }
@@ -838,14 +838,14 @@ pub fn spec_of(snapshot: &Snapshot, svc: &ServiceState) -> ServiceSpec {
             })
             .collect(),
         port: svc.port,
-        affinity: (svc.value.flags & SVC_F_AFFINITY != 0).then_some(svc.value.affinity_secs),
+        affinity: svc.value.has_affinity().then_some(svc.value.affinity_secs),
         networks: snapshot
             .networks
             .iter()
             .filter(|(_, bit)| svc.value.scope & (1u64 << **bit) != 0)
             .map(|(name, _)| name.clone())
             .collect(),
-        terminate_on_removal: svc.value.flags & SVC_F_KEEP_SOCKETS == 0,
+        terminate_on_removal: !svc.value.keeps_sockets(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use anyhow::Result;
 use serde::Serialize;
-use svclb_common::{BackendStats, SVC_F_AFFINITY};
+use svclb_common::BackendStats;
 
 use crate::{
     dataplane::{Dataplane, Snapshot},
@@ -137,7 +137,7 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
             port: svc.port,
             mark: svc.mark,
             scheduler: svc.scheduler.name(),
-            persistent: (svc.value.flags & SVC_F_AFFINITY != 0).then_some(svc.value.affinity_secs),
+            persistent: svc.value.has_affinity().then_some(svc.value.affinity_secs),
             stats: total,
             rates: rates::rates(&rates::sum(&estimators)),
             backends,
