@@ -256,7 +256,7 @@ impl FakeSwarm {
         let old = std::mem::replace(&mut s.tasks, tasks.to_vec());
         st.entry(service);
         let id = st.task_container(service, tasks.first().copied());
-        let monotonic_ns = monotonic_ns();
+        let monotonic_ns = svclb::rates::monotonic_ns();
         let unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -320,17 +320,6 @@ impl Drop for FakeSwarm {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Serves the requests of one connection until it closes (`false`) or

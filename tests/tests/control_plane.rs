@@ -61,10 +61,10 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-/// Polls until `check` holds; returns how long it took, or panics with
-/// `what` and the last value after `within`.
+/// [`common::eventually`] over a read and a check; returns how long it
+/// took, or panics with `what` and the last value after `within`.
 #[track_caller]
-fn eventually<T: std::fmt::Debug>(
+fn settles<T: std::fmt::Debug>(
     within: Duration,
     what: &str,
     mut read: impl FnMut() -> T,
@@ -157,7 +157,7 @@ fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
 
     // Written in place.
     std::fs::write(&path, API_40).unwrap();
-    eventually(
+    settles(
         within,
         "an in-place write is applied",
         || backends_of(&pins, "api"),
@@ -176,7 +176,7 @@ fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
     )
     .unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    eventually(
+    settles(
         within,
         "a rename over the file is applied",
         || backends_of(&pins, "api"),
@@ -209,7 +209,7 @@ fn svclbd_follows_the_file_when_it_changes_and_refuses_bad_ones() {
     daemon.wait_for_log("cannot read the file", within).unwrap();
     assert_eq!(listed(&pins), before);
     std::fs::write(&path, API_40).unwrap();
-    eventually(
+    settles(
         within,
         "the file written back is applied",
         || backends_of(&pins, "api"),
@@ -453,7 +453,7 @@ fn dns_discovery_follows_the_server_and_survives_its_loss() {
     for (what, now) in changes {
         dns.set_hosts(&hosts(Some(VIP), now)).unwrap();
         let expected: BTreeSet<String> = now.iter().map(|t| format!("{t} 1")).collect();
-        let took = eventually(
+        let took = settles(
             within,
             what,
             || backends_of(&pins, "api"),
@@ -574,7 +574,7 @@ fn dns_nxdomain_keeps_the_last_good_set_for_the_grace_period_then_applies() {
         "kept during the grace period"
     );
     assert_eq!(spread(&sandbox, 10).values().sum::<usize>(), 10);
-    let took = eventually(
+    let took = settles(
         grace + Duration::from_secs(TTL + 1),
         "NXDOMAIN applied after the grace period",
         || backends_of(&pins, "api"),
@@ -596,7 +596,7 @@ fn dns_nxdomain_keeps_the_last_good_set_for_the_grace_period_then_applies() {
 
     // Tasks come back at once (no grace for good news).
     dns.set_hosts(&hosts(Some(VIP), &tasks[..1])).unwrap();
-    eventually(
+    settles(
         Duration::from_secs(TTL + 1),
         "tasks back",
         || backends_of(&pins, "api"),
@@ -608,7 +608,7 @@ fn dns_nxdomain_keeps_the_last_good_set_for_the_grace_period_then_applies() {
     dns.set_hosts("").unwrap();
     std::thread::sleep(Duration::from_secs(TTL + 1));
     assert_eq!(listed(&pins).len(), 1, "kept during the grace period");
-    eventually(
+    settles(
         grace + Duration::from_secs(TTL + 1),
         "service removed",
         || listed(&pins),
@@ -781,7 +781,7 @@ fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
     );
     // A replaced link is released by the kernel from a work queue once its
     // pin is renamed over, so it may be counted for a moment.
-    eventually(
+    settles(
         Duration::from_secs(2),
         "exactly one connect4 program stays attached",
         || cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(),
