@@ -119,11 +119,7 @@ pub struct DockerData {
 
 /// The nearest-rank percentile `p` (0-100) of `values`.
 pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
+    let v = crate::sweep::sorted_finite(values)?;
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     Some(v[rank.clamp(1, v.len()) - 1])
 }

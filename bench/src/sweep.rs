@@ -306,13 +306,19 @@ pub struct Spread {
     pub n: usize,
 }
 
+/// The finite `values`, sorted; None when there are none.
+pub fn sorted_finite(values: &[f64]) -> Option<Vec<f64>> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v)
+}
+
 impl Spread {
     pub fn of(values: &[f64]) -> Option<Spread> {
-        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
+        let v = sorted_finite(values)?;
         let n = v.len();
         let median = if n % 2 == 1 {
             v[n / 2]

@@ -91,6 +91,11 @@ impl<'a> BackendIds<'a> {
         }
     }
 
+    /// The backends map's capacity: ids stay below it.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
     /// The next free id; None when every id below the capacity is taken.
     pub fn next_free(&mut self) -> Option<u32> {
         let current = self.current;

@@ -555,10 +555,7 @@ impl Dataplane {
         let mut services: BTreeMap<u32, ServiceState> = BTreeMap::new();
         for (mark, meta) in entries(&self.meta)? {
             let value = values.get(&mark).copied().unwrap_or_default();
-            let port = (meta.port_proto != 0).then_some(ServicePort {
-                port: meta.port_proto as u16,
-                protocol: (meta.port_proto >> 16) as u8,
-            });
+            let port = meta_port(&meta);
             services.insert(
                 mark,
                 ServiceState {
@@ -732,6 +729,20 @@ pub fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
 
 fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// A per-port service's port and protocol as its metadata encodes them
+/// (`port | protocol << 16`; 0 for an all-ports service), both ways.
+pub fn meta_port(meta: &ServiceMeta) -> Option<ServicePort> {
+    (meta.port_proto != 0).then_some(ServicePort {
+        port: meta.port_proto as u16,
+        protocol: (meta.port_proto >> 16) as u8,
+    })
+}
+
+/// See [`meta_port`].
+pub fn port_proto(port: Option<ServicePort>) -> u32 {
+    port.map_or(0, |p| u32::from(p.port) | u32::from(p.protocol) << 16)
 }
 
 /// What the maps hold, read at one moment (or, for svclbd, carried

@@ -39,7 +39,7 @@ use crate::schedule::{plan_slots, PlannedBackend};
 
 use crate::{
     alloc::{assign_marks, new_network_bits, BackendIds},
-    dataplane::{BackendState, Capacity, Dataplane, ServiceState, Snapshot},
+    dataplane::{meta_port, port_proto, BackendState, Capacity, Dataplane, ServiceState, Snapshot},
     model::{protocol_name, BackendSpec, DesiredState, ServicePort, ServiceSpec},
 };
 
@@ -393,7 +393,6 @@ pub fn plan(current: &Snapshot, desired: &DesiredState, capacity: Capacity) -> R
 /// the services planned keep.
 struct Ids<'a> {
     alloc: BackendIds<'a>,
-    capacity: u32,
     kept: HashSet<u32>,
 }
 
@@ -401,7 +400,6 @@ impl<'a> Ids<'a> {
     fn new(current: &'a Snapshot, capacity: u32) -> Self {
         Ids {
             alloc: BackendIds::new(current, capacity),
-            capacity,
             kept: HashSet::new(),
         }
     }
@@ -462,7 +460,7 @@ fn plan_service(
                 let id = ids.free().with_context(|| {
                     format!(
                         "no free backend id for {} of service {}: the capacity is {} backends (raise svclbd --max-backends)",
-                        b.addr, spec.name, ids.capacity
+                        b.addr, spec.name, ids.alloc.capacity()
                     )
                 })?;
                 plan.new_backends.push((id, info));
@@ -498,9 +496,7 @@ fn plan_service(
         plan_slots(spec.scheduler, &planned).with_context(|| format!("service {}", spec.name))?;
     let slots: Vec<Slot> = picks.iter().map(|&i| slot_targets[i as usize]).collect();
     let mut meta = ServiceMeta::new(&spec.name, spec.vip);
-    meta.port_proto = spec
-        .port
-        .map_or(0, |p| u32::from(p.port) | u32::from(p.protocol) << 16);
+    meta.port_proto = port_proto(spec.port);
     let scope = spec
         .networks
         .iter()
@@ -864,10 +860,7 @@ pub fn absorb(snapshot: &mut Snapshot, plan: &Plan) {
         snapshot.specs.remove(mark);
     }
     for w in &plan.services {
-        let port = (w.meta.port_proto != 0).then_some(ServicePort {
-            port: w.meta.port_proto as u16,
-            protocol: (w.meta.port_proto >> 16) as u8,
-        });
+        let port = meta_port(&w.meta);
         let svc = snapshot
             .services
             .entry(w.mark)

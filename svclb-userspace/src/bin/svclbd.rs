@@ -174,7 +174,7 @@ async fn run(args: Args) -> Result<()> {
         }
         false => None,
     };
-    let desired = compose(&config, &mut docker, &mut discovery);
+    let desired = sync::compose(&config, docker.as_mut(), &mut discovery);
     apply(&mut dp, &desired, "startup")?;
     if let Some(d) = &mut docker {
         d.applied();
@@ -298,7 +298,7 @@ async fn run(args: Args) -> Result<()> {
             },
             _ = sleep_until(due) => {
                 if discovery.refresh(Refresh::Due).await {
-                    let desired = compose(&config, &mut docker, &mut discovery);
+                    let desired = sync::compose(&config, docker.as_mut(), &mut discovery);
                     if let Err(e) = apply(&mut dp, &desired, "dns") {
                         error!("applying DNS answers failed, the maps keep the previous state: {e:#}");
                     }
@@ -337,7 +337,7 @@ async fn reload(
     }
     // New names are due now; resolve them before applying.
     discovery.refresh(Refresh::Due).await;
-    let desired = compose(&new, docker, discovery);
+    let desired = sync::compose(&new, docker.as_mut(), discovery);
     match apply(dp, &desired, why) {
         Ok(()) => *config = new,
         Err(e) => {
@@ -348,15 +348,6 @@ async fn reload(
             }
         }
     }
-}
-
-/// The whole desired state now (see [`sync::compose`]).
-fn compose(
-    config: &Config,
-    docker: &mut Option<DockerSync>,
-    discovery: &mut Discovery,
-) -> DesiredState {
-    sync::compose(config, docker.as_mut(), discovery)
 }
 
 /// Reads the engine's view and applies it; on failure the maps keep the
@@ -426,7 +417,7 @@ fn apply_docker(
     discovery: &mut Discovery,
     why: &str,
 ) {
-    let desired = compose(config, docker, discovery);
+    let desired = sync::compose(config, docker.as_mut(), discovery);
     let spare = |plan: &mut reconcile::Plan| {
         if let Some(d) = docker.as_ref() {
             d.spare_draining(plan);
