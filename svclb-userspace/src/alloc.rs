@@ -104,6 +104,7 @@ impl<'a> BackendIds<'a> {
                 .services
                 .values()
                 .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .chain(current.still_counted.iter().copied())
                 .collect()
         });
         while self.next < self.capacity {

@@ -1,7 +1,10 @@
 //! The pinned maps, opened with their types, and a snapshot of the services
 //! they hold.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+};
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::AsFd;
@@ -201,10 +204,39 @@ impl Dataplane {
     /// What the maps hold: the kept snapshot if still valid, else read.
     pub fn current_snapshot(&mut self) -> Result<Snapshot> {
         let serial = self.layout.get(&0, 0)?.apply_serial;
-        match self.kept.take() {
-            Some((s, snapshot)) if self.keep && s == serial => Ok(snapshot),
-            _ => self.snapshot(),
-        }
+        let mut snapshot = match self.kept.take() {
+            Some((s, snapshot)) if self.keep && s == serial => snapshot,
+            _ => self.snapshot()?,
+        };
+        // Read afresh for every apply: sockets close at any time.
+        snapshot.still_counted = self.still_counted(&snapshot)?;
+        Ok(snapshot)
+    }
+
+    /// Backend ids that no service in `snapshot` holds but whose gauges
+    /// still count live sockets (a removed backend's UDP sockets, or TCP
+    /// sockets not ended): such a socket takes itself off its backend id's
+    /// gauge when it closes, so the id is not given to a new backend until
+    /// then, or the new backend's ActiveConn/InActConn would drift (IPVS
+    /// keeps such a destination in its trash for the same reason).
+    fn still_counted(&self, snapshot: &Snapshot) -> Result<BTreeSet<u32>> {
+        let held: HashSet<u32> = snapshot
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let fd = self.conns.map().fd().as_fd();
+        let gauges = match crate::batch::read_all::<u32, ConnGauge>(fd, None)? {
+            Some(all) => all,
+            None => (0..self.conns.len())
+                .map(|id| Ok((id, self.backend_conns(id)?)))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Ok(gauges
+            .into_iter()
+            .filter(|(id, g)| (g.active != 0 || g.inactive != 0) && !held.contains(id))
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// Puts back a snapshot that an apply found nothing to change in.
@@ -236,6 +268,7 @@ impl Dataplane {
                     let read = self.snapshot()?;
                     let carried = Snapshot {
                         specs: Default::default(),
+                        still_counted: Default::default(),
                         ..now.clone()
                     };
                     if read != carried {
@@ -616,6 +649,7 @@ impl Dataplane {
             ports,
             networks,
             specs: Default::default(),
+            still_counted: Default::default(),
         })
     }
 
@@ -763,6 +797,10 @@ pub struct Snapshot {
     /// the maps): the planner passes over a service whose spec is the same,
     /// so one service's change does not re-plan the others.
     pub specs: std::collections::HashMap<u32, ServiceSpec>,
+    /// Backend ids no service holds whose gauges still count sockets
+    /// (read afresh by [`Dataplane::current_snapshot`] for each apply,
+    /// empty otherwise): not handed out to new backends.
+    pub still_counted: BTreeSet<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -976,6 +976,21 @@ mod tests {
     }
 
     #[test]
+    fn ids_whose_gauges_still_count_sockets_are_not_handed_out() {
+        let current = Snapshot {
+            still_counted: [0, 2].into_iter().collect(),
+            ..Snapshot::default()
+        };
+        let planned = plan(&current, &desired(1, "10.9.0.2"), CAPACITY).unwrap();
+        let ids: BTreeSet<u32> = carried(&planned)
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        assert_eq!(ids, [1, 3, 4, 5].into_iter().collect(), "lowest free ids");
+    }
+
+    #[test]
     fn a_carried_snapshot_plans_nothing_for_the_state_it_came_from() {
         let want = desired(50, "10.9.0.2");
         let first = plan(&Snapshot::default(), &want, CAPACITY).unwrap();

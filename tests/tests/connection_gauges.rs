@@ -265,3 +265,76 @@ fn connections_closed_by_the_client_first_miss_at_most_the_time_wait_exchange() 
         missed.0, missed.1
     );
 }
+
+/// A removed backend's id is not given to a new backend while a socket
+/// still counts on it: when that socket closes it takes itself off its
+/// backend id's gauge, which must not be the new backend's (svclb once
+/// handed the lowest free id out at once, and the new backend's InActConn
+/// then read one short for every such socket).
+#[test]
+fn a_new_backend_does_not_inherit_a_removed_ones_sockets() {
+    let fx = ApiFixture::start();
+    let newcomer = "172.50.0.42";
+    fx.sandbox
+        .add_backend_addr(newcomer.parse().unwrap())
+        .unwrap();
+    let _guard = fx.sandbox.enter_cgroup().unwrap();
+    let apply = |backends: &[&str]| {
+        let list = backends
+            .iter()
+            .map(|b| format!("{b:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let file = svclb_tests::daemon::write_temp(
+            "backends.toml",
+            &format!(
+                "[[service]]\nname = \"api\"\nvip = \"{VIP}\"\nmark = 0x13d\nbackends = [{list}]\n"
+            ),
+        )
+        .unwrap();
+        fx.pins.ctl(&["apply", file.to_str().unwrap()]).unwrap();
+    };
+    let send = |s: &UdpSocket| {
+        s.send_to(b"x", addr(VIP, PORT)).unwrap();
+    };
+    // An unconnected UDP socket, counted on one task; svclb does not end
+    // it when that task leaves (it is connected to nothing).
+    let old = fx
+        .sandbox
+        .in_client(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    fx.sandbox.in_client(|| send(&old));
+    let counted = gauges(&fx.pins);
+    let (gone, _) = counted
+        .iter()
+        .find(|(_, g)| **g == (0, 1))
+        .unwrap_or_else(|| panic!("one task counts the socket: {counted:?}"));
+    let gone = strip_port(gone);
+    let stays = TASKS.into_iter().find(|t| *t != gone).unwrap();
+    apply(&[stays]);
+    apply(&[stays, newcomer]);
+    drop(old);
+    let n = 10;
+    let live: Vec<UdpSocket> = fx.sandbox.in_client(|| {
+        (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                send(&s);
+                s
+            })
+            .collect()
+    });
+    let now = gauges(&fx.pins);
+    assert_eq!(
+        now.values()
+            .fold((0, 0), |(a, i), (da, di)| (a + da, i + di)),
+        (0, n),
+        "InActConn counts exactly the {n} live sockets: {now:?}"
+    );
+    let on_newcomer = now
+        .iter()
+        .find(|(b, _)| strip_port(b) == newcomer)
+        .map_or(0, |(_, g)| g.1);
+    assert!(on_newcomer > 0, "rr gave the new task some: {now:?}");
+    drop(live);
+    wait_gauges(&fx.pins, (0, 0), "every socket closed");
+}
