@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod pins;
+pub mod privileges;
 pub mod rates;
 pub mod reconcile;
 pub mod schedule;

@@ -125,18 +125,10 @@ pub struct Loaded {
     packet_counters: PacketCounters,
 }
 
-/// Fails with a clear message when not privileged enough to load programs.
-pub fn require_root() -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("svclb must run as root (it loads eBPF programs, pins them in bpffs and attaches them to cgroups)");
-    }
-    Ok(())
-}
-
 /// Loads the programs, creating and pinning the maps or adopting the
 /// pinned ones after checking their layout.
 pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
-    require_root()?;
+    crate::privileges::require_root()?;
     let object = crate::ebpf_object();
     if object.is_empty() {
         bail!("this binary was built without its eBPF object: build it with `cargo xtask build`");
@@ -254,7 +246,7 @@ impl Loaded {
     /// the old one, then renamed over it, which detaches the old one.
     pub fn attach(&mut self, cgroup: &CgroupPath) -> Result<()> {
         let dir = self.pins.links().join(cgroup.pin_name());
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::pins::private_dir(&dir)?;
         for (name, hook) in PROGRAMS {
             let counter = is_packet_counter(hook);
             if counter && self.packet_counters == PacketCounters::Off {

@@ -62,9 +62,23 @@ impl PinDir {
                 );
             }
         }
-        fs::create_dir_all(self.links())
-            .with_context(|| format!("creating pin directory {}", self.links().display()))
+        private_dir(&self.root)?;
+        private_dir(&self.links())
     }
+}
+
+/// Creates `dir` (and its missing parents) readable by root only, and makes
+/// an existing one so: the pins are the data plane, and only root may touch
+/// or read them (the pins themselves are created 0600 by the kernel).
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating pin directory {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {

@@ -212,7 +212,7 @@ fn run(args: Args) -> Result<()> {
             }
         }
         Command::Detach(target) => {
-            loader::require_root()?;
+            svclb::privileges::require_root()?;
             let cg = target.resolve()?;
             let detached = loader::detach(&pins, &cg)?;
             Dataplane::open(&pins)?.set_cgroup_networks(cg.id()?, &[])?;
@@ -247,7 +247,7 @@ fn run(args: Args) -> Result<()> {
             }
         }
         Command::Teardown => {
-            loader::require_root()?;
+            svclb::privileges::require_root()?;
             loader::teardown(&pins)?;
             println!("removed every svclb pin under {}", pins.root().display());
         }

@@ -107,6 +107,21 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before any thread exists: capabilities are per thread.
+    let low_port = (!args.no_metrics && args.metrics_addr.port() < 1024)
+        .then_some(caps::Capability::CAP_NET_BIND_SERVICE);
+    match svclb::privileges::restrict_to_needed(low_port.as_slice()) {
+        Ok(kept) => {
+            let mut names: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
+            names.sort();
+            tracing::debug!(capabilities = %names.join(","), "running with no other capability");
+        }
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("svclbd: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
