@@ -81,6 +81,92 @@ pub fn private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("making {} private (0700)", dir.display()))
 }
 
+/// The one svclbd of a pin directory: an exclusive flock on the directory
+/// itself, held for the process's life and released by the kernel however
+/// it ends (SIGKILL included). Two daemons writing the same maps from two
+/// desired states would undo each other's writes.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _dir: fs::File,
+}
+
+/// How long `--replace` waits for the svclbd it asked to stop.
+const REPLACE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl PinDir {
+    /// Takes the pin directory's daemon lock. Held by another svclbd: an
+    /// error naming its pid, or with `replace`, that svclbd is asked to stop
+    /// (SIGTERM; the pinned data plane keeps balancing meanwhile) and the
+    /// lock is taken once it has.
+    pub fn lock_for_daemon(&self, replace: bool) -> Result<DaemonLock> {
+        let dir = fs::File::open(&self.root)
+            .with_context(|| format!("opening pin directory {}", self.root.display()))?;
+        if try_flock(&dir)? {
+            return Ok(DaemonLock { _dir: dir });
+        }
+        let holder = lock_holder(&dir);
+        let who = holder.map_or("another svclbd".to_string(), |pid| {
+            format!("svclbd pid {pid}")
+        });
+        if !replace {
+            bail!(
+                "{who} already runs on pin directory {}: stop it first, or start this one with --replace to take over from it (an upgrade)",
+                self.root.display()
+            );
+        }
+        if let Some(pid) = holder {
+            tracing::info!(pid, "asking the running svclbd to stop (--replace)");
+            // SAFETY: kill with a pid and a signal number only.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        let deadline = std::time::Instant::now() + REPLACE_WITHIN;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if try_flock(&dir)? {
+                return Ok(DaemonLock { _dir: dir });
+            }
+        }
+        bail!(
+            "{who} on pin directory {} did not stop within {REPLACE_WITHIN:?} of SIGTERM (--replace)",
+            self.root.display()
+        )
+    }
+}
+
+fn try_flock(file: &fs::File) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an fd this function borrows.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(err).context("locking the pin directory")
+}
+
+/// The pid holding a flock on `file`, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF`).
+fn lock_holder(file: &fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 fn is_bpffs(path: &Path) -> Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -763,11 +763,13 @@ fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
     assert_eq!(cgroup_prog_count(&cg, ATTACH_INET4_CONNECT).unwrap(), 1);
 
     let loop_ = ConnectLoop::start(&fx.sandbox, 200_000);
-    // The new svclbd starts while the old one still runs, then the old one
-    // stops (the way a package upgrade or a rolling restart goes)...
-    let new = Svclbd::start(&fx.pins, &args).unwrap();
+    // The new svclbd starts while the old one still runs and takes over:
+    // the old one stops cleanly when asked (the way a package upgrade or a
+    // rolling restart goes)...
+    let old = fx.daemon.take().unwrap();
+    let new = Svclbd::start(&fx.pins, &[&args[..], &["--replace"]].concat()).unwrap();
     loop_.run_for(Duration::from_millis(300));
-    assert!(fx.daemon.take().unwrap().stop().unwrap().success());
+    assert!(old.stop().unwrap().success(), "the old svclbd exited 0");
     loop_.run_for(Duration::from_millis(300));
     // ...and attaching again by hand replaces the link again.
     for _ in 0..3 {
@@ -803,6 +805,39 @@ fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
     assert!(names.contains(&"svclb_connect4".to_owned()), "{names:?}");
     assert_eq!(conns(&fx.pins, "FWM  317"), ok);
     drop(new);
+}
+
+#[test]
+fn a_second_svclbd_on_the_same_pins_is_refused_naming_the_first() {
+    let fx = ApiFixture::start();
+    let first = fx.daemon.as_ref().unwrap().pid();
+    let before = fx.pins.ctl(&["list"]).unwrap();
+    let other = write_temp(
+        "other.toml",
+        "[[service]]\nname = \"other\"\nvip = \"172.50.0.38\"\nbackends = [\"172.50.0.40\"]\n",
+    )
+    .unwrap();
+    let err = Svclbd::start(&fx.pins, &["--config", other.to_str().unwrap()])
+        .expect_err("a second svclbd is refused")
+        .to_string();
+    assert!(
+        err.contains(&format!("svclbd pid {first}")),
+        "names the first: {err}"
+    );
+    assert!(err.contains("--replace"), "says what to do: {err}");
+    assert_eq!(
+        fx.pins.ctl(&["list"]).unwrap(),
+        before,
+        "the maps are unchanged"
+    );
+    // The first one still runs, and still balances.
+    assert_eq!(
+        unsafe { libc::kill(first as i32, 0) },
+        0,
+        "the first svclbd runs"
+    );
+    let spread = fx.tcp_spread(addr(VIP, PORT), 20, true);
+    assert_eq!(spread.values().sum::<usize>(), 20, "{spread:?}");
 }
 
 /// The pin directory name of the sandbox cgroup (`svclb-<id>`: no escapes needed).

@@ -95,6 +95,11 @@ struct Args {
     /// what the kernel's cgroup_skb hook costs by itself (nothing is counted).
     #[arg(long, hide = true, conflicts_with = "no_packet_counters")]
     packet_counters_hook_only: bool,
+    /// Take over from the svclbd running on this pin directory: ask it to
+    /// stop (SIGTERM) and start once it has (an upgrade). Without it, a
+    /// second svclbd on the same pins is refused, naming the first.
+    #[arg(long)]
+    replace: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SVCLB_LOG", default_value = "info")]
     log: String,
@@ -155,6 +160,8 @@ async fn run(args: Args) -> Result<()> {
     let cgroups = target::resolve_all(&targets, args.docker_host.as_deref()).await?;
 
     let pins = PinDir::new(&args.pin_dir);
+    pins.prepare()?;
+    let _lock = pins.lock_for_daemon(args.replace)?;
     let mut loaded = loader::load(
         &pins,
         Capacities {
