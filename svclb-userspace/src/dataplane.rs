@@ -844,22 +844,29 @@ fn verify_snapshots() -> bool {
     *ON.get_or_init(|| std::env::var_os("SVCLB_VERIFY_SNAPSHOTS").is_some_and(|v| v == "1"))
 }
 
-/// `SVCLB_FAIL_MAP_WRITE=N`: the Nth map write of this process fails (a
-/// test's fault, at a point it chooses).
+/// Faults a test injects at the map write it chooses (the Nth of this
+/// process): `SVCLB_FAIL_MAP_WRITE=N` makes it fail, as a full map or the
+/// kernel's ENOMEM would; `SVCLB_KILL_AT_MAP_WRITE=N` kills the process
+/// there, as a SIGKILL or a crash half-way through an apply would.
 fn injected_write_failure() -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static WRITES: AtomicU64 = AtomicU64::new(0);
-    static FAIL_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let fail_at = FAIL_AT.get_or_init(|| {
-        std::env::var("SVCLB_FAIL_MAP_WRITE")
-            .ok()
-            .and_then(|v| v.parse().ok())
+    static AT: std::sync::OnceLock<(Option<u64>, Option<u64>)> = std::sync::OnceLock::new();
+    let (fail_at, kill_at) = *AT.get_or_init(|| {
+        let at = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        (at("SVCLB_FAIL_MAP_WRITE"), at("SVCLB_KILL_AT_MAP_WRITE"))
     });
-    let Some(at) = *fail_at else {
+    if fail_at.is_none() && kill_at.is_none() {
         return Ok(());
-    };
-    if WRITES.fetch_add(1, Ordering::Relaxed) + 1 == at {
-        bail!("map write {at} failed (injected by SVCLB_FAIL_MAP_WRITE)");
+    }
+    let n = WRITES.fetch_add(1, Ordering::Relaxed) + 1;
+    if kill_at == Some(n) {
+        eprintln!("killed before map write {n} (SVCLB_KILL_AT_MAP_WRITE)");
+        // SAFETY: raising a signal at this process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    if fail_at == Some(n) {
+        bail!("map write {n} failed (injected by SVCLB_FAIL_MAP_WRITE)");
     }
     Ok(())
 }

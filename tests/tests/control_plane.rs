@@ -340,6 +340,136 @@ backends = ["172.50.0.21"]
     println!("rolled back after a failure at each of writes {failed_at:?}");
 }
 
+/// What new connects to `target` reach: each identity, or "refused" for a
+/// connect that was not balanced (a VIP svclb does not know has no route).
+fn reached(fx: &ApiFixture, target: std::net::SocketAddr, n: usize) -> BTreeSet<String> {
+    let _guard = fx.sandbox.enter_cgroup().unwrap();
+    fx.sandbox.in_client(|| {
+        (0..n)
+            .map(|_| {
+                svclb_tests::tcp_identity(target, Duration::from_millis(300))
+                    .unwrap_or_else(|_| "refused".to_string())
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn svclbd_killed_at_any_map_write_of_an_apply_leaves_each_service_old_or_new_and_a_restart_repairs()
+{
+    let mut fx = ApiFixture::start();
+    fx.sandbox
+        .add_backend_addr("172.50.0.42".parse().unwrap())
+        .unwrap();
+    fx.tcp
+        .push(TcpIdServer::start(&fx.sandbox, addr("172.50.0.42", PORT)).unwrap());
+    fx.daemon.take().unwrap().stop().unwrap();
+    let old = write_temp(
+        "old.toml",
+        r#"
+[[service]]
+name = "api"
+vip = "172.50.0.37"
+mark = 0x13d
+backends = ["172.50.0.40", "172.50.0.41"]
+
+[[service]]
+name = "web"
+vip = "172.50.0.38"
+mark = 0x140
+backends = ["172.50.0.40"]
+"#,
+    )
+    .unwrap();
+    let new = write_temp(
+        "new.toml",
+        r#"
+[[service]]
+name = "api"
+vip = "172.50.0.37"
+mark = 0x13d
+backends = ["172.50.0.41", "172.50.0.42"]
+
+[[service]]
+name = "api2"
+vip = "172.50.0.39"
+mark = 0x141
+backends = ["172.50.0.42"]
+"#,
+    )
+    .unwrap();
+    let api = addr(VIP, PORT);
+    let (web, api2) = (addr("172.50.0.38", PORT), addr("172.50.0.39", PORT));
+    let mut killed_at = Vec::new();
+    for n in 1..=60 {
+        fx.pins.ctl(&["apply", old.to_str().unwrap()]).unwrap();
+        let old_state = pins_list(&fx.pins);
+        let killed = svclb_tests::Svclbd::start_with(
+            &fx.pins,
+            &["--config", new.to_str().unwrap(), "--no-metrics"],
+            |cmd| {
+                cmd.env("SVCLB_KILL_AT_MAP_WRITE", n.to_string());
+                Ok(())
+            },
+        );
+        let Err(err) = killed else {
+            // The whole apply ran: n is past its last write.
+            killed.unwrap().stop().unwrap();
+            break;
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!("killed before map write {n}")),
+            "{err}"
+        );
+        if pins_list(&fx.pins) == old_state {
+            // Killed before the apply wrote anything (the load's own writes).
+            continue;
+        }
+        killed_at.push(n);
+        // Each service is wholly old or wholly new for new connects.
+        let api_now = reached(&fx, api, 12);
+        assert!(
+            api_now == set(&["172.50.0.40", "172.50.0.41"])
+                || api_now == set(&["172.50.0.41", "172.50.0.42"]),
+            "killed at write {n}: api reaches {api_now:?}"
+        );
+        let web_now = reached(&fx, web, 2);
+        assert!(
+            web_now == set(&["172.50.0.40"]) || web_now == set(&["refused"]),
+            "killed at write {n}: web reaches {web_now:?}"
+        );
+        let api2_now = reached(&fx, api2, 2);
+        assert!(
+            api2_now == set(&["172.50.0.42"]) || api2_now == set(&["refused"]),
+            "killed at write {n}: api2 reaches {api2_now:?}"
+        );
+        // The next start repairs to the desired state.
+        let repaired = svclb_tests::Svclbd::start(
+            &fx.pins,
+            &["--config", new.to_str().unwrap(), "--no-metrics"],
+        )
+        .unwrap();
+        assert_eq!(backends_of(&fx.pins, "web"), None, "after write {n}");
+        assert_eq!(
+            backends_of(&fx.pins, "api"),
+            Some(set(&["172.50.0.41 1", "172.50.0.42 1"])),
+            "after write {n}"
+        );
+        assert_eq!(
+            reached(&fx, api2, 2),
+            set(&["172.50.0.42"]),
+            "after write {n}"
+        );
+        repaired.stop().unwrap();
+    }
+    assert!(
+        killed_at.len() >= 6,
+        "the change makes at least 6 writes, svclbd was killed at each: {killed_at:?}"
+    );
+    println!("killed at writes {killed_at:?}; each service old or new, each repaired");
+}
+
 /// Services, VIPs, marks, backends and weights: what the maps say, without
 /// the counters and rates (which move with traffic and time).
 fn pins_list(pins: &PinDir) -> Vec<Listed> {
