@@ -10,6 +10,7 @@ mod cmd;
 mod demo;
 mod ebpf;
 mod setup;
+mod soak;
 mod test;
 
 use std::path::PathBuf;
@@ -56,6 +57,13 @@ enum Command {
         #[arg(long)]
         sandbox: bool,
     },
+    /// The long soak (as root): a million connects while the backends change
+    /// every 100 ms; writes docs/SOAK.md.
+    Soak {
+        /// TCP connects (a UDP socket is added every 20th).
+        #[arg(long, default_value_t = 1_000_000)]
+        connects: u64,
+    },
     /// Benchmark sweep (as root): installs the tools, builds release, writes docs/BENCHMARKS.md.
     Bench {
         /// The short sweep (under 2 minutes); writes to target/bench/ unless --out says otherwise.
@@ -78,6 +86,7 @@ fn main() -> ExitCode {
         Command::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
         Command::Test { args } => test::run(&args),
         Command::Demo { sandbox } => demo::run(sandbox),
+        Command::Soak { connects } => soak::run(connects).map(|()| ExitCode::SUCCESS),
         Command::Bench { quick, out, args } => bench::run(quick, out, &args),
     };
     match result {
