@@ -37,6 +37,7 @@ pub mod model;
 pub mod notify;
 pub mod pins;
 pub mod privileges;
+pub mod probe;
 pub mod rates;
 pub mod reconcile;
 pub mod schedule;

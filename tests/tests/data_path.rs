@@ -262,4 +262,22 @@ fn missing_privileges_are_named() {
     assert!(err.contains("must run as root"), "{err}");
 }
 
+#[test]
+fn a_kernel_without_a_feature_is_refused_naming_it_and_its_version() {
+    let pins = svclb_tests::PinDir::new();
+    let err = svclb_tests::Svclbd::start_with(&pins, &["--no-metrics"], |cmd| {
+        // The probe for this feature answers "absent" (this kernel has all).
+        cmd.env("SVCLB_PRETEND_MISSING", "socket-local storage");
+        Ok(())
+    })
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        err.contains("lacks what svclb needs: socket-local storage maps (BPF_MAP_TYPE_SK_STORAGE) (Linux 5.2)"),
+        "{err}"
+    );
+    assert!(err.contains("Linux 5.18 or newer"), "{err}");
+    assert!(!pins.path().exists(), "nothing was pinned");
+}
+
 use std::os::unix::process::CommandExt;

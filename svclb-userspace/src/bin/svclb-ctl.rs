@@ -197,6 +197,7 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Attach(AttachArgs { target, networks }) => {
             let cg = target.resolve()?;
+            svclb::probe::require(svclb::probe::FEATURES)?;
             let mut loaded = loader::load(&pins, Capacities::default())?;
             // Networks first: the cgroup sees its services from its first connect.
             Dataplane::open(&pins)?.set_cgroup_networks(cg.id()?, &networks)?;

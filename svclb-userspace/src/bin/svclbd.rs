@@ -159,6 +159,7 @@ async fn run(args: Args) -> Result<()> {
     let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
     let cgroups = target::resolve_all(&targets, args.docker_host.as_deref()).await?;
 
+    svclb::probe::require(svclb::probe::FEATURES)?;
     let pins = PinDir::new(&args.pin_dir);
     pins.prepare()?;
     let _lock = pins.lock_for_daemon(args.replace)?;
