@@ -31,6 +31,7 @@ pub mod cgroup;
 pub mod config;
 pub mod dataplane;
 pub mod docker;
+pub mod health;
 pub mod loader;
 pub mod metrics;
 pub mod model;

@@ -241,6 +241,38 @@ impl Loaded {
         Ok(())
     }
 
+    /// Pins again, from this process's own descriptors, each map whose pin
+    /// is gone (removed by hand, or bpffs mounted afresh); returns their
+    /// names. A map this process no longer holds (the log's) is skipped.
+    pub fn repin_missing_maps(&self) -> Result<Vec<&'static str>> {
+        let mut repinned = Vec::new();
+        for name in map_names::ALL {
+            let path = self.pins.map(name);
+            if path.exists() {
+                continue;
+            }
+            if let Some(map) = self.ebpf.map(name) {
+                map.pin(&path)
+                    .with_context(|| format!("pinning {} again", path.display()))?;
+                repinned.push(name);
+            }
+        }
+        Ok(repinned)
+    }
+
+    /// Whether a link [`Loaded::attach`] pins for `cgroup` is missing from
+    /// its directory. A directory gone altogether is `svclb-ctl detach`'s
+    /// doing, not a fault: false then.
+    pub fn link_pin_missing(&self, cgroup: &CgroupPath) -> bool {
+        let dir = self.pins.links().join(cgroup.pin_name());
+        dir.exists()
+            && PROGRAMS.iter().any(|(name, hook)| {
+                let unattached =
+                    is_packet_counter(*hook) && self.packet_counters == PacketCounters::Off;
+                !unattached && !dir.join(name).exists()
+            })
+    }
+
     /// Attaches every program to `cgroup`. An existing attachment is
     /// replaced without a gap: the new link is attached and pinned beside
     /// the old one, then renamed over it, which detaches the old one.

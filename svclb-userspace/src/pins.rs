@@ -44,6 +44,13 @@ impl PinDir {
         map_names::ALL.iter().any(|name| self.map(name).exists())
     }
 
+    /// Whether the pin directory's parent is (still) a bpffs.
+    pub fn is_on_bpffs(&self) -> bool {
+        self.root
+            .parent()
+            .is_some_and(|p| is_bpffs(p).unwrap_or(false))
+    }
+
     /// Makes sure the directory exists on a bpffs, mounting bpffs at
     /// /sys/fs/bpf when the directory is meant to be there and it is missing.
     pub fn prepare(&self) -> Result<()> {

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use svclb::{
+    cgroup::CgroupPath,
     dataplane::Dataplane,
+    health,
     loader::{self, Capacities, PacketCounters},
     model::{Config, DesiredState},
     notify,
@@ -199,6 +201,9 @@ async fn run(args: Args) -> Result<()> {
     };
     let desired = sync::compose(&config, docker.as_mut(), &mut discovery);
     apply(&mut dp, &desired, "startup")?;
+    // What the health check watches: every cgroup attached, by path.
+    let mut attached: Vec<health::Attached> = Vec::new();
+    let mut docker_parent: Option<CgroupPath> = None;
     if let Some(d) = &mut docker {
         d.applied();
         // Where Docker puts containers: attached there, every container is
@@ -213,11 +218,14 @@ async fn run(args: Args) -> Result<()> {
         d.write_scopes(&mut dp)?;
         loaded.attach(&parent)?;
         info!(cgroup = %parent.absolute.display(), "attached for Docker's containers");
+        attached.push(health::Attached::new(parent.clone())?);
+        docker_parent = Some(parent);
     }
     for cg in &cgroups {
         dp.set_cgroup_networks(cg.id()?, &args.networks)?;
         loaded.attach(cg)?;
         info!(cgroup = %cg.absolute.display(), "attached");
+        attached.push(health::Attached::new(cg.clone())?);
     }
     if !args.no_metrics {
         let listener = svclb::metrics::bind(args.metrics_addr).await?;
@@ -229,6 +237,7 @@ async fn run(args: Args) -> Result<()> {
                 text.push_str(&s.metrics_text());
             }
             text.push_str(&svclb::terminate::ENDED.render());
+            text.push_str(&health::render());
             text
         });
         tokio::spawn(svclb::metrics::serve(listener, pins.clone(), Some(extra)));
@@ -249,6 +258,8 @@ async fn run(args: Args) -> Result<()> {
     } else {
         drop(docker_tx);
     }
+    let mut health_check = tokio::time::interval(health::CHECK_EVERY);
+    health_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut periodic = tokio::time::interval(args.docker_poll.max(sync::docker::MIN_POLL));
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.tick().await;
@@ -305,6 +316,20 @@ async fn run(args: Args) -> Result<()> {
             _ = periodic.tick(), if docker.is_some() => {
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, "Docker poll").await;
             },
+            _ = health_check.tick() => {
+                let checked = health::check(&pins, &mut loaded, &mut attached);
+                for (cg, id) in checked.reattached {
+                    let scoped = match (&mut docker, &docker_parent) {
+                        (Some(d), Some(parent)) if *parent == cg => {
+                            d.set_parent(&cg).and_then(|()| d.write_scopes(&mut dp))
+                        }
+                        _ => dp.set_cgroup_networks(id, &args.networks),
+                    };
+                    if let Err(e) = scoped {
+                        error!(cgroup = %cg.absolute.display(), "writing its networks again: {e:#}");
+                    }
+                }
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => match &mut file {
@@ -351,11 +376,13 @@ async fn reload(
         Ok(new) => new,
         Err(e) => {
             error!("{why}: reload refused, nothing changed: {e}");
+            sync::failed();
             return;
         }
     };
     if let Err(e) = discovery.reconfigure(&new.discovered, &new.dns) {
         error!("{why}: reload refused, nothing changed: {e:#}");
+        sync::failed();
         return;
     }
     // New names are due now; resolve them before applying.

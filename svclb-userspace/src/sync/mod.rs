@@ -77,7 +77,7 @@ pub fn commit(
     desired: &DesiredState,
     spare: impl FnOnce(&mut Plan),
 ) -> Result<Committed> {
-    let plan = reconcile::apply(dp, desired)?;
+    let plan = reconcile::apply(dp, desired).inspect_err(|_| failed())?;
     Ok(finish(dp, plan, spare))
 }
 
@@ -89,7 +89,13 @@ pub fn commit_backends(
     specs: &[&ServiceSpec],
     spare: impl FnOnce(&mut Plan),
 ) -> Result<Option<Committed>> {
-    Ok(reconcile::apply_backends(dp, specs)?.map(|plan| finish(dp, plan, spare)))
+    let plan = reconcile::apply_backends(dp, specs).inspect_err(|_| failed())?;
+    Ok(plan.map(|plan| finish(dp, plan, spare)))
+}
+
+/// Every refused change is counted (`svclb_faults_total{kind="apply_failed"}`).
+pub fn failed() {
+    crate::health::count(crate::health::Fault::ApplyFailed);
 }
 
 fn finish(dp: &Dataplane, mut plan: Plan, spare: impl FnOnce(&mut Plan)) -> Committed {
