@@ -885,3 +885,59 @@ except OSError as err:
         "the held connection to the killed task was ended (ECONNABORTED, then EPIPE): {line:?}"
     );
 }
+
+/// What root inside a real task container (Docker's default capabilities
+/// and seccomp profile: no CAP_BPF, no CAP_SYS_ADMIN) gets when it goes
+/// for svclb's maps: bpf() refused, no bpffs to find pins in nor to mount,
+/// and svclb's maps and balancing unchanged.
+const HOSTILE_PY: &str = r#"
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_bpf = 321
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(bytes(attr), 128)
+    r = libc.syscall(SYS_bpf, cmd, buf, 128)
+    return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
+path = sys.argv[1].encode() + b"\0"
+pbuf = ctypes.create_string_buffer(path)
+obj_get = ctypes.addressof(pbuf).to_bytes(8, "little") + bytes(120)
+print("map_get_next_id", bpf(12, bytes(128)))
+print("obj_get", bpf(7, obj_get))
+print("map_create", bpf(0, (2).to_bytes(4, "little") + (4).to_bytes(4, "little") * 2 + (1).to_bytes(4, "little") + bytes(112)))
+os.makedirs("/tmp/b", exist_ok=True)
+r = libc.mount(b"bpf", b"/tmp/b", b"bpf", 0, None)
+print("mount", "ok" if r == 0 else errno.errorcode[ctypes.get_errno()])
+print("pins_visible", os.path.exists(sys.argv[1]))
+"#;
+
+#[test]
+fn root_in_a_task_container_can_neither_read_nor_change_the_maps() {
+    let s = swarm(2);
+    let e = &s.engine;
+    let api = view(e);
+    let pins = PinDir::new();
+    let daemon = svclbd(&pins, e);
+    wait_backends(&pins, &api.task_ips, &daemon);
+    let before = pins.ctl(&["list"]).unwrap();
+    let pin = pins.path().join("svclb_vips");
+    let out = e
+        .exec(
+            &s.web,
+            &["/usr/bin/python3", "-c", HOSTILE_PY, pin.to_str().unwrap()],
+        )
+        .unwrap();
+    let got: BTreeMap<&str, &str> = out.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert_eq!(got.get("map_get_next_id"), Some(&"EPERM"), "{out}");
+    assert_eq!(got.get("map_create"), Some(&"EPERM"), "{out}");
+    assert_ne!(got.get("obj_get"), Some(&"ok"), "{out}");
+    assert_eq!(got.get("mount"), Some(&"EPERM"), "{out}");
+    assert_eq!(got.get("pins_visible"), Some(&"False"), "{out}");
+    assert_eq!(
+        pins.ctl(&["list"]).unwrap(),
+        before,
+        "the maps are unchanged"
+    );
+    let attempts = e.client(&s.web, "tcp", "api", 10).unwrap();
+    let (_, failed) = tally(&attempts);
+    assert!(failed.is_empty(), "still balanced: {failed:?}");
+}
