@@ -1176,3 +1176,63 @@ fn attach_and_detach_by_pid_and_by_container() {
     assert!(!spread(&fx.sandbox, 10).contains_key(VIP));
     drop(other);
 }
+
+// ---- Capacity. ----
+
+/// `count` services `s0..`, VIPs 172.50.1.x, each with `backends` of
+/// 172.50.2.x and on `networks` networks `n0..`.
+fn services_text(count: usize, backends: usize, scheduler: &str, networks: usize) -> String {
+    let mut text = String::new();
+    for i in 0..count {
+        let list: Vec<String> = (0..backends)
+            .map(|b| format!("\"172.50.2.{}\"", 1 + i * backends + b))
+            .collect();
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"172.50.1.{}\"\nscheduler = \"{scheduler}\"\nbackends = [{}]\n",
+            i + 1,
+            list.join(", ")
+        ));
+        if networks > 0 {
+            let names: Vec<String> = (0..networks).map(|n| format!("\"n{n}\"")).collect();
+            text.push_str(&format!("networks = [{}]\n", names.join(", ")));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[test]
+fn more_than_the_maps_hold_is_refused_whole_naming_the_limit_and_its_flag() {
+    let pins = PinDir::new();
+    let config = write_temp("small.toml", &services_text(1, 2, "rr", 0)).unwrap();
+    let _daemon = Svclbd::start(
+        &pins,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--no-watch",
+            "--max-services",
+            "4",
+            "--max-backends",
+            "8",
+            "--max-slots",
+            "64",
+        ],
+    )
+    .unwrap();
+    let before = listed(&pins);
+    for (what, text, names) in [
+        ("services", services_text(5, 1, "rr", 0), "--max-services"),
+        ("backends", services_text(3, 3, "rr", 0), "--max-backends"),
+        ("slots", services_text(1, 2, "mh", 0), "--max-slots"),
+        ("networks", services_text(1, 1, "rr", 65), "64 networks"),
+    ] {
+        let file = write_temp("big.toml", &text).unwrap();
+        let err = pins
+            .ctl(&["apply", file.to_str().unwrap()])
+            .expect_err(what)
+            .to_string();
+        assert!(err.contains(names), "{what}: names {names}: {err}");
+        assert_eq!(listed(&pins), before, "{what}: nothing changed");
+    }
+}
