@@ -158,3 +158,48 @@ fn a_change_that_does_not_validate_is_refused_and_counted() {
         .log_text()
         .contains("reload refused, nothing changed"));
 }
+
+/// A map write the kernel refuses (ENOMEM, E2BIG, a full map) in the middle
+/// of svclbd's reload: the change is rolled back whole, counted, and the
+/// balancing stays as it was.
+#[test]
+fn a_map_write_refused_during_a_reload_is_rolled_back_and_counted() {
+    let mut fx = ApiFixture::start();
+    fx.daemon.take().unwrap().stop().unwrap();
+    let before = fx.pins.ctl(&["list"]).unwrap();
+    // The first write past startup fails: found by starting with the
+    // failure at write 1, 2, ... until startup makes fewer writes.
+    let args = ["--config", fx.config.to_str().unwrap(), "--no-watch"];
+    let daemon = (1..=100)
+        .find_map(|n| {
+            Svclbd::start_with(&fx.pins, &args, |cmd| {
+                cmd.env("SVCLB_FAIL_MAP_WRITE", n.to_string());
+                Ok(())
+            })
+            .ok()
+        })
+        .expect("svclbd starts once the failure is past its startup");
+    assert_eq!(fx.pins.ctl(&["list"]).unwrap(), before);
+    std::fs::write(
+        &fx.config,
+        format!("[[service]]\nname = \"api\"\nvip = \"{VIP}\"\nmark = 0x13d\nbackends = [\"172.50.0.41\"]\n"),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP).unwrap();
+    eventually(NOTICED_WITHIN, "the failure is counted", || {
+        match faults(&daemon, "apply_failed") {
+            1 => Ok(()),
+            n => Err(format!("{n}")),
+        }
+    });
+    let log = daemon.log_text();
+    assert!(
+        log.contains("failed (injected by SVCLB_FAIL_MAP_WRITE)"),
+        "{log}"
+    );
+    assert!(log.contains("rolled back"), "{log}");
+    assert_eq!(fx.pins.ctl(&["list"]).unwrap(), before, "rolled back whole");
+    let spread = fx.tcp_spread(addr(VIP, PORT), 20, true);
+    assert_eq!(spread.len(), 2, "both tasks still balanced: {spread:?}");
+    drop(daemon);
+}
