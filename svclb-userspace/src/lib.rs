@@ -23,6 +23,8 @@
 //! - [`notify`]: telling systemd (or a test) that svclbd is ready.
 //! - [`target`]: what to attach to: a cgroup, a process's, a container's.
 //! - [`docker`]: asking the Docker Engine API for a container's PID.
+//! - [`netns`]: working inside a container's network namespace.
+//! - [`runtime`]: svclb-runc's announcement of a container being created.
 //! - [`terminate`]: ending the sockets connected to a backend that left.
 
 pub mod alloc;
@@ -35,12 +37,14 @@ pub mod health;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod netns;
 pub mod notify;
 pub mod pins;
 pub mod privileges;
 pub mod probe;
 pub mod rates;
 pub mod reconcile;
+pub mod runtime;
 pub mod schedule;
 pub mod stats;
 pub mod sync;

@@ -63,7 +63,7 @@ pub fn end_sockets(pins: &PinDir, departed: &[DepartedBackend]) -> Result<Vec<En
     let mut counts = vec![0u64; wanted.len()];
     let mut failures = Vec::new();
     for (path, netns) in attached_netns(pins)? {
-        match in_netns(&netns, || end_in_current_netns(&socks, &udp_conns, &wanted)) {
+        match crate::netns::in_netns(&netns, || end_in_current_netns(&socks, &udp_conns, &wanted)) {
             Ok(Ok(per_backend)) => {
                 for (c, n) in counts.iter_mut().zip(per_backend) {
                     *c += n;
@@ -136,20 +136,6 @@ fn threads_of(cgroup_dir: &Path) -> Vec<u32> {
     fs::read_to_string(cgroup_dir.join("cgroup.threads"))
         .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
-}
-
-/// Runs `f` on a thread of its own inside the namespace `netns`.
-fn in_netns<R: Send>(netns: &File, f: impl FnOnce() -> R + Send) -> Result<R> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error()).context("setns");
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the thread searching a namespace panicked"))?
-    })
 }
 
 /// In the calling thread's namespace: dumps TCP and UDP sockets of both
