@@ -15,10 +15,11 @@ use svclb::{
     notify,
     pins::PinDir,
     reconcile,
+    runtime::{self, Answer, Created, RuntimeSocket},
     sync::{
         self,
         dns::{Discovery, Refresh},
-        docker::{DockerSync, Wake},
+        docker::{DockerSync, StartScope, Wake},
         file::{ConfigFile, FileWatch},
     },
     target,
@@ -65,6 +66,13 @@ struct Args {
     /// announces nothing then, so this stays well under 2 s.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     docker_poll: std::time::Duration,
+    /// With --docker: strict scoping. Listen here for svclb-runc (Docker's
+    /// default runtime, see the README), which announces every container
+    /// before it starts; svclbd writes its networks then, and a container
+    /// svclbd has not scoped sees no swarm service (instead of all of the
+    /// node's until its start event is handled).
+    #[arg(long, value_name = "PATH", requires = "docker", num_args = 0..=1, default_missing_value = runtime::DEFAULT_SOCKET)]
+    runtime_socket: Option<PathBuf>,
     /// A network the attached cgroups' processes are on (repeatable): they
     /// see the services limited to it.
     #[arg(long = "network", value_name = "NAME")]
@@ -204,6 +212,11 @@ async fn run(args: Args) -> Result<()> {
     // What the health check watches: every cgroup attached, by path.
     let mut attached: Vec<health::Attached> = Vec::new();
     let mut docker_parent: Option<CgroupPath> = None;
+    // What a container sees before svclbd has written its own networks.
+    let start_scope = match args.runtime_socket {
+        Some(_) => StartScope::Strict,
+        None => StartScope::Union,
+    };
     if let Some(d) = &mut docker {
         d.applied();
         // Where Docker puts containers: attached there, every container is
@@ -214,7 +227,7 @@ async fn run(args: Args) -> Result<()> {
             .context(
                 "finding where Docker puts containers' cgroups (--docker-cgroup-parent sets it)",
             )?;
-        d.set_parent(&parent)?;
+        d.set_parent(&parent, start_scope)?;
         d.write_scopes(&mut dp)?;
         loaded.attach(&parent)?;
         info!(cgroup = %parent.absolute.display(), "attached for Docker's containers");
@@ -252,6 +265,17 @@ async fn run(args: Args) -> Result<()> {
     );
     notify::notify("READY=1").context("notifying readiness")?;
 
+    // Strict scoping: svclb-runc's announcements, answered in the loop below.
+    let (runtime_tx, mut runtime_rx) = tokio::sync::mpsc::channel::<Created>(64);
+    let _runtime_socket = match &args.runtime_socket {
+        Some(path) => {
+            let (socket, listener) = RuntimeSocket::bind(path)?;
+            runtime::serve(listener, runtime_tx);
+            info!(socket = %path.display(), "strict scoping: svclb-runc's announcements are taken here");
+            Some(socket)
+        }
+        None => None,
+    };
     let (docker_tx, mut docker_rx) = tokio::sync::mpsc::channel::<Wake>(1);
     if let Some(d) = &docker {
         sync::docker::follow_events(d.client(), d.status(), docker_tx);
@@ -309,6 +333,9 @@ async fn run(args: Args) -> Result<()> {
                     docker_containers(&mut dp, &config, &mut docker, &mut discovery, &containers, &full_why).await;
                 }
             },
+            Some(created) = runtime_rx.recv() => {
+                runtime_created(&mut dp, &config, &mut docker, &mut discovery, created).await;
+            },
             _ = sleep_until(full_due), if docker.is_some() => {
                 full_due = None;
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, &full_why).await;
@@ -321,7 +348,7 @@ async fn run(args: Args) -> Result<()> {
                 for (cg, id) in checked.reattached {
                     let scoped = match (&mut docker, &docker_parent) {
                         (Some(d), Some(parent)) if *parent == cg => {
-                            d.set_parent(&cg).and_then(|()| d.write_scopes(&mut dp))
+                            d.set_parent(&cg, start_scope).and_then(|()| d.write_scopes(&mut dp))
                         }
                         _ => dp.set_cgroup_networks(id, &args.networks),
                     };
@@ -457,6 +484,46 @@ async fn docker_containers(
         }
     }
     write_docker_scopes(dp, docker, why);
+}
+
+/// A container svclb-runc announced: its networks, from its addresses, are
+/// written before it starts.
+async fn runtime_created(
+    dp: &mut Dataplane,
+    config: &Config,
+    docker: &mut Option<DockerSync>,
+    discovery: &mut Discovery,
+    created: Created,
+) {
+    let Some(d) = docker.as_mut() else { return };
+    let (mut networks, unknown) = d.networks_at(&created.init.addresses);
+    if !unknown.is_empty() {
+        // A network new to this node (its first task here): the resync
+        // brings its subnet and its services.
+        tracing::debug!(container = %created.container, ?unknown, "addresses on no known network: resyncing first");
+        docker_resync(
+            dp,
+            config,
+            docker,
+            discovery,
+            "a container on a network new to this node",
+        )
+        .await;
+        if let Some(d) = docker.as_ref() {
+            networks = d.networks_at(&created.init.addresses).0;
+        }
+    }
+    let Some(d) = docker.as_mut() else { return };
+    let answer = match d.scope_created(
+        dp,
+        &created.container,
+        created.init.cgroup_id,
+        networks.clone(),
+    ) {
+        Ok(()) => Answer::Scoped(networks),
+        Err(e) => Answer::Error(format!("writing its networks: {e:#}")),
+    };
+    let _ = created.reply.send(answer);
 }
 
 /// Applies Docker's services as the last read left them.

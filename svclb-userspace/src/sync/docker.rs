@@ -17,6 +17,10 @@
 //!   scoped to the swarm networks it is on (svclb_scopes), so a task sees
 //!   the services of its networks only; a container on no swarm network gets
 //!   an explicit empty scope and sees none of them.
+//! - the subnets of every network `GET /networks` lists: with
+//!   `--runtime-socket` (strict scoping, [`crate::runtime`]), a container
+//!   svclb-runc announces is scoped from its interfaces' addresses before
+//!   it starts, without asking the engine about it.
 //! - `GET /events` (container, network, service events): any event leads to
 //!   a resync of the whole view at once, and the events that arrive during
 //!   it to one more; so does a (re)connect. And the view is polled (every
@@ -43,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bollard::query_parameters::{
@@ -69,6 +74,10 @@ pub const FULL_RESYNC_AFTER: Duration = Duration::from_millis(50);
 
 /// The shortest --docker-poll period.
 pub const MIN_POLL: Duration = Duration::from_millis(20);
+/// How long a container svclb-runc announced keeps its scope while no
+/// resync lists it running yet (between `runc create` and the engine
+/// marking it running; a start that failed leaves it this long).
+const ANNOUNCED_GRACE: Duration = Duration::from_secs(60);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -174,6 +183,14 @@ pub struct DockerSync {
     /// The cgroup Docker puts containers under: its id and the networks
     /// written for it.
     parent: Option<(u64, Option<Vec<String>>)>,
+    /// What a container sees before its own scope is written.
+    start_scope: StartScope,
+    /// Containers svclb-runc announced, not yet listed running by a
+    /// resync, and when: not taken for gone meanwhile.
+    announced: BTreeMap<String, Instant>,
+    /// Every network's subnets from the last resync, for scoping a
+    /// container by its addresses.
+    subnets: Vec<NetworkSubnet>,
     /// Read by the last resync, written by [`DockerSync::write_scopes`].
     pending: Option<Pending>,
     /// Docker's services changed and are not applied yet.
@@ -196,6 +213,30 @@ pub struct DockerSync {
     status: Arc<Status>,
 }
 
+/// What a container sees before svclbd has written its own scope (it
+/// inherits the scope of the cgroup Docker puts containers under).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartScope {
+    /// Every swarm network of the node: balanced from its first
+    /// instruction, but for the milliseconds until its start event is
+    /// handled, a container on network A could reach network B's VIPs,
+    /// and one on no swarm network is balanced too.
+    Union,
+    /// None: svclb-runc has svclbd write the container's scope before it
+    /// starts ([`crate::runtime`]); a container svclbd has not scoped is
+    /// not touched.
+    Strict,
+}
+
+/// One subnet of a network the engine lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NetworkSubnet {
+    net: ipnet::IpNet,
+    network: String,
+    /// A swarm network svclb follows (the others are known, not scoped).
+    followed: bool,
+}
+
 /// The swarm networks on this node and the running containers.
 #[derive(Debug)]
 struct Pending {
@@ -208,6 +249,7 @@ struct Pending {
 struct View {
     services: BTreeMap<String, ServiceSpec>,
     pending: Pending,
+    subnets: Vec<NetworkSubnet>,
 }
 
 /// `<service>@<network>`: one svclb service per VIP.
@@ -404,6 +446,36 @@ pub fn default_parent(driver: &str) -> &'static str {
     }
 }
 
+/// The followed swarm networks `addresses` are on, by `subnets`; and the
+/// addresses in none of the subnets (loopback and link-local ones aside):
+/// on a network new to this node, which a resync would tell.
+fn networks_at(subnets: &[NetworkSubnet], addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
+    let mut networks = Vec::new();
+    let mut unknown = Vec::new();
+    for addr in addresses {
+        let addr = addr.to_canonical();
+        let link_local = match addr {
+            IpAddr::V4(a) => a.is_link_local(),
+            IpAddr::V6(a) => a.is_unicast_link_local(),
+        };
+        if addr.is_loopback() || link_local {
+            continue;
+        }
+        let mut known = false;
+        for s in subnets.iter().filter(|s| s.net.contains(&addr)) {
+            known = true;
+            if s.followed && !networks.contains(&s.network) {
+                networks.push(s.network.clone());
+            }
+        }
+        if !known {
+            unknown.push(addr);
+        }
+    }
+    networks.sort();
+    (networks, unknown)
+}
+
 impl DockerSync {
     /// A source for the engine at `host`, starting from the Docker services
     /// the maps already hold (so a restart while the engine is away, or a
@@ -424,6 +496,9 @@ impl DockerSync {
             scoped: BTreeMap::new(),
             started_scopes: BTreeMap::new(),
             parent: None,
+            start_scope: StartScope::Union,
+            announced: BTreeMap::new(),
+            subnets: Vec::new(),
             pending: None,
             dirty: true,
             stopping: Default::default(),
@@ -545,15 +620,50 @@ impl DockerSync {
         Ok(None)
     }
 
-    /// Records the cgroup svclbd attached to for containers: it gets the
-    /// union of the swarm networks, so a container is balanced from its
-    /// first instruction, before its own scope is written (a container on
-    /// network A could then reach network B's VIP for those milliseconds;
-    /// Docker's DNS does not give it that VIP, and B's tasks are not
-    /// reachable from A anyway).
-    pub fn set_parent(&mut self, parent: &CgroupPath) -> Result<()> {
+    /// Records the cgroup svclbd attached to for containers and what it
+    /// gives them before their own scope is written ([`StartScope`]).
+    pub fn set_parent(&mut self, parent: &CgroupPath, start_scope: StartScope) -> Result<()> {
         self.parent = Some((parent.id()?, None));
+        self.start_scope = start_scope;
         Ok(())
+    }
+
+    /// The followed swarm networks `addresses` are on, and the addresses
+    /// in no network the last resync listed (see [`networks_at`]).
+    pub fn networks_at(&self, addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
+        networks_at(&self.subnets, addresses)
+    }
+
+    /// Writes the scope of a container svclb-runc announced (its cgroup,
+    /// on `networks`), before it starts; the resyncs keep it from then on.
+    pub fn scope_created(
+        &mut self,
+        dp: &mut Dataplane,
+        id: &str,
+        cgroup_id: u64,
+        networks: Vec<String>,
+    ) -> Result<()> {
+        if networks.is_empty() {
+            dp.set_cgroup_no_networks(cgroup_id)?;
+        } else {
+            dp.set_cgroup_networks(cgroup_id, &networks)?;
+        }
+        self.scoped.insert(id.to_owned(), (cgroup_id, networks));
+        self.announced.insert(id.to_owned(), Instant::now());
+        Ok(())
+    }
+
+    /// A container the resync scopes for the first time: in strict mode,
+    /// once the containers running at startup are scoped, svclb-runc should
+    /// have announced it.
+    fn note_late(&self, id: &str, warmed_up: bool) {
+        if warmed_up && self.start_scope == StartScope::Strict && !self.scoped.contains_key(id) {
+            warn!(
+                container = %id,
+                "scoped only now, after its start: svclb-runc did not announce it (is Docker's \
+                 default runtime svclb-runc, and was svclbd reachable?)"
+            );
+        }
     }
 
     /// Reads the engine's view. `Ok(true)` when Docker's services differ
@@ -579,6 +689,7 @@ impl DockerSync {
                 }
                 self.services = view.services;
                 self.pending = Some(view.pending);
+                self.subnets = view.subnets;
                 self.status
                     .services
                     .store(self.services.len() as u64, Ordering::Relaxed);
@@ -811,7 +922,21 @@ impl DockerSync {
             .map_err(|e| docker::explain(e, "GET /networks"))?;
         let mut swarm: Vec<String> = Vec::new();
         let mut found: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+        let mut subnets = Vec::new();
         for n in nets {
+            for config in n.ipam.iter().flat_map(|i| i.config.iter().flatten()) {
+                let (Some(name), Some(text)) = (&n.name, &config.subnet) else {
+                    continue;
+                };
+                match text.parse::<ipnet::IpNet>() {
+                    Ok(net) => subnets.push(NetworkSubnet {
+                        net,
+                        network: name.clone(),
+                        followed: false,
+                    }),
+                    Err(e) => debug!("network {name}: subnet {text:?} not understood: {e}"),
+                }
+            }
             if n.scope.as_deref() != Some("swarm") || n.ingress == Some(true) {
                 continue;
             }
@@ -898,12 +1023,16 @@ impl DockerSync {
             };
             containers.insert(id, (cgroup_id, nets));
         }
+        for s in &mut subnets {
+            s.followed = swarm.contains(&s.network);
+        }
         Ok(View {
             services: found,
             pending: Pending {
                 networks: swarm,
                 containers,
             },
+            subnets,
         })
     }
 
@@ -919,12 +1048,17 @@ impl DockerSync {
     }
 
     /// Writes the containers' scopes read by the last resync: each on its
-    /// swarm networks, one on none explicitly on none; the parent on all.
+    /// swarm networks, one on none explicitly on none; the parent on all
+    /// ([`StartScope::Union`]) or none ([`StartScope::Strict`]).
     pub fn write_scopes(&mut self, dp: &mut Dataplane) -> Result<()> {
+        // The containers running at startup are being scoped for the first
+        // time: none of them is late.
+        let warmed_up = self.parent.as_ref().is_some_and(|(_, w)| w.is_some());
         // Containers the incremental path saw start: scoped now, before
         // the next full resync lists them with every other.
         for (cid, (cg, nets)) in std::mem::take(&mut self.started_scopes) {
             if self.scoped.get(&cid) != Some(&(cg, nets.clone())) {
+                self.note_late(&cid, warmed_up);
                 dp.set_cgroup_networks(cg, &nets)?;
                 debug!(container = %cid, networks = ?nets, "scoped");
                 self.scoped.insert(cid, (cg, nets));
@@ -933,21 +1067,30 @@ impl DockerSync {
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
+        let start_networks = match self.start_scope {
+            StartScope::Union => pending.networks.clone(),
+            StartScope::Strict => Vec::new(),
+        };
         if let Some((id, written)) = &mut self.parent {
-            if written.as_ref() != Some(&pending.networks) {
-                if pending.networks.is_empty() {
+            if written.as_ref() != Some(&start_networks) {
+                if start_networks.is_empty() {
                     dp.set_cgroup_no_networks(*id)?;
                 } else {
-                    dp.set_cgroup_networks(*id, &pending.networks)?;
+                    dp.set_cgroup_networks(*id, &start_networks)?;
                 }
-                info!(networks = ?pending.networks, "containers start on the swarm networks of this node");
-                *written = Some(pending.networks.clone());
+                match self.start_scope {
+                    StartScope::Union => info!(networks = ?start_networks, "containers start on the swarm networks of this node"),
+                    StartScope::Strict => info!("containers start on no network: each is scoped when svclb-runc announces it"),
+                }
+                *written = Some(start_networks);
             }
         }
         for (cid, (cg, nets)) in &pending.containers {
+            self.announced.remove(cid);
             if self.scoped.get(cid) == Some(&(*cg, nets.clone())) {
                 continue;
             }
+            self.note_late(cid, warmed_up);
             if nets.is_empty() {
                 dp.set_cgroup_no_networks(*cg)?;
             } else {
@@ -956,10 +1099,13 @@ impl DockerSync {
             debug!(container = %cid, networks = ?nets, "scoped");
             self.scoped.insert(cid.clone(), (*cg, nets.clone()));
         }
+        // An announced container is not running yet while its start goes on.
+        self.announced
+            .retain(|_, at| at.elapsed() < ANNOUNCED_GRACE);
         let gone: Vec<String> = self
             .scoped
             .keys()
-            .filter(|c| !pending.containers.contains_key(*c))
+            .filter(|c| !pending.containers.contains_key(*c) && !self.announced.contains_key(*c))
             .cloned()
             .collect();
         for cid in gone {
@@ -1190,6 +1336,40 @@ mod tests {
         d.note(&Wake::Connected);
         assert!(d.stopping.contains("c2"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_container_is_on_the_networks_of_its_addresses() {
+        let subnet = |net: &str, network: &str, followed| NetworkSubnet {
+            net: net.parse().unwrap(),
+            network: network.to_owned(),
+            followed,
+        };
+        let subnets = [
+            subnet("172.50.0.0/24", "backend", true),
+            subnet("172.51.0.0/24", "other", true),
+            subnet("10.0.0.0/24", "ingress", false),
+            subnet("fd00:50::/64", "backend", true),
+        ];
+        let addrs = |a: &[&str]| -> Vec<IpAddr> { a.iter().map(|a| a.parse().unwrap()).collect() };
+        let (nets, unknown) = networks_at(
+            &subnets,
+            &addrs(&[
+                "127.0.0.1",
+                "::1",
+                "172.51.0.9",
+                "172.50.0.3",
+                "fd00:50::3",
+                "fe80::1",
+                "10.0.0.4",
+            ]),
+        );
+        assert_eq!(nets, ["backend", "other"]);
+        assert!(unknown.is_empty(), "{unknown:?}");
+        // An address of a network the last resync did not list.
+        let (nets, unknown) = networks_at(&subnets, &addrs(&["172.52.0.3"]));
+        assert!(nets.is_empty());
+        assert_eq!(unknown, addrs(&["172.52.0.3"]));
     }
 
     #[test]
