@@ -13,6 +13,11 @@
 //! Network rule: only `--internal` overlay networks are created, so no
 //! container has a route out; the seed's subnet is 172.50.0.0/24.
 //!
+//! [`Engine::start_strict`] runs the engine with svclb-runc as its default
+//! runtime (a daemon.json in the temporary directory, `--config-file`), for
+//! svclb's strict scoping: svclbd is then started with `--runtime-socket`
+//! [`Engine::runtime_socket`].
+//!
 //! One private engine at a time runs on the machine (an exclusive lock on
 //! [`LOCK_PATH`]): engines share the host's `docker0` and
 //! `docker_gwbridge` names. Dropping an [`Engine`] (also on panic) removes
@@ -213,6 +218,8 @@ pub struct Engine {
     dir: PathBuf,
     socket: PathBuf,
     cgroup_parent: String,
+    /// The daemon.json dockerd reads (`--config-file`), if any.
+    config_file: Option<PathBuf>,
     /// The network namespace dockerd runs in (a second node), or the host's.
     netns: Option<String>,
     child: Option<Child>,
@@ -366,12 +373,48 @@ impl Engine {
     /// skips) when the engine cannot run here, naming why.
     pub fn start() -> Result<Engine> {
         let lock = lock()?;
-        Self::launch(None, Some("127.0.0.1"), Some(lock))
+        Self::launch(None, Some("127.0.0.1"), Some(lock), false)
+    }
+
+    /// Like [`Engine::start`], with svclb-runc (from the built binaries)
+    /// as the engine's default runtime, announcing containers on
+    /// [`Engine::runtime_socket`].
+    pub fn start_strict() -> Result<Engine> {
+        let lock = lock()?;
+        Self::launch(None, Some("127.0.0.1"), Some(lock), true)
+    }
+
+    /// Where svclb-runc announces containers (for `svclbd --runtime-socket`).
+    pub fn runtime_socket(&self) -> PathBuf {
+        self.dir.join("runtime.sock")
+    }
+
+    /// The daemon.json of strict scoping, as an operator writes it.
+    fn write_strict_config(&mut self) -> Result<()> {
+        let runc = crate::daemon::bin("svclb-runc");
+        let config = serde_json::json!({
+            "runtimes": {
+                "svclb": {
+                    "path": runc,
+                    "runtimeArgs": [format!("--svclb-socket={}", self.runtime_socket().display())],
+                },
+            },
+            "default-runtime": "svclb",
+        });
+        let path = self.dir.join("daemon.json");
+        fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        self.config_file = Some(path);
+        Ok(())
     }
 
     /// dockerd in the host's network namespace or in `netns`; with `init`,
     /// a swarm is initialised advertising (and listening on) that address.
-    fn launch(netns: Option<String>, init: Option<&str>, lock: Option<fs::File>) -> Result<Engine> {
+    fn launch(
+        netns: Option<String>,
+        init: Option<&str>,
+        lock: Option<fs::File>,
+        strict: bool,
+    ) -> Result<Engine> {
         let tag = format!("{}-{}", std::process::id(), crate::daemon::unique());
         let dir = PathBuf::from(format!("/tmp/svclb-swarm-{tag}"));
         let _ = fs::remove_dir_all(&dir);
@@ -379,6 +422,7 @@ impl Engine {
         let mut engine = Engine {
             socket: dir.join("docker.sock"),
             cgroup_parent: format!("/svclb-swarm-{tag}"),
+            config_file: None,
             dir,
             netns,
             child: None,
@@ -395,6 +439,9 @@ impl Engine {
             ip_forward_before: fs::read_to_string(IP_FORWARD).ok(),
             _lock: lock,
         };
+        if strict {
+            engine.write_strict_config()?;
+        }
         engine.start_dockerd()?;
         if let Some(addr) = init {
             engine
@@ -442,6 +489,11 @@ impl Engine {
             .arg(self.host())
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
+            .args(
+                self.config_file
+                    .iter()
+                    .flat_map(|f| [Path::new("--config-file"), f]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -671,9 +723,19 @@ impl Engine {
     /// A plain (non-swarm) container on `network` (an attachable overlay),
     /// or on none (`None`: `--network none`).
     pub fn run_container(&mut self, name: &str, network: Option<&str>) -> Result<Container> {
+        self.run_container_with(name, network, &["/bin/sleep", "100000"])
+    }
+
+    /// Like [`Engine::run_container`], running `cmd`.
+    pub fn run_container_with(
+        &mut self,
+        name: &str,
+        network: Option<&str>,
+        cmd: &[&str],
+    ) -> Result<Container> {
         let image = self.image()?;
         let net = network.unwrap_or("none");
-        let id = self.docker(&[
+        let mut args = vec![
             "run",
             "-d",
             "--name",
@@ -683,9 +745,9 @@ impl Engine {
             "-v",
             "/usr:/usr:ro",
             &image,
-            "/bin/sleep",
-            "100000",
-        ])?;
+        ];
+        args.extend_from_slice(cmd);
+        let id = self.docker(&args)?;
         self.containers.push(name.to_owned());
         self.container(&id)
     }
@@ -1052,8 +1114,8 @@ impl TwoNodes {
         ip(&["-n", &link.netns, "link", "set", "eth-n2", "up"])?;
         ip(&["-n", &link.netns, "link", "set", "lo", "up"])?;
 
-        let mut node1 = Engine::launch(None, Some(NODE1_ADDR), None)?;
-        let node2 = Engine::launch(Some(link.netns.clone()), None, None)?;
+        let mut node1 = Engine::launch(None, Some(NODE1_ADDR), None, false)?;
+        let node2 = Engine::launch(Some(link.netns.clone()), None, None, false)?;
         let token = node1.docker(&["swarm", "join-token", "-q", "worker"])?;
         node2
             .docker(&[

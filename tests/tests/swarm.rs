@@ -20,7 +20,13 @@ struct Swarm {
 }
 
 fn swarm(api_replicas: u32) -> Swarm {
-    let mut engine = Engine::start().expect("a private Docker engine with a swarm");
+    swarm_on(
+        Engine::start().expect("a private Docker engine with a swarm"),
+        api_replicas,
+    )
+}
+
+fn swarm_on(mut engine: Engine, api_replicas: u32) -> Swarm {
     engine.network(NET, svclb_tests::swarm::SUBNET).unwrap();
     engine.server_service("api", &[NET], api_replicas).unwrap();
     let web = engine.client_service("web", &[NET]).unwrap();
@@ -71,6 +77,16 @@ fn wait_backends(pins: &PinDir, want: &[String], daemon: &Svclbd) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The Conns of service `FWM <mark>` (svclb-ctl stats).
+fn fwm_conns(pins: &PinDir, mark: u32) -> u64 {
+    parse_stats(&pins.ctl(&["stats", "--exact"]).unwrap())
+        .unwrap()
+        .iter()
+        .filter(|r| !r.is_backend && r.name == format!("FWM  {mark}"))
+        .map(|r| r.conns)
+        .sum()
 }
 
 /// Every connect that succeeded reached one of `tasks`.
@@ -385,14 +401,7 @@ fn containers_see_only_their_networks_services() {
     let api = view(&s.engine);
     wait_backends(&pins, &api.task_ips, &daemon);
 
-    let conns = |pins: &PinDir, mark: u32| -> u64 {
-        parse_stats(&pins.ctl(&["stats", "--exact"]).unwrap())
-            .unwrap()
-            .iter()
-            .filter(|r| !r.is_backend && r.name == format!("FWM  {mark}"))
-            .map(|r| r.conns)
-            .sum()
-    };
+    let conns = fwm_conns;
     let total = |pins: &PinDir| conns(pins, api.local_lb_index);
     // On another network only: api's VIP means nothing to it.
     let outsider = s.engine.run_container("outsider", Some("other")).unwrap();
@@ -940,4 +949,213 @@ fn root_in_a_task_container_can_neither_read_nor_change_the_maps() {
     let attempts = e.client(&s.web, "tcp", "api", 10).unwrap();
     let (_, failed) = tally(&attempts);
     assert!(failed.is_empty(), "still balanced: {failed:?}");
+}
+
+// Strict scoping (svclbd --runtime-socket, svclb-runc as the engine's
+// default runtime): each container's networks are written before its first
+// instruction. The probes' first action is busybox's nc, a millisecond
+// after their program starts: a Python client would leave svclbd's event
+// path the 20 ms it takes to start, and these tests could then not tell
+// strict scoping from the union the parent cgroup gets without it.
+
+/// The probes' program: connect to `addr`:8080 first, keep what came of it
+/// (nc's output and exit status) in /tmp/first, then sleep.
+fn first_connect(addr: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "/bin/nc -w 2 {addr} 8080 </dev/null >/tmp/first 2>&1; echo \"exit $?\" >>/tmp/first; exec /bin/sleep 100000"
+        ),
+    ]
+}
+
+/// Each container's /tmp/first, once written.
+fn first_results(engine: &Engine, ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .map(|id| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = engine.exec(id, &["cat", "/tmp/first"]).unwrap_or_default();
+                if out.contains("exit ") || Instant::now() > deadline {
+                    break out;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .collect()
+}
+
+/// An engine running containers with svclb-runc, `api` (2 tasks) and
+/// `web` on [`NET`], and svclbd --docker --runtime-socket. api and web
+/// started before svclbd listened: svclb-runc let them start (fail open)
+/// and svclbd scoped them at its first resync.
+fn strict_swarm(pins: &PinDir) -> (Swarm, Svclbd) {
+    let s = swarm_on(
+        Engine::start_strict().expect("a private Docker engine running svclb-runc"),
+        2,
+    );
+    let socket = s.engine.runtime_socket();
+    let daemon = Svclbd::start(
+        pins,
+        &[
+            "--docker",
+            "--docker-host",
+            &s.engine.host(),
+            "--runtime-socket",
+            &socket.to_string_lossy(),
+        ],
+    )
+    .expect("svclbd --docker --runtime-socket starts");
+    wait_backends(pins, &view(&s.engine).task_ips, &daemon);
+    (s, daemon)
+}
+
+/// How long svclbd held each announced container's start (its log's held_ms).
+fn held_ms(daemon: &Svclbd) -> Vec<f64> {
+    let mut out: Vec<f64> = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("scoped before its first instruction"))
+        .filter_map(|l| {
+            l.split("held_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// api's Conns and the connections its tasks accepted.
+fn api_reached(s: &Swarm, pins: &PinDir, api: &ServiceView) -> (u64, u64) {
+    let accepted = s
+        .engine
+        .tasks("api")
+        .unwrap()
+        .iter()
+        .map(|t| s.engine.accepted(&t.id).unwrap())
+        .sum();
+    (fwm_conns(pins, api.local_lb_index), accepted)
+}
+
+#[test]
+fn strict_a_new_task_connects_from_its_first_instruction() {
+    let pins = PinDir::new();
+    let (mut s, daemon) = strict_swarm(&pins);
+    let api = view(&s.engine);
+    let cmd = first_connect(&api.vip);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.engine
+        .service(
+            "probe",
+            &[NET],
+            &["--replicas", "20", "--restart-condition", "none"],
+            &cmd,
+        )
+        .unwrap();
+    let tasks = s.engine.wait_running("probe", 20).unwrap();
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    let results = first_results(&s.engine, &ids);
+    let reached_api = |r: &String| {
+        r.contains("exit 0")
+            && r.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| api.task_ips.iter().any(|t| t == a))
+            })
+    };
+    let ok = results.iter().filter(|r| reached_api(r)).count();
+    assert_eq!(ok, 20, "first connects: {results:?}\n{}", daemon.log_text());
+    let held = held_ms(&daemon);
+    assert!(held.len() >= 20, "announcements scoped: {held:?}");
+    eprintln!(
+        "svclbd held {} container starts: median {} ms, max {} ms",
+        held.len(),
+        held[held.len() / 2],
+        held[held.len() - 1]
+    );
+}
+
+#[test]
+fn strict_a_new_container_on_another_network_is_not_balanced_to_its_services() {
+    let pins = PinDir::new();
+    let (mut s, daemon) = strict_swarm(&pins);
+    s.engine.network("other", "172.51.0.0/24").unwrap();
+    let api = view(&s.engine);
+    let before = api_reached(&s, &pins, &api);
+    // 20 tasks on the other network whose first action is a connect to
+    // api's VIP by address (Docker's DNS would not give it to them).
+    let cmd = first_connect(&api.vip);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    s.engine
+        .service(
+            "outsider",
+            &["other"],
+            &["--replicas", "20", "--restart-condition", "none"],
+            &cmd,
+        )
+        .unwrap();
+    let tasks = s.engine.wait_running("outsider", 20).unwrap();
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    let results = first_results(&s.engine, &ids);
+    for r in &results {
+        assert!(
+            r.contains("exit ") && !r.contains("exit 0"),
+            "a container on another network connected to api's VIP: {results:?}"
+        );
+    }
+    // Not balanced: no connect was scheduled to an api task (Conns counts
+    // at the connect, even one that then fails), and none was accepted.
+    assert_eq!(
+        api_reached(&s, &pins, &api),
+        before,
+        "api's (Conns, accepted) moved: containers on another network were balanced to it\n{}",
+        daemon.log_text()
+    );
+    // They were announced, and scoped to their own network.
+    let log = daemon.log_text();
+    for t in &tasks {
+        assert!(
+            log.lines().any(|l| l.contains(&t.id[..12])
+                && l.contains("scoped before its first instruction")
+                && l.contains("[\"other\"]")),
+            "{} not scoped at create:\n{log}",
+            t.id
+        );
+    }
+}
+
+#[test]
+fn strict_a_container_on_no_swarm_network_is_not_translated() {
+    let pins = PinDir::new();
+    let (mut s, daemon) = strict_swarm(&pins);
+    let api = view(&s.engine);
+    let before = api_reached(&s, &pins, &api);
+    let cmd = first_connect(&api.vip);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let c = s
+            .engine
+            .run_container_with(&format!("loner{i}"), None, &cmd)
+            .unwrap();
+        ids.push(c.id);
+    }
+    let results = first_results(&s.engine, &ids);
+    for r in &results {
+        assert!(
+            r.contains("exit ") && !r.contains("exit 0"),
+            "a container on no network connected to api's VIP: {results:?}"
+        );
+    }
+    assert_eq!(
+        api_reached(&s, &pins, &api),
+        before,
+        "api's (Conns, accepted) moved: a container on no swarm network was translated\n{}",
+        daemon.log_text()
+    );
 }
