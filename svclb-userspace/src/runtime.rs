@@ -142,6 +142,8 @@ pub fn read_init(pid: u32) -> Result<InitFacts> {
 pub struct Created {
     pub container: String,
     pub init: InitFacts,
+    /// When svclb-runc connected.
+    pub received: Instant,
     pub reply: oneshot::Sender<Answer>,
 }
 
@@ -222,7 +224,7 @@ async fn one_announcement(stream: tokio::net::UnixStream, tx: mpsc::Sender<Creat
         Ok(Ok(_)) => match serde_json::from_str::<Announce>(line.trim()) {
             Ok(a) => {
                 let answer = match a.check() {
-                    Ok(()) => scope(&a, tx).await,
+                    Ok(()) => scope(&a, received, tx).await,
                     Err(e) => Answer::Error(format!("{e:#}")),
                 };
                 (a.container, answer)
@@ -263,18 +265,20 @@ async fn one_announcement(stream: tokio::net::UnixStream, tx: mpsc::Sender<Creat
 }
 
 /// Reads the container's init, then has svclbd's loop write its scope.
-async fn scope(a: &Announce, tx: mpsc::Sender<Created>) -> Answer {
+async fn scope(a: &Announce, received: Instant, tx: mpsc::Sender<Created>) -> Answer {
     let pid = a.pid;
     let init = match tokio::task::spawn_blocking(move || read_init(pid)).await {
         Ok(Ok(init)) => init,
         Ok(Err(e)) => return Answer::Error(format!("reading process {pid}: {e:#}")),
         Err(e) => return Answer::Error(format!("reading process {pid}: {e}")),
     };
-    debug!(container = %a.container, ?init, "announced by svclb-runc");
+    let read_ms = (received.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+    debug!(container = %a.container, ?init, read_ms, "announced by svclb-runc");
     let (reply, answer) = oneshot::channel();
     let created = Created {
         container: a.container.clone(),
         init,
+        received,
         reply,
     };
     if tx.send(created).await.is_err() {

@@ -1030,6 +1030,19 @@ fn held_ms(daemon: &Svclbd) -> Vec<f64> {
     out
 }
 
+/// Checks that svclbd answered at least `n` announcements and prints how
+/// long it held those starts.
+fn report_held(daemon: &Svclbd, n: usize) {
+    let held = held_ms(daemon);
+    assert!(held.len() >= n, "announcements answered: {held:?}");
+    eprintln!(
+        "svclbd held {} container starts: median {} ms, max {} ms",
+        held.len(),
+        held[held.len() / 2],
+        held[held.len() - 1]
+    );
+}
+
 /// api's Conns and the connections its tasks accepted.
 fn api_reached(s: &Swarm, pins: &PinDir, api: &ServiceView) -> (u64, u64) {
     let accepted = s
@@ -1070,14 +1083,7 @@ fn strict_a_new_task_connects_from_its_first_instruction() {
     };
     let ok = results.iter().filter(|r| reached_api(r)).count();
     assert_eq!(ok, 20, "first connects: {results:?}\n{}", daemon.log_text());
-    let held = held_ms(&daemon);
-    assert!(held.len() >= 20, "announcements scoped: {held:?}");
-    eprintln!(
-        "svclbd held {} container starts: median {} ms, max {} ms",
-        held.len(),
-        held[held.len() / 2],
-        held[held.len() - 1]
-    );
+    report_held(&daemon, 20);
 }
 
 #[test]
@@ -1127,6 +1133,7 @@ fn strict_a_new_container_on_another_network_is_not_balanced_to_its_services() {
             t.id
         );
     }
+    report_held(&daemon, 20);
 }
 
 #[test]
@@ -1158,4 +1165,5 @@ fn strict_a_container_on_no_swarm_network_is_not_translated() {
         "api's (Conns, accepted) moved: a container on no swarm network was translated\n{}",
         daemon.log_text()
     );
+    report_held(&daemon, 20);
 }

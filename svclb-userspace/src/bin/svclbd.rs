@@ -266,7 +266,12 @@ async fn run(args: Args) -> Result<()> {
     notify::notify("READY=1").context("notifying readiness")?;
 
     // Strict scoping: svclb-runc's announcements, answered in the loop below.
-    let (runtime_tx, mut runtime_rx) = tokio::sync::mpsc::channel::<Created>(64);
+    let (runtime_tx, runtime_rx) = tokio::sync::mpsc::channel::<Created>(64);
+    let mut announced = Announcements {
+        rx: runtime_rx,
+        deferred: Default::default(),
+        scoped: Vec::new(),
+    };
     let _runtime_socket = match &args.runtime_socket {
         Some(path) => {
             let (socket, listener) = RuntimeSocket::bind(path)?;
@@ -330,18 +335,18 @@ async fn run(args: Args) -> Result<()> {
                 // The incremental path: what a container's start or stop
                 // says alone goes to the maps now; the full resync follows.
                 if !containers.is_empty() {
-                    docker_containers(&mut dp, &config, &mut docker, &mut discovery, &containers, &full_why).await;
+                    docker_containers(&mut dp, &config, &mut docker, &mut discovery, &mut announced, &containers, &full_why).await;
                 }
             },
-            Some(created) = runtime_rx.recv() => {
-                runtime_created(&mut dp, &config, &mut docker, &mut discovery, created).await;
+            Some(created) = announced.next() => {
+                runtime_created(&mut dp, &config, &mut docker, &mut discovery, &mut announced, created).await;
             },
             _ = sleep_until(full_due), if docker.is_some() => {
                 full_due = None;
-                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &full_why).await;
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &mut announced, &full_why).await;
             },
             _ = periodic.tick(), if docker.is_some() => {
-                docker_resync(&mut dp, &config, &mut docker, &mut discovery, "Docker poll").await;
+                docker_resync(&mut dp, &config, &mut docker, &mut discovery, &mut announced, "Docker poll").await;
             },
             _ = health_check.tick() => {
                 let checked = health::check(&pins, &mut loaded, &mut attached);
@@ -434,10 +439,14 @@ async fn docker_resync(
     config: &Config,
     docker: &mut Option<DockerSync>,
     discovery: &mut Discovery,
+    announced: &mut Announcements,
     why: &str,
 ) {
     let Some(d) = docker.as_mut() else { return };
-    match d.resync().await {
+    let subnets = d.subnets();
+    let read = answering(dp, announced, &subnets, d.resync()).await;
+    announced.record(d);
+    match read {
         Ok(true) => apply_docker(dp, config, docker, discovery, why),
         Ok(false) => tracing::debug!("{why}: Docker's services unchanged"),
         // Logged (once) as stale by resync.
@@ -453,13 +462,17 @@ async fn docker_containers(
     config: &Config,
     docker: &mut Option<DockerSync>,
     discovery: &mut Discovery,
+    announced: &mut Announcements,
     containers: &[(String, bool)],
     why: &str,
 ) {
     let Some(d) = docker.as_mut() else { return };
     let mut changed = Vec::new();
     for (id, started) in containers {
-        match d.container_event(id, *started).await {
+        let subnets = d.subnets();
+        let read = answering(dp, announced, &subnets, d.container_event(id, *started)).await;
+        announced.record(d);
+        match read {
             Ok(names) => changed.extend(names),
             Err(e) => tracing::debug!(container = %id, "{why}: left to the full resync: {e:#}"),
         }
@@ -486,6 +499,70 @@ async fn docker_containers(
     write_docker_scopes(dp, docker, why);
 }
 
+/// svclb-runc's announcements, waiting for svclbd's loop.
+struct Announcements {
+    rx: tokio::sync::mpsc::Receiver<Created>,
+    /// Announcements on a network new to this node, left for after the
+    /// read of the engine that was going on.
+    deferred: std::collections::VecDeque<Created>,
+    /// Containers scoped while the Docker source was reading the engine,
+    /// for it to record once done.
+    scoped: Vec<(String, u64, Vec<String>)>,
+}
+
+impl Announcements {
+    async fn next(&mut self) -> Option<Created> {
+        match self.deferred.pop_front() {
+            Some(c) => Some(c),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// Hands the containers scoped meanwhile to the Docker source.
+    fn record(&mut self, d: &mut DockerSync) {
+        for (id, cgroup_id, networks) in self.scoped.drain(..) {
+            d.created(&id, cgroup_id, networks);
+        }
+    }
+}
+
+/// Awaits `read` (a read of the engine, which takes a while under load or
+/// with many services) while answering svclb-runc from `subnets`, so a
+/// container's start waits for its scope to be written, not for the read.
+async fn answering<T>(
+    dp: &mut Dataplane,
+    announced: &mut Announcements,
+    subnets: &sync::docker::Subnets,
+    read: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(read);
+    loop {
+        tokio::select! {
+            out = &mut read => return out,
+            Some(created) = announced.rx.recv() => {
+                let (networks, unknown) = subnets.networks_at(&created.init.addresses);
+                if !unknown.is_empty() {
+                    announced.deferred.push_back(created);
+                    continue;
+                }
+                let answer = scope_created(dp, &created, networks.clone());
+                if matches!(answer, Answer::Scoped(_)) {
+                    announced.scoped.push((created.container.clone(), created.init.cgroup_id, networks));
+                }
+                let _ = created.reply.send(answer);
+            },
+        }
+    }
+}
+
+/// Writes an announced container's networks; the answer for svclb-runc.
+fn scope_created(dp: &mut Dataplane, created: &Created, networks: Vec<String>) -> Answer {
+    match DockerSync::write_created(dp, created.init.cgroup_id, &networks) {
+        Ok(()) => Answer::Scoped(networks),
+        Err(e) => Answer::Error(format!("writing its networks: {e:#}")),
+    }
+}
+
 /// A container svclb-runc announced: its networks, from its addresses, are
 /// written before it starts.
 async fn runtime_created(
@@ -493,11 +570,12 @@ async fn runtime_created(
     config: &Config,
     docker: &mut Option<DockerSync>,
     discovery: &mut Discovery,
+    announced: &mut Announcements,
     created: Created,
 ) {
     let Some(d) = docker.as_mut() else { return };
-    let (mut networks, unknown) = d.networks_at(&created.init.addresses);
-    if !unknown.is_empty() {
+    let (mut networks, unknown) = d.subnets().networks_at(&created.init.addresses);
+    if !unknown.is_empty() && !d.read_since(created.received) {
         // A network new to this node (its first task here): the resync
         // brings its subnet and its services.
         tracing::debug!(container = %created.container, ?unknown, "addresses on no known network: resyncing first");
@@ -506,23 +584,19 @@ async fn runtime_created(
             config,
             docker,
             discovery,
+            announced,
             "a container on a network new to this node",
         )
         .await;
         if let Some(d) = docker.as_ref() {
-            networks = d.networks_at(&created.init.addresses).0;
+            networks = d.subnets().networks_at(&created.init.addresses).0;
         }
     }
     let Some(d) = docker.as_mut() else { return };
-    let answer = match d.scope_created(
-        dp,
-        &created.container,
-        created.init.cgroup_id,
-        networks.clone(),
-    ) {
-        Ok(()) => Answer::Scoped(networks),
-        Err(e) => Answer::Error(format!("writing its networks: {e:#}")),
-    };
+    let answer = scope_created(dp, &created, networks.clone());
+    if matches!(answer, Answer::Scoped(_)) {
+        d.created(&created.container, created.init.cgroup_id, networks);
+    }
     let _ = created.reply.send(answer);
 }
 

@@ -190,7 +190,9 @@ pub struct DockerSync {
     announced: BTreeMap<String, Instant>,
     /// Every network's subnets from the last resync, for scoping a
     /// container by its addresses.
-    subnets: Vec<NetworkSubnet>,
+    subnets: Subnets,
+    /// When the last successful resync began reading the engine.
+    read_at: Option<Instant>,
     /// Read by the last resync, written by [`DockerSync::write_scopes`].
     pending: Option<Pending>,
     /// Docker's services changed and are not applied yet.
@@ -249,7 +251,7 @@ struct Pending {
 struct View {
     services: BTreeMap<String, ServiceSpec>,
     pending: Pending,
-    subnets: Vec<NetworkSubnet>,
+    subnets: Subnets,
 }
 
 /// `<service>@<network>`: one svclb service per VIP.
@@ -446,9 +448,19 @@ pub fn default_parent(driver: &str) -> &'static str {
     }
 }
 
-/// The followed swarm networks `addresses` are on, by `subnets`; and the
-/// addresses in none of the subnets (loopback and link-local ones aside):
-/// on a network new to this node, which a resync would tell.
+/// The subnets of the networks the engine listed at a resync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subnets(Vec<NetworkSubnet>);
+
+impl Subnets {
+    /// The followed swarm networks `addresses` are on, and the addresses in
+    /// no listed network (loopback and link-local ones aside): on a network
+    /// new to this node, which a resync would tell.
+    pub fn networks_at(&self, addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
+        networks_at(&self.0, addresses)
+    }
+}
+
 fn networks_at(subnets: &[NetworkSubnet], addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
     let mut networks = Vec::new();
     let mut unknown = Vec::new();
@@ -498,7 +510,8 @@ impl DockerSync {
             parent: None,
             start_scope: StartScope::Union,
             announced: BTreeMap::new(),
-            subnets: Vec::new(),
+            subnets: Subnets::default(),
+            read_at: None,
             pending: None,
             dirty: true,
             stopping: Default::default(),
@@ -628,29 +641,33 @@ impl DockerSync {
         Ok(())
     }
 
-    /// The followed swarm networks `addresses` are on, and the addresses
-    /// in no network the last resync listed (see [`networks_at`]).
-    pub fn networks_at(&self, addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
-        networks_at(&self.subnets, addresses)
+    /// The subnets the last resync read (a copy: announcements are
+    /// answered from it while the next resync reads the engine).
+    pub fn subnets(&self) -> Subnets {
+        self.subnets.clone()
+    }
+
+    /// Whether the last resync began reading the engine after `at`.
+    pub fn read_since(&self, at: Instant) -> bool {
+        self.read_at.is_some_and(|r| r >= at)
     }
 
     /// Writes the scope of a container svclb-runc announced (its cgroup,
-    /// on `networks`), before it starts; the resyncs keep it from then on.
-    pub fn scope_created(
-        &mut self,
-        dp: &mut Dataplane,
-        id: &str,
-        cgroup_id: u64,
-        networks: Vec<String>,
-    ) -> Result<()> {
+    /// on `networks`), before it starts; then [`DockerSync::created`]
+    /// records it.
+    pub fn write_created(dp: &mut Dataplane, cgroup_id: u64, networks: &[String]) -> Result<()> {
         if networks.is_empty() {
-            dp.set_cgroup_no_networks(cgroup_id)?;
+            dp.set_cgroup_no_networks(cgroup_id)
         } else {
-            dp.set_cgroup_networks(cgroup_id, &networks)?;
+            dp.set_cgroup_networks(cgroup_id, networks)
         }
+    }
+
+    /// Records an announced container's scope, written by
+    /// [`DockerSync::write_created`]: the resyncs keep it from then on.
+    pub fn created(&mut self, id: &str, cgroup_id: u64, networks: Vec<String>) {
         self.scoped.insert(id.to_owned(), (cgroup_id, networks));
         self.announced.insert(id.to_owned(), Instant::now());
-        Ok(())
     }
 
     /// A container the resync scopes for the first time: in strict mode,
@@ -673,6 +690,7 @@ impl DockerSync {
     /// changes.
     pub async fn resync(&mut self) -> Result<bool> {
         self.resynced_event = self.event_since.take();
+        let started = Instant::now();
         match self.read_view().await {
             Ok(view) => {
                 if self.status.stale.swap(false, Ordering::Relaxed) {
@@ -690,6 +708,7 @@ impl DockerSync {
                 self.services = view.services;
                 self.pending = Some(view.pending);
                 self.subnets = view.subnets;
+                self.read_at = Some(started);
                 self.status
                     .services
                     .store(self.services.len() as u64, Ordering::Relaxed);
@@ -1032,7 +1051,7 @@ impl DockerSync {
                 networks: swarm,
                 containers,
             },
-            subnets,
+            subnets: Subnets(subnets),
         })
     }
 
