@@ -1008,6 +1008,20 @@ fn strict_swarm(pins: &PinDir) -> (Swarm, Svclbd) {
     )
     .expect("svclbd --docker --runtime-socket starts");
     wait_backends(pins, &view(&s.engine).task_ips, &daemon);
+    // web started unannounced (fail open): svclbd's resync scoped it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempts = s.engine.client(&s.web, "tcp", "api", 2).unwrap();
+        if fails(&attempts).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web, started before svclbd, is not balanced: {attempts:?}\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     (s, daemon)
 }
 

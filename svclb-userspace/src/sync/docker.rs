@@ -46,8 +46,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bollard::query_parameters::{
@@ -457,35 +456,31 @@ impl Subnets {
     /// no listed network (loopback and link-local ones aside): on a network
     /// new to this node, which a resync would tell.
     pub fn networks_at(&self, addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
-        networks_at(&self.0, addresses)
-    }
-}
-
-fn networks_at(subnets: &[NetworkSubnet], addresses: &[IpAddr]) -> (Vec<String>, Vec<IpAddr>) {
-    let mut networks = Vec::new();
-    let mut unknown = Vec::new();
-    for addr in addresses {
-        let addr = addr.to_canonical();
-        let link_local = match addr {
-            IpAddr::V4(a) => a.is_link_local(),
-            IpAddr::V6(a) => a.is_unicast_link_local(),
-        };
-        if addr.is_loopback() || link_local {
-            continue;
-        }
-        let mut known = false;
-        for s in subnets.iter().filter(|s| s.net.contains(&addr)) {
-            known = true;
-            if s.followed && !networks.contains(&s.network) {
-                networks.push(s.network.clone());
+        let mut networks = Vec::new();
+        let mut unknown = Vec::new();
+        for addr in addresses {
+            let addr = addr.to_canonical();
+            let link_local = match addr {
+                IpAddr::V4(a) => a.is_link_local(),
+                IpAddr::V6(a) => a.is_unicast_link_local(),
+            };
+            if addr.is_loopback() || link_local {
+                continue;
+            }
+            let mut known = false;
+            for s in self.0.iter().filter(|s| s.net.contains(&addr)) {
+                known = true;
+                if s.followed && !networks.contains(&s.network) {
+                    networks.push(s.network.clone());
+                }
+            }
+            if !known {
+                unknown.push(addr);
             }
         }
-        if !known {
-            unknown.push(addr);
-        }
+        networks.sort();
+        (networks, unknown)
     }
-    networks.sort();
-    (networks, unknown)
 }
 
 impl DockerSync {
@@ -1364,29 +1359,26 @@ mod tests {
             network: network.to_owned(),
             followed,
         };
-        let subnets = [
+        let subnets = Subnets(vec![
             subnet("172.50.0.0/24", "backend", true),
             subnet("172.51.0.0/24", "other", true),
             subnet("10.0.0.0/24", "ingress", false),
             subnet("fd00:50::/64", "backend", true),
-        ];
+        ]);
         let addrs = |a: &[&str]| -> Vec<IpAddr> { a.iter().map(|a| a.parse().unwrap()).collect() };
-        let (nets, unknown) = networks_at(
-            &subnets,
-            &addrs(&[
-                "127.0.0.1",
-                "::1",
-                "172.51.0.9",
-                "172.50.0.3",
-                "fd00:50::3",
-                "fe80::1",
-                "10.0.0.4",
-            ]),
-        );
+        let (nets, unknown) = subnets.networks_at(&addrs(&[
+            "127.0.0.1",
+            "::1",
+            "172.51.0.9",
+            "172.50.0.3",
+            "fd00:50::3",
+            "fe80::1",
+            "10.0.0.4",
+        ]));
         assert_eq!(nets, ["backend", "other"]);
         assert!(unknown.is_empty(), "{unknown:?}");
         // An address of a network the last resync did not list.
-        let (nets, unknown) = networks_at(&subnets, &addrs(&["172.52.0.3"]));
+        let (nets, unknown) = subnets.networks_at(&addrs(&["172.52.0.3"]));
         assert!(nets.is_empty());
         assert_eq!(unknown, addrs(&["172.52.0.3"]));
     }
