@@ -604,15 +604,25 @@ impl Dataplane {
     }
 
     fn read_services(&self, with_slots: bool, values: bool) -> Result<BTreeMap<u32, ServiceState>> {
-        let values: std::collections::HashMap<u32, ServiceValue> = if values {
-            entries(&self.services)?.into_iter().collect()
+        // Services, their values and their backends are joined by mark
+        // as sorted lists, merged: at a hundred thousand services, lookups
+        // in a map (or a binary search) per backend cost a cache miss each.
+        let mut metas = entries(&self.meta)?;
+        metas.sort_unstable_by_key(|(mark, _)| *mark);
+        let mut values: Vec<(u32, ServiceValue)> = if values {
+            entries(&self.services)?
         } else {
-            Default::default()
+            Vec::new()
         };
-        let mut list: Vec<ServiceState> = entries(&self.meta)?
+        values.sort_unstable_by_key(|(mark, _)| *mark);
+        let mut values = values.into_iter().peekable();
+        let mut list: Vec<ServiceState> = metas
             .into_iter()
             .map(|(mark, meta)| {
-                let value = values.get(&mark).copied().unwrap_or_default();
+                while values.next_if(|(m, _)| *m < mark).is_some() {}
+                let value = values
+                    .next_if(|(m, _)| *m == mark)
+                    .map_or_else(ServiceValue::default, |(_, v)| v);
                 ServiceState {
                     mark,
                     name: meta.name(),
@@ -625,14 +635,15 @@ impl Dataplane {
                 }
             })
             .collect();
-        list.sort_unstable_by_key(|s| s.mark);
-        // Backends are placed by a mark -> position index (a hundred
-        // thousand of them), then the map is built from the sorted list.
-        let at: std::collections::HashMap<u32, usize> =
-            list.iter().enumerate().map(|(i, s)| (s.mark, i)).collect();
-        for (id, info) in entries(&self.backends)? {
-            if let Some(&i) = at.get(&info.mark) {
-                list[i].backends.push(BackendState::from_info(id, &info));
+        let mut backends = entries(&self.backends)?;
+        backends.sort_unstable_by_key(|(id, info)| (info.mark, *id));
+        let mut at = 0;
+        for (id, info) in backends {
+            while at < list.len() && list[at].mark < info.mark {
+                at += 1;
+            }
+            if let Some(svc) = list.get_mut(at).filter(|s| s.mark == info.mark) {
+                svc.backends.push(BackendState::from_info(id, &info));
             }
         }
         for svc in &mut list {

@@ -148,6 +148,7 @@ fn run(args: Args) -> Result<()> {
             } else {
                 print_all(&stats::format_list(&report))?;
             }
+            exiting(report);
         }
         Command::Stats { exact, json } => {
             // The JSON has every figure; the table only the counters.
@@ -161,6 +162,7 @@ fn run(args: Args) -> Result<()> {
             } else {
                 print_all(&stats::format_stats(&report, exact))?;
             }
+            exiting(report);
         }
         Command::Rate { json } => {
             let dp = Dataplane::open(&pins)?;
@@ -182,6 +184,7 @@ fn run(args: Args) -> Result<()> {
             } else {
                 print_all(&stats::format_rate(&report))?;
             }
+            exiting(report);
         }
         Command::Diff { file } => {
             let config = config::load_file(&file)?;
@@ -298,4 +301,10 @@ fn print_all(text: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// Leaves a large report to the process's exit: freeing a hundred thousand
+/// services' allocations one by one took a tenth of a listing's time.
+fn exiting<T>(report: T) {
+    std::mem::forget(report);
 }
