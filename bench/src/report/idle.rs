@@ -15,17 +15,29 @@ pub(super) fn markdown(md: &mut String, d: &IdleData) {
     );
     let _ = writeln!(
         md,
-        "| services | CPU (% of one core) | RSS (MiB) | RSS per service (KiB) |\n| ---: | ---: | ---: | ---: |"
+        "| services | CPU (% of one core) | RSS (MiB) | RSS per service above the smallest set (KiB) |\n| ---: | ---: | ---: | ---: |"
     );
+    // What a service adds: the RSS above the smallest set's, per service more.
+    let base = d
+        .idle
+        .iter()
+        .filter_map(|f| Some((f.services, f.rss_bytes?)))
+        .min();
     for f in &d.idle {
         match (f.cpu_percent, f.rss_bytes, &f.error) {
             (Some(cpu), Some(rss), _) => {
+                let per_service = match base {
+                    Some((n, base)) if f.services > n => format!(
+                        "{:.2}",
+                        rss.saturating_sub(base) as f64 / 1024.0 / (f.services - n) as f64
+                    ),
+                    _ => "–".into(),
+                };
                 let _ = writeln!(
                     md,
-                    "| {} | {cpu:.2} | {:.1} | {:.2} |",
+                    "| {} | {cpu:.2} | {:.1} | {per_service} |",
                     thousands(f.services),
                     rss as f64 / 1048576.0,
-                    rss as f64 / 1024.0 / f.services as f64
                 );
             }
             (_, _, e) => {
