@@ -13,6 +13,8 @@
 //!   --docker` against a fake engine with 1,000 and 10,000 services).
 //! - [`counting`]: what the packet counters cost (svclb against
 //!   `svclbd --no-packet-counters`, interleaved run by run).
+//! - [`idle`]: svclbd's own cost: its CPU and RSS with no traffic, and
+//!   the wall time of the reads (`svclb-ctl stats`, `list`, `rate`, a scrape).
 //! - [`report`]: docs/BENCHMARKS.md and docs/benchmarks.json.
 //!
 //! All traffic stays in the namespaces the sandbox creates, or loopback.
@@ -22,6 +24,7 @@ pub mod counting;
 pub mod cpu;
 pub mod docker;
 pub mod hist;
+pub mod idle;
 pub mod load;
 pub mod machine;
 pub mod modes;

@@ -46,26 +46,40 @@ pub fn read_all<K: Pod + Default, V: Pod>(
     Ok(supported.then_some(out))
 }
 
-/// Every (key, value) of a per-CPU map whose values are `V`, summed over
-/// the CPUs with `add`; `limit` and `None` as for [`read_all`].
-pub fn read_all_per_cpu<K: Pod + Default, V: Pod + Default>(
+/// The first `out.len()` entries of a per-CPU array whose values are `V`,
+/// each summed over the CPUs with `add` into `out[key]`: no allocation per
+/// entry, so that a caller reading the same array every few seconds can
+/// keep `out`. False: this kernel has no batch lookups for the map.
+pub fn sum_per_cpu_array_into<V: Pod + Default>(
     fd: BorrowedFd<'_>,
-    limit: Option<usize>,
+    out: &mut [V],
     add: impl Fn(&mut V, &V),
-) -> io::Result<Option<Vec<(K, V)>>> {
+) -> io::Result<bool> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     // The kernel lays each CPU's value out at an 8-byte stride.
     let stride = size_of::<V>().div_ceil(8) * 8;
-    let mut out = Vec::new();
-    let supported = for_each(fd, stride * cpus, limit, |k: K, bytes| {
-        let mut total = V::default();
+    let limit = out.len();
+    for_each(fd, stride * cpus, Some(limit), |k: u32, bytes| {
+        let Some(total) = out.get_mut(k as usize) else {
+            return;
+        };
+        *total = V::default();
         for cpu in 0..cpus {
             let v = unsafe { std::ptr::read_unaligned(bytes[cpu * stride..].as_ptr().cast::<V>()) };
-            add(&mut total, &v);
+            add(total, &v);
         }
-        out.push((k, total));
-    })?;
-    Ok(supported.then_some(out))
+    })
+}
+
+/// The first `out.len()` entries of an array whose values are `V`, into
+/// `out[key]`; false as for [`sum_per_cpu_array_into`].
+pub fn array_into<V: Pod>(fd: BorrowedFd<'_>, out: &mut [V]) -> io::Result<bool> {
+    let limit = out.len();
+    for_each(fd, size_of::<V>(), Some(limit), |k: u32, bytes| {
+        if let Some(slot) = out.get_mut(k as usize) {
+            *slot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<V>()) };
+        }
+    })
 }
 
 /// Whether a map's batch lookups are unsupported by this kernel.

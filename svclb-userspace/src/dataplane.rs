@@ -436,7 +436,26 @@ impl Dataplane {
 
     /// Every pinned rate estimator, by backend id.
     pub fn rate_estimators(&self) -> impl Iterator<Item = (u32, RateState)> + '_ {
-        self.rates.iter().filter_map(|e| e.ok())
+        self.rates
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(id, _)| *id != SAMPLED_KEY)
+    }
+
+    /// Records when the rate sampler last sampled (the sampler's; not in a
+    /// snapshot). It rewrites only the estimators that moved, so an idle
+    /// node's newest estimator says nothing about whether it still samples.
+    pub fn mark_sampled(&mut self, now_ns: u64) -> Result<()> {
+        let mark = RateState {
+            sampled_ns: now_ns,
+            ..Default::default()
+        };
+        Ok(self.rates.insert(SAMPLED_KEY, mark, 0)?)
+    }
+
+    /// When the rate sampler last sampled (CLOCK_MONOTONIC ns), if it ever did.
+    pub fn last_sampled(&self) -> Option<u64> {
+        self.rates.get(&SAMPLED_KEY, 0).ok().map(|s| s.sampled_ns)
     }
 
     /// Stores a backend's rate estimator (the rate sampler's; not in a
@@ -582,27 +601,90 @@ impl Dataplane {
         self.read_snapshot(false)
     }
 
+    /// Every service with its backends (no schedule slots), without the
+    /// VIP, port and network maps a [`Snapshot`] also holds: what listings,
+    /// statistics, scrapes and the rate sampler need. Without `schedulers`
+    /// the services map is not read, and each service has the default
+    /// scheduler and no affinity.
+    pub fn services_view(&self, schedulers: bool) -> Result<BTreeMap<u32, ServiceState>> {
+        self.read_services(false, schedulers)
+    }
+
     fn read_snapshot(&self, with_slots: bool) -> Result<Snapshot> {
-        let values: std::collections::HashMap<u32, ServiceValue> =
-            entries(&self.services)?.into_iter().collect();
-        let mut services: BTreeMap<u32, ServiceState> = BTreeMap::new();
-        for (mark, meta) in entries(&self.meta)? {
-            let value = values.get(&mark).copied().unwrap_or_default();
-            let port = meta_port(&meta);
-            services.insert(
+        let services = self.read_services(with_slots, true)?;
+        let mut vips = BTreeMap::new();
+        let mut vip_flags = BTreeMap::new();
+        for (key, value) in entries(&self.vips)? {
+            vips.insert(key.ip(), value.mark);
+            vip_flags.insert(key.ip(), value.flags);
+        }
+        let mut ports = BTreeMap::new();
+        for (key, mark) in entries(&self.ports)? {
+            ports.insert(
+                (words_addr(key.addr), u16::from_be(key.port_be), key.proto),
                 mark,
+            );
+        }
+        let networks = self.read_networks()?;
+        Ok(Snapshot {
+            services,
+            vips,
+            vip_flags,
+            ports,
+            networks,
+            specs: Default::default(),
+            still_counted: Default::default(),
+        })
+    }
+
+    fn read_services(&self, with_slots: bool, values: bool) -> Result<BTreeMap<u32, ServiceState>> {
+        // Services, their values and their backends are joined by mark
+        // as sorted lists, merged: at a hundred thousand services, lookups
+        // in a map (or a binary search) per backend cost a cache miss each.
+        let mut metas = entries(&self.meta)?;
+        metas.sort_unstable_by_key(|(mark, _)| *mark);
+        let mut values: Vec<(u32, ServiceValue)> = if values {
+            entries(&self.services)?
+        } else {
+            Vec::new()
+        };
+        values.sort_unstable_by_key(|(mark, _)| *mark);
+        let mut values = values.into_iter().peekable();
+        let mut list: Vec<ServiceState> = metas
+            .into_iter()
+            .map(|(mark, meta)| {
+                while values.next_if(|(m, _)| *m < mark).is_some() {}
+                let value = values
+                    .next_if(|(m, _)| *m == mark)
+                    .map_or_else(ServiceValue::default, |(_, v)| v);
                 ServiceState {
                     mark,
                     name: meta.name(),
                     vip: meta.vip(),
-                    port,
+                    port: meta_port(&meta),
                     scheduler: Scheduler::from_u32(value.scheduler).unwrap_or(Scheduler::DEFAULT),
                     value,
                     slots: Vec::new(),
                     backends: Vec::new(),
-                },
-            );
+                }
+            })
+            .collect();
+        let mut backends = entries(&self.backends)?;
+        backends.sort_unstable_by_key(|(id, info)| (info.mark, *id));
+        let mut at = 0;
+        for (id, info) in backends {
+            while at < list.len() && list[at].mark < info.mark {
+                at += 1;
+            }
+            if let Some(svc) = list.get_mut(at).filter(|s| s.mark == info.mark) {
+                svc.backends.push(BackendState::from_info(id, &info));
+            }
         }
+        for svc in &mut list {
+            svc.backends.sort_by_key(|b| (b.addr, b.port));
+        }
+        let mut services: BTreeMap<u32, ServiceState> =
+            list.into_iter().map(|s| (s.mark, s)).collect();
         if with_slots {
             let slots: std::collections::HashMap<SlotKey, Slot> =
                 entries(&self.slots)?.into_iter().collect();
@@ -620,108 +702,121 @@ impl Dataplane {
                 }
             }
         }
-        for (id, info) in entries(&self.backends)? {
-            if let Some(svc) = services.get_mut(&info.mark) {
-                svc.backends.push(BackendState::from_info(id, &info));
-            }
-        }
-        let mut vips = BTreeMap::new();
-        let mut vip_flags = BTreeMap::new();
-        for (key, value) in entries(&self.vips)? {
-            vips.insert(key.ip(), value.mark);
-            vip_flags.insert(key.ip(), value.flags);
-        }
-        let mut ports = BTreeMap::new();
-        for (key, mark) in entries(&self.ports)? {
-            ports.insert(
-                (words_addr(key.addr), u16::from_be(key.port_be), key.proto),
-                mark,
-            );
-        }
-        let networks = self.read_networks()?;
-        for svc in services.values_mut() {
-            svc.backends.sort_by_key(|b| (b.addr, b.port));
-        }
-        Ok(Snapshot {
-            services,
-            vips,
-            vip_flags,
-            ports,
-            networks,
-            specs: Default::default(),
-            still_counted: Default::default(),
-        })
+        Ok(services)
     }
 
-    /// Each backend's counters, summed over CPUs, indexed by backend id up
-    /// to the largest of `ids` (ids are handed out lowest first, so the
-    /// range is dense): the per-CPU array is read whole up to there in a few
-    /// batch syscalls when there are many, else entry by entry.
-    pub fn counters_by_id(&self, ids: &[u32]) -> Result<Vec<BackendStats>> {
-        let len = ids.iter().max().map_or(0, |m| *m as usize + 1);
-        let mut out = vec![BackendStats::default(); len];
-        if ids.len() > BATCH_FROM {
-            let read = crate::batch::read_all_per_cpu::<u32, BackendStats>(
+    /// Each backend's counters, summed over CPUs, into `out[id]` for every
+    /// id below `out.len()` (ids are handed out lowest first, so the range
+    /// is dense): the per-CPU array is read whole up to there in a few batch
+    /// syscalls when there are many, else entry by entry. `out` is the
+    /// caller's so that the rate sampler reuses it every 2 s.
+    pub fn counters_into(&self, out: &mut [BackendStats]) -> Result<()> {
+        if out.len() > BATCH_FROM
+            && crate::batch::sum_per_cpu_array_into(
                 self.stats.map().fd().as_fd(),
-                Some(len),
-                |t, v| t.add(v),
-            )?;
-            if let Some(all) = read {
-                for (id, s) in all {
-                    if let Some(slot) = out.get_mut(id as usize) {
-                        *slot = s;
-                    }
+                out,
+                |t: &mut BackendStats, v| t.add(v),
+            )?
+        {
+            return Ok(());
+        }
+        for (id, slot) in out.iter_mut().enumerate() {
+            *slot = self.backend_stats(id as u32)?;
+        }
+        Ok(())
+    }
+
+    /// The figures `wanted` of every backend id up to the largest of `ids`:
+    /// each wanted map read whole (a few batch syscalls) when there are
+    /// many, else entry by entry for `ids`. Maps not wanted are not read
+    /// (`svclb-ctl list` needs no counters, `stats` no rates).
+    pub fn backend_figures(&self, ids: &[u32], wanted: Wanted) -> Result<BackendFigures> {
+        let len = ids.iter().max().map_or(0, |m| *m as usize + 1);
+        let batch = ids.len() > BATCH_FROM;
+        let mut out = BackendFigures::default();
+        if wanted.stats {
+            out.stats = vec![BackendStats::default(); len];
+            if batch {
+                self.counters_into(&mut out.stats)?;
+            } else {
+                for &id in ids {
+                    out.stats[id as usize] = self.backend_stats(id)?;
                 }
-                return Ok(out);
             }
         }
-        for &id in ids {
-            out[id as usize] = self.backend_stats(id)?;
+        if wanted.conns {
+            out.conns = vec![ConnGauge::default(); len];
+            let fd = self.conns.map().fd().as_fd();
+            if !(batch && crate::batch::array_into(fd, &mut out.conns)?) {
+                for &id in ids {
+                    out.conns[id as usize] = self.backend_conns(id)?;
+                }
+            }
+        }
+        if wanted.rates {
+            out.rates = vec![RateState::default(); len];
+            let fd = self.rates.map().fd().as_fd();
+            match batch
+                .then(|| crate::batch::read_all::<u32, RateState>(fd, None))
+                .transpose()?
+                .flatten()
+            {
+                Some(rates) => {
+                    for (id, r) in rates {
+                        if let Some(slot) = out.rates.get_mut(id as usize) {
+                            *slot = r;
+                        }
+                    }
+                }
+                None => {
+                    for &id in ids {
+                        out.rates[id as usize] = self.rate_estimator(id);
+                    }
+                }
+            }
         }
         Ok(out)
     }
+}
 
-    /// Each backend's counters, gauges and rate estimator, for `ids`: read
-    /// whole (a few batch syscalls) when there are many, else one by one.
-    pub fn backend_figures(
-        &self,
-        ids: &[u32],
-    ) -> Result<std::collections::HashMap<u32, BackendFigures>> {
-        let stats = self.counters_by_id(ids)?;
-        let mut out: std::collections::HashMap<u32, BackendFigures> = ids
-            .iter()
-            .map(|&id| {
-                let figures = BackendFigures {
-                    stats: stats[id as usize],
-                    ..Default::default()
-                };
-                (id, figures)
-            })
-            .collect();
-        if ids.len() > BATCH_FROM {
-            let fd = self.conns.map().fd().as_fd();
-            let conns = crate::batch::read_all::<u32, ConnGauge>(fd, Some(stats.len()))?;
-            let fd = self.rates.map().fd().as_fd();
-            let rates = crate::batch::read_all::<u32, RateState>(fd, None)?;
-            if let (Some(conns), Some(rates)) = (conns, rates) {
-                for (id, g) in conns {
-                    if let Some(f) = out.get_mut(&id) {
-                        f.conns = g;
-                    }
-                }
-                for (id, r) in rates {
-                    if let Some(f) = out.get_mut(&id) {
-                        f.rate = r;
-                    }
-                }
-                return Ok(out);
-            }
-        }
-        for (&id, f) in out.iter_mut() {
-            f.conns = self.backend_conns(id)?;
-            f.rate = self.rates.get(&id, 0).unwrap_or_default();
-        }
-        Ok(out)
+/// Which figures a read needs: each is a map of its own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wanted {
+    /// Each service's scheduler and affinity (the services map).
+    pub schedulers: bool,
+    pub stats: bool,
+    pub conns: bool,
+    pub rates: bool,
+}
+
+impl Wanted {
+    pub const ALL: Wanted = Wanted {
+        schedulers: true,
+        stats: true,
+        conns: true,
+        rates: true,
+    };
+}
+
+/// Backend figures indexed by backend id; a kind not wanted is empty.
+#[derive(Clone, Debug, Default)]
+pub struct BackendFigures {
+    pub stats: Vec<BackendStats>,
+    pub conns: Vec<ConnGauge>,
+    pub rates: Vec<RateState>,
+}
+
+impl BackendFigures {
+    pub fn stats(&self, id: u32) -> BackendStats {
+        self.stats.get(id as usize).copied().unwrap_or_default()
+    }
+
+    pub fn conns(&self, id: u32) -> ConnGauge {
+        self.conns.get(id as usize).copied().unwrap_or_default()
+    }
+
+    pub fn rate(&self, id: u32) -> RateState {
+        self.rates.get(id as usize).copied().unwrap_or_default()
     }
 }
 
@@ -729,13 +824,9 @@ impl Dataplane {
 /// whole rather than entry by entry.
 const BATCH_FROM: usize = 64;
 
-/// What the maps hold for one backend besides its identity.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BackendFigures {
-    pub stats: BackendStats,
-    pub conns: ConnGauge,
-    pub rate: RateState,
-}
+/// The rates map's key that is no backend's (ids stay below the backend
+/// capacity): the time of the last sample, see [`Dataplane::mark_sampled`].
+const SAMPLED_KEY: u32 = u32::MAX;
 
 /// Every entry of a hash map: a few batch syscalls where the kernel has
 /// them (5.6), else one lookup per entry.

@@ -4,7 +4,7 @@
 //! local_port, remote_address, remote_port, proto, local_mark) plus
 //! `service`; unlike node_exporter, packets and bytes are per backend too.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -13,13 +13,13 @@ use hyper::{
     body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, Opts, Registry, TextEncoder};
 use svclb_common::BackendStats;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Wanted},
     pins::PinDir,
     stats,
     sync::dns::{Role, ServiceStatus, StatusHandle},
@@ -29,125 +29,143 @@ use crate::{
 /// rendered after the data-plane metrics.
 pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Renders the metrics text for the maps pinned at `pins`.
+/// Renders the metrics text for the maps pinned at `pins`. Every family is
+/// written straight into one buffer rather than through a `prometheus`
+/// registry, whose per-series bookkeeping made a scrape of 100,000 services
+/// take seconds and gigabytes.
 pub fn render(pins: &PinDir) -> Result<String> {
     let dp = Dataplane::open(pins)?;
-    let services = stats::collect(&dp)?;
-    let registry = Registry::new();
-    let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
-        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(c.clone()))?;
-        Ok(c)
-    };
-    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec> {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(g.clone()))?;
-        Ok(g)
-    };
-    let svc_labels = ["service", "local_address", "local_mark", "scheduler"];
-    let services_up = gauge(
-        "svclb_service_backends",
-        "Backends of the service (weight 0 included).",
-        &svc_labels,
-    )?;
-    let rate = GaugeVec::new(
-        Opts::new("svclb_service_rate", "IPVS rate estimate (2 s samples, EWMA 1/4); kind is cps, in_pps, out_pps, in_bps or out_bps."),
-        &["service", "local_mark", "kind"],
-    )?;
-    registry.register(Box::new(rate.clone()))?;
+    let services = stats::collect(&dp, Wanted::ALL)?;
+    let backends: usize = services.iter().map(|s| s.backends.len()).sum();
+    // About 200 bytes a line: 6 per service, 8 per backend.
+    let mut text = String::with_capacity(1024 + 200 * (6 * services.len() + 8 * backends));
+    write_totals(&mut text, &services);
+    write_service_families(&mut text, &services);
+    write_backend_families(&mut text, &services);
+    Ok(text)
+}
 
-    // Per backend, the label set once; written below family by family.
-    let mut backend_labels: Vec<(String, &stats::BackendReport)> = Vec::new();
-    for svc in &services {
-        let mark = format!("{:08X}", svc.mark);
-        let vip = svc.vip.to_string();
-        services_up
-            .with_label_values(&[&svc.name, &vip, &mark, svc.scheduler])
-            .set(svc.backends.len() as i64);
-        for (kind, v) in [
-            ("cps", svc.rates.conns),
-            ("in_pps", svc.rates.in_pkts),
-            ("out_pps", svc.rates.out_pkts),
-            ("in_bps", svc.rates.in_bytes),
-            ("out_bps", svc.rates.out_bytes),
-        ] {
-            rate.with_label_values(&[&svc.name, &mark, kind])
-                .set(v as f64);
-        }
-        // node_exporter's labels: an FWM service is proto "FWM", port 0 and
-        // its mark; a per-port one is its protocol and port, with no mark.
-        let (proto, local_port, local_mark) = match svc.port {
-            None => ("FWM".to_string(), "0".to_string(), mark.clone()),
-            Some(p) => (
-                crate::model::protocol_name(p.protocol).to_uppercase(),
-                p.port.to_string(),
-                String::new(),
-            ),
-        };
-        for b in &svc.backends {
-            backend_labels.push((
-                format!(
-                    "service=\"{}\",local_address=\"{vip}\",local_port=\"{local_port}\",remote_address=\"{}\",remote_port=\"{}\",proto=\"{proto}\",local_mark=\"{local_mark}\"",
-                    escape_label(&svc.name),
-                    b.address,
-                    b.port.unwrap_or(0),
-                ),
-                b,
-            ));
-        }
+/// A family's `# HELP` and `# TYPE` lines.
+fn family_header(text: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Node totals, like node_exporter's node_ipvs_*_total.
+fn write_totals(text: &mut String, services: &[stats::ServiceReport]) {
+    let mut sum = BackendStats::default();
+    for svc in services {
+        sum.add(&svc.stats);
     }
-    // Node totals, like node_exporter's node_ipvs_*_total.
-    let totals = [
+    for (name, help, v) in [
         (
             "svclb_connections_total",
             "Connections scheduled, all services.",
+            sum.conns,
         ),
         (
             "svclb_incoming_packets_total",
             "Packets from clients, all services.",
+            sum.in_pkts,
         ),
         (
             "svclb_outgoing_packets_total",
             "Packets to clients, all services.",
+            sum.out_pkts,
         ),
         (
             "svclb_incoming_bytes_total",
             "Bytes from clients, all services.",
+            sum.in_bytes,
         ),
         (
             "svclb_outgoing_bytes_total",
             "Bytes to clients, all services.",
+            sum.out_bytes,
         ),
-    ];
-    let mut sum = BackendStats::default();
-    for svc in &services {
-        sum.add(&svc.stats);
+    ] {
+        family_header(text, name, "counter", help);
+        let _ = writeln!(text, "{name} {v}");
     }
-    let sums = [
-        sum.conns,
-        sum.in_pkts,
-        sum.out_pkts,
-        sum.in_bytes,
-        sum.out_bytes,
-    ];
-    for ((name, help), v) in totals.iter().zip(sums) {
-        counter(name, help, &[])?
-            .with_label_values::<&str>(&[])
-            .inc_by(v);
-    }
-
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&registry.gather(), &mut out)?;
-    let mut text = String::from_utf8(out)?;
-    write_backend_families(&mut text, &backend_labels);
-    Ok(text)
 }
 
-/// The per-backend families, one line per backend each: written directly
-/// rather than through a registry, whose per-series bookkeeping made a
-/// scrape of 100,000 backends take tens of seconds and gigabytes.
-fn write_backend_families(text: &mut String, backends: &[(String, &stats::BackendReport)]) {
-    use std::fmt::Write as _;
+/// Per service: its backend count and its rates.
+fn write_service_families(text: &mut String, services: &[stats::ServiceReport]) {
+    let name = "svclb_service_backends";
+    family_header(
+        text,
+        name,
+        "gauge",
+        "Backends of the service (weight 0 included).",
+    );
+    for svc in services {
+        let _ = writeln!(
+            text,
+            "{name}{{service=\"{}\",local_address=\"{}\",local_mark=\"{:08X}\",scheduler=\"{}\"}} {}",
+            escape_label(&svc.name),
+            svc.vip,
+            svc.mark,
+            svc.scheduler,
+            svc.backends.len()
+        );
+    }
+    let name = "svclb_service_rate";
+    family_header(
+        text,
+        name,
+        "gauge",
+        "IPVS rate estimate (2 s samples, EWMA 1/4); kind is cps, in_pps, out_pps, in_bps or out_bps.",
+    );
+    for svc in services {
+        let r = &svc.rates;
+        for (kind, v) in [
+            ("cps", r.conns),
+            ("in_pps", r.in_pkts),
+            ("out_pps", r.out_pkts),
+            ("in_bps", r.in_bytes),
+            ("out_bps", r.out_bytes),
+        ] {
+            let _ = writeln!(
+                text,
+                "{name}{{service=\"{}\",local_mark=\"{:08X}\",kind=\"{kind}\"}} {v}",
+                escape_label(&svc.name),
+                svc.mark,
+            );
+        }
+    }
+}
+
+/// The per-backend families, one line per backend each; each backend's
+/// label set is written once, into one buffer, and copied into each family.
+fn write_backend_families(text: &mut String, services: &[stats::ServiceReport]) {
+    let mut labels = String::new();
+    let mut backends: Vec<(std::ops::Range<usize>, &stats::BackendReport)> = Vec::new();
+    for svc in services {
+        // node_exporter's labels: an FWM service is proto "FWM", port 0 and
+        // its mark; a per-port one is its protocol and port, with no mark.
+        let (proto, local_port) = match svc.port {
+            None => ("FWM".to_string(), 0),
+            Some(p) => (
+                crate::model::protocol_name(p.protocol).to_uppercase(),
+                p.port,
+            ),
+        };
+        for b in &svc.backends {
+            let start = labels.len();
+            let _ = write!(
+                labels,
+                "service=\"{}\",local_address=\"{}\",local_port=\"{local_port}\",remote_address=\"{}\",remote_port=\"{}\",proto=\"{proto}\",local_mark=\"",
+                escape_label(&svc.name),
+                svc.vip,
+                b.address,
+                b.port.unwrap_or(0),
+            );
+            if svc.port.is_none() {
+                let _ = write!(labels, "{:08X}", svc.mark);
+            }
+            labels.push('"');
+            backends.push((start..labels.len(), b));
+        }
+    }
     type Value = fn(&stats::BackendReport) -> u64;
     let families: [(&str, &str, &str, Value); 8] = [
         (
@@ -199,14 +217,13 @@ fn write_backend_families(text: &mut String, backends: &[(String, &stats::Backen
             |b| u64::from(b.weight),
         ),
     ];
-    if backends.is_empty() {
-        return;
-    }
-    text.reserve(backends.len() * families.len() * (backends[0].0.len() + 48));
     for (name, kind, help, value) in families {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, b) in backends {
-            let _ = writeln!(text, "{name}{{{labels}}} {}", value(b));
+        family_header(text, name, kind, help);
+        for (range, b) in &backends {
+            text.push_str(name);
+            text.push('{');
+            text.push_str(&labels[range.clone()]);
+            let _ = writeln!(text, "}} {}", value(b));
         }
     }
 }

@@ -105,17 +105,23 @@ pub fn monotonic_ns() -> u64 {
 /// thread of its own, so that sampling a large node never delays a config
 /// change. The estimators live in memory; the pinned rates map, which
 /// `svclb-ctl rate` reads and a restarted svclbd continues from, is written
-/// only where an estimate moved. What a sample costs does not grow with
-/// the number of services by syscalls: the backend list is read again only
-/// after an apply (the layout's apply serial moved), and the counters of a
-/// large node are read whole in a few batch syscalls.
+/// only where an estimate moved. An idle sample costs what reading the
+/// counters costs and little else: the maps stay open, the backend list is
+/// read again only after an apply (the layout's apply serial moved), the
+/// counters are read whole into a buffer kept from the last sample (a few
+/// batch syscalls, per-CPU sums done once), and a backend whose counters
+/// did not move and whose average is zero is passed over.
 pub struct RateSampler {
     pins: PinDir,
+    /// The maps, opened once (again after an error).
+    dp: Option<Dataplane>,
     /// Indexed by backend id (dense: ids are handed out lowest first):
     /// whose estimator it is (mark, address) and its state.
     states: Vec<Option<(BackendOwner, RateState)>>,
     /// The backends as of this apply serial.
     backends: Option<(u32, Vec<(u32, BackendOwner)>)>,
+    /// Each backend id's counters at this sample; kept between samples.
+    counters: Vec<BackendStats>,
 }
 
 type BackendOwner = (u32, [u32; 4]);
@@ -124,8 +130,10 @@ impl RateSampler {
     pub fn new(pins: PinDir) -> Self {
         RateSampler {
             pins,
+            dp: None,
             states: Vec::new(),
             backends: None,
+            counters: Vec::new(),
         }
     }
 
@@ -139,6 +147,8 @@ impl RateSampler {
                 loop {
                     if let Err(e) = self.sample(monotonic_ns()) {
                         tracing::warn!("sampling rates: {e:#}");
+                        // The pins may have been replaced: open them again.
+                        self.dp = None;
                     }
                     next += period;
                     std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
@@ -149,13 +159,24 @@ impl RateSampler {
 
     /// One sample of every backend.
     pub fn sample(&mut self, now_ns: u64) -> Result<()> {
-        let mut dp = Dataplane::open(&self.pins)?;
+        if self.dp.is_none() {
+            self.dp = Some(Dataplane::open(&self.pins)?);
+        }
+        let RateSampler {
+            dp: Some(dp),
+            states,
+            backends,
+            counters,
+            ..
+        } = self
+        else {
+            unreachable!("opened above");
+        };
         let serial = dp.apply_serial()?;
-        let refreshed = self.backends.as_ref().is_none_or(|(s, _)| *s != serial);
+        let refreshed = backends.as_ref().is_none_or(|(s, _)| *s != serial);
         if refreshed {
-            let snapshot = dp.snapshot_without_slots()?;
-            let list = snapshot
-                .services
+            let list: Vec<(u32, BackendOwner)> = dp
+                .services_view(false)?
                 .values()
                 .flat_map(|svc| {
                     svc.backends
@@ -163,19 +184,24 @@ impl RateSampler {
                         .map(move |b| (b.id, (svc.mark, svclb_common::addr_words(b.addr))))
                 })
                 .collect();
-            self.backends = Some((serial, list));
+            let len = list
+                .iter()
+                .map(|(id, _)| *id as usize + 1)
+                .max()
+                .unwrap_or(0);
+            counters.resize(len, BackendStats::default());
+            if states.len() < len {
+                states.resize(len, None);
+            }
+            *backends = Some((serial, list));
         }
-        let Some((_, backends)) = &self.backends else {
+        let Some((_, list)) = backends.as_ref() else {
             return Ok(());
         };
-        let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
-        let stats = dp.counters_by_id(&ids)?;
-        let mut moved_states = Vec::new();
-        if self.states.len() < stats.len() {
-            self.states.resize(stats.len(), None);
-        }
-        for &(id, owner) in backends {
-            let entry = self.states[id as usize].get_or_insert_with(|| {
+        dp.counters_into(counters)?;
+        for &(id, owner) in list {
+            let now = counters[id as usize];
+            let entry = states[id as usize].get_or_insert_with(|| {
                 // A restarted svclbd continues the pinned estimator.
                 (owner, dp.rate_estimator(id))
             });
@@ -183,36 +209,31 @@ impl RateSampler {
                 // The id was given to another backend: a new estimator.
                 *entry = (owner, RateState::default());
             }
-            let now = stats[id as usize];
-            if entry.1.sampled_ns != 0
-                && entry.1.last == now
-                && entry.1.avg == BackendStats::default()
-            {
+            let state = &mut entry.1;
+            if state.sampled_ns != 0 && state.last == now && state.avg == BackendStats::default() {
                 // Idle and settled: nothing to fold in, nothing to write.
-                entry.1.sampled_ns = now_ns;
+                state.sampled_ns = now_ns;
                 continue;
             }
-            let before = entry.1;
-            sample(&mut entry.1, now, now_ns);
-            let moved =
-                before.avg != entry.1.avg || before.last != entry.1.last || before.sampled_ns == 0;
-            if moved {
-                moved_states.push((id, entry.1));
+            let before = *state;
+            sample(state, now, now_ns);
+            if before.avg != state.avg || before.last != state.last || before.sampled_ns == 0 {
+                dp.write_rate_estimator(id, *state)?;
             }
         }
-        for (id, state) in moved_states {
-            dp.write_rate_estimator(id, state)?;
-        }
+        // Best effort: a full rates map (every id in use) has no room for
+        // the mark, and then `svclb-ctl rate` goes by the newest estimator.
+        let _ = dp.mark_sampled(now_ns);
         // Estimators of backends that are gone would mislead a reused id;
         // backends go only with an apply.
         if refreshed {
-            let live: std::collections::HashSet<u32> = ids.into_iter().collect();
-            for (id, state) in self.states.iter_mut().enumerate() {
+            let live: std::collections::HashSet<u32> = list.iter().map(|(id, _)| *id).collect();
+            for (id, state) in states.iter_mut().enumerate() {
                 if !live.contains(&(id as u32)) {
                     *state = None;
                 }
             }
-            for id in stale_estimators(&dp, &live) {
+            for id in stale_estimators(dp, &live) {
                 let _ = dp.remove_rate_estimator(id);
             }
         }

@@ -6,10 +6,10 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use anyhow::Result;
 use serde::Serialize;
-use svclb_common::BackendStats;
+use svclb_common::{BackendStats, RateState};
 
 use crate::{
-    dataplane::{Dataplane, Snapshot},
+    dataplane::{Dataplane, Wanted},
     model::{protocol_name, ServicePort},
     rates::{self, Rates},
 };
@@ -97,49 +97,45 @@ pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
         .collect()
 }
 
-/// Reads every service with its counters; services sorted by mark.
-pub fn collect(dp: &Dataplane) -> Result<Vec<ServiceReport>> {
-    collect_from(dp, &dp.snapshot_without_slots()?)
-}
-
-pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceReport>> {
-    let ids: Vec<u32> = snapshot
-        .services
+/// Reads every service with the backend figures `wanted` (the others are
+/// left zero); services sorted by mark.
+pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
+    let services = dp.services_view(wanted.schedulers)?;
+    let ids: Vec<u32> = services
         .values()
         .flat_map(|s| s.backends.iter().map(|b| b.id))
         .collect();
-    let figures = dp.backend_figures(&ids)?;
-    let mut out = Vec::new();
-    for svc in snapshot.services.values() {
+    let figures = dp.backend_figures(&ids, wanted)?;
+    let mut out = Vec::with_capacity(services.len());
+    for svc in services.into_values() {
         let mut total = BackendStats::default();
-        let mut estimators = Vec::new();
-        let mut backends = Vec::new();
+        let mut estimators = RateState::default();
+        let mut backends = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
-            let f = figures.get(&b.id).copied().unwrap_or_default();
-            let stats = f.stats;
+            let (stats, conns, rate) =
+                (figures.stats(b.id), figures.conns(b.id), figures.rate(b.id));
             total.add(&stats);
-            let gauge = f.conns;
-            let estimator = f.rate;
-            estimators.push(estimator);
+            estimators.avg.add(&rate.avg);
             backends.push(BackendReport {
                 address: b.addr,
                 port: b.port,
                 weight: b.weight,
-                active_conns: gauge.active.max(0) as u64,
-                inactive_conns: gauge.inactive.max(0) as u64,
+                active_conns: conns.active.max(0) as u64,
+                inactive_conns: conns.inactive.max(0) as u64,
                 stats,
-                rates: rates::rates(&estimator),
+                rates: rates::rates(&rate),
             });
         }
         out.push(ServiceReport {
-            name: svc.name.clone(),
+            name: svc.name,
             vip: svc.vip,
             port: svc.port,
             mark: svc.mark,
             scheduler: svc.scheduler.name(),
             persistent: svc.value.has_affinity().then_some(svc.value.affinity_secs),
             stats: total,
-            rates: rates::rates(&rates::sum(&estimators)),
+            // A service's rate is its backends' sum, as EWMAs are linear.
+            rates: rates::rates(&estimators),
             backends,
         });
     }
@@ -148,49 +144,121 @@ pub fn collect_from(dp: &Dataplane, snapshot: &Snapshot) -> Result<Vec<ServiceRe
 
 /// How long ago svclbd last sampled the rates (None: never).
 pub fn rates_age(dp: &Dataplane) -> Result<Option<std::time::Duration>> {
-    let newest = dp.rate_estimators().map(|(_, st)| st.sampled_ns).max();
+    // An svclbd from before the sampling mark: its newest estimator.
+    let newest = dp
+        .last_sampled()
+        .or_else(|| dp.rate_estimators().map(|(_, st)| st.sampled_ns).max());
     let now = rates::monotonic_ns();
     Ok(newest.map(|n| std::time::Duration::from_nanos(now.saturating_sub(n))))
 }
 
 /// ipvsadm's `print_largenum`: 9 columns, K/M/G/T past 10^8 unless exact.
 pub fn large_num(n: u64, exact: bool) -> String {
-    if exact {
-        let len = n.to_string().len();
-        let width = if len <= 8 { 9 } else { len + 1 };
-        return format!("{n:>width$}");
-    }
-    match n {
-        0..100_000_000 => format!("{n:>9}"),
-        100_000_000..1_000_000_000 => format!("{:>8}K", n / 1_000),
-        1_000_000_000..100_000_000_000 => format!("{:>8}M", n / 1_000_000),
-        100_000_000_000..100_000_000_000_000 => format!("{:>8}G", n / 1_000_000_000),
-        _ => format!("{:>8}T", n / 1_000_000_000_000),
+    let mut s = String::new();
+    write_large_num(&mut s, n, exact);
+    s
+}
+
+/// [`large_num`], written into `s` (a listing writes hundreds of
+/// thousands of them into one buffer).
+fn write_large_num(s: &mut String, n: u64, exact: bool) {
+    match (exact, n) {
+        // Exact past 8 digits: the number with one blank before it.
+        (true, 100_000_000..) => {
+            s.push(' ');
+            push_num(s, n, 0);
+        }
+        (true, _) | (false, 0..100_000_000) => push_num(s, n, 9),
+        (false, 100_000_000..1_000_000_000) => push_scaled(s, n / 1_000, 'K'),
+        (false, 1_000_000_000..100_000_000_000) => push_scaled(s, n / 1_000_000, 'M'),
+        (false, 100_000_000_000..100_000_000_000_000) => push_scaled(s, n / 1_000_000_000, 'G'),
+        (false, _) => push_scaled(s, n / 1_000_000_000_000, 'T'),
     }
 }
 
-fn real_server(addr: IpAddr, port: Option<u16>) -> String {
-    let port = port.unwrap_or(0);
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
+fn push_scaled(s: &mut String, n: u64, unit: char) {
+    push_num(s, n, 8);
+    s.push(unit);
+}
+
+/// `n` right-aligned in `width` columns, as `{n:>width$}` writes it but
+/// without the formatter's machinery (a listing writes a million numbers).
+fn push_num(s: &mut String, n: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
+    let digits = &digits[at..];
+    push_blanks(s, width.saturating_sub(digits.len()));
+    s.push_str(std::str::from_utf8(digits).expect("ASCII digits"));
+}
+
+fn push_blanks(s: &mut String, n: usize) {
+    const BLANKS: &str = "                                ";
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(BLANKS.len());
+        s.push_str(&BLANKS[..k]);
+        left -= k;
+    }
+}
+
+/// `addr:port` (`[addr]:port` for IPv6) written into `s`, padded with
+/// blanks to `width`.
+fn write_real_server(s: &mut String, addr: IpAddr, port: Option<u16>, width: usize) {
+    let start = s.len();
+    match addr {
+        IpAddr::V4(a) => {
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_num(s, u64::from(octet), 0);
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(s, "[{a}]");
+        }
+    }
+    s.push(':');
+    push_num(s, u64::from(port.unwrap_or(0)), 0);
+    pad(s, start, width);
+}
+
+/// Blanks after what was written since `start`, up to `width` columns.
+fn pad(s: &mut String, start: usize, width: usize) {
+    push_blanks(s, width.saturating_sub(s.len() - start));
 }
 
 /// The first column of a service row: `FWM  317`, or for a per-port
 /// service `TCP  172.50.0.37:80`, as ipvsadm names them.
-pub fn service_name(svc: &ServiceReport) -> String {
+fn write_service_name(s: &mut String, svc: &ServiceReport) {
     match svc.port {
-        None => format!("FWM  {}", svc.mark),
-        Some(p) => format!(
-            "{}  {}",
-            protocol_name(p.protocol).to_uppercase(),
-            real_server(svc.vip, Some(p.port))
-        ),
+        None => {
+            let _ = write!(s, "FWM  {}", svc.mark);
+        }
+        Some(p) => {
+            let _ = write!(s, "{}  ", protocol_name(p.protocol).to_uppercase());
+            write_real_server(s, svc.vip, Some(p.port), 0);
+        }
     }
 }
 
 const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096)";
+
+/// Bytes a listing takes per row, to size its buffer once.
+const ROW_BYTES: usize = 80;
+
+fn rows(services: &[ServiceReport]) -> usize {
+    services.iter().map(|s| 1 + s.backends.len()).sum::<usize>() + 3
+}
 
 /// `ipvsadm -L -n --stats`.
 pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
@@ -220,26 +288,25 @@ fn format_columns(
     columns: impl Fn(&BackendStats, &Rates) -> [u64; 5],
     exact: bool,
 ) -> String {
-    let mut s = String::new();
+    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
     let _ = writeln!(s, "{HEADER}");
     let _ = writeln!(s, "{title}");
     let _ = writeln!(s, "  -> RemoteAddress:Port");
-    let row = |s: &mut String, name: String, values: [u64; 5]| {
-        let _ = write!(s, "{name}");
+    let numbers = |s: &mut String, values: [u64; 5]| {
         for v in values {
-            s.push_str(&large_num(v, exact));
+            write_large_num(s, v, exact);
         }
         s.push('\n');
     };
     for svc in services {
-        row(
-            &mut s,
-            format!("{:<33}", service_name(svc)),
-            columns(&svc.stats, &svc.rates),
-        );
+        let start = s.len();
+        write_service_name(&mut s, svc);
+        pad(&mut s, start, 33);
+        numbers(&mut s, columns(&svc.stats, &svc.rates));
         for b in &svc.backends {
-            let name = format!("  -> {:<28}", real_server(b.address, b.port));
-            row(&mut s, name, columns(&b.stats, &b.rates));
+            s.push_str("  -> ");
+            write_real_server(&mut s, b.address, b.port, 28);
+            numbers(&mut s, columns(&b.stats, &b.rates));
         }
     }
     s
@@ -248,7 +315,7 @@ fn format_columns(
 /// `ipvsadm -L -n`: Forward is always Masq (the connection is made to the
 /// backend itself, as if NATed); ActiveConn and InActConn are live.
 pub fn format_list(services: &[ServiceReport]) -> String {
-    let mut s = String::new();
+    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
     let _ = writeln!(s, "{HEADER}");
     let _ = writeln!(s, "Prot LocalAddress:Port Scheduler Flags");
     let _ = writeln!(
@@ -256,21 +323,28 @@ pub fn format_list(services: &[ServiceReport]) -> String {
         "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"
     );
     for svc in services {
-        let _ = write!(s, "{} {}", service_name(svc), svc.scheduler);
+        write_service_name(&mut s, svc);
+        let _ = write!(s, " {}", svc.scheduler);
         if let Some(secs) = svc.persistent {
             let _ = write!(s, " persistent {secs}");
         }
         s.push('\n');
         for b in &svc.backends {
-            let _ = writeln!(
-                s,
-                "  -> {:<28} {:<7} {:<6} {:<10} {:<10}",
-                real_server(b.address, b.port),
-                "Masq",
-                b.weight,
-                b.active_conns,
-                b.inactive_conns
-            );
+            s.push_str("  -> ");
+            write_real_server(&mut s, b.address, b.port, 28);
+            s.push_str(" Masq    ");
+            for (v, width) in [
+                (u64::from(b.weight), 6),
+                (b.active_conns, 10),
+                (b.inactive_conns, 10),
+            ] {
+                let start = s.len();
+                push_num(&mut s, v, 0);
+                pad(&mut s, start, width);
+                s.push(' ');
+            }
+            s.pop();
+            s.push('\n');
         }
     }
     s

@@ -16,7 +16,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
 use clap::{Parser, ValueEnum};
-use svclb_bench::{control, counting, docker, machine, report, sweep};
+use svclb_bench::{control, counting, docker, idle, machine, report, sweep};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
@@ -31,6 +31,11 @@ enum Part {
     /// The cost of packet counting (svclb vs svclb-nocount vs svclb-hookonly vs direct,
     /// STREAM and RR, 1 service, interleaved); about 13 minutes.
     Counting,
+    /// svclbd's own cost: its CPU and RSS with no traffic at 1, 10,000 and
+    /// 100,000 services, and the wall time of `svclb-ctl stats`, `list`,
+    /// `rate` and a scrape of /metrics at 10,000 x 10 and 100,000 x 2
+    /// (a few minutes, mostly svclbd's start-ups).
+    Idle,
 }
 
 #[derive(Parser)]
@@ -39,7 +44,7 @@ struct Cli {
     /// The short sweep (under 2 minutes): 1 repetition, 1 and 1,000 services.
     #[arg(long)]
     quick: bool,
-    /// Measure this part only. With `counting`, `control` or `docker`, the
+    /// Measure this part only. With `counting`, `control`, `docker` or `idle`, the
     /// rest of the report comes from the benchmarks.json already in --out (if any).
     #[arg(long, value_enum)]
     only: Option<Part>,
@@ -140,11 +145,12 @@ fn run(cli: Cli) -> Result<()> {
         .out
         .unwrap_or_else(|| PathBuf::from(if cli.quick { "target/bench" } else { "docs" }));
     let wants = |part: Part, skip: bool| cli.only.map_or(!skip, |only| only == part);
-    let (do_sweep, do_control, do_counting, do_docker) = (
+    let (do_sweep, do_control, do_counting, do_docker, do_idle) = (
         wants(Part::Sweep, cli.no_sweep),
         wants(Part::Control, cli.no_control),
         wants(Part::Counting, cli.no_counting),
         cli.only == Some(Part::Docker),
+        wants(Part::Idle, false),
     );
     let json_path = out.join("benchmarks.json");
     let previous = json_path
@@ -170,6 +176,12 @@ fn run(cli: Cli) -> Result<()> {
     };
     let control = do_control.then(|| control::run(&control_plan, &docker_plan));
     let docker_data = do_docker.then(|| docker::run(&docker_plan));
+    let idle_plan = if cli.quick {
+        idle::IdlePlan::quick()
+    } else {
+        idle::IdlePlan::full()
+    };
+    let idle = do_idle.then(|| idle::run(&idle_plan));
     // Failed runs of this invocation (not of figures kept from before).
     let failed = data
         .runs
@@ -188,6 +200,12 @@ fn run(cli: Cli) -> Result<()> {
         Some(mut previous) if cli.only == Some(Part::Control) => {
             println!("keeping the rest of {}", json_path.display());
             previous.control = control;
+            previous
+        }
+        // svclbd's own cost alone: likewise.
+        Some(mut previous) if cli.only == Some(Part::Idle) => {
+            println!("keeping the rest of {}", json_path.display());
+            previous.idle = idle;
             previous
         }
         // The Docker figures alone: the rest of the control plane kept too.
@@ -213,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
                 docker_data.map(|d| control::ControlData::docker_only(&control_plan, Some(d)))
             }),
             sweep: data,
+            idle: idle.or_else(|| previous.as_ref().and_then(|p| p.idle.clone())),
             counting: counting.or_else(|| previous.and_then(|p| p.counting)),
         },
     };

@@ -4,6 +4,7 @@
 mod control;
 mod counting;
 mod docker;
+mod idle;
 mod machine;
 mod sweep;
 mod targets;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::ControlData;
 use crate::counting::CountingData;
+use crate::idle::IdleData;
 use crate::load::Workload;
 use crate::machine::Machine;
 use crate::modes::Mode;
@@ -44,6 +46,9 @@ pub struct Report {
     /// from the previous benchmarks.json by a run that does not measure it.
     #[serde(default)]
     pub counting: Option<CountingData>,
+    /// svclbd's own cost (`svclb-bench --only idle`); kept likewise.
+    #[serde(default)]
+    pub idle: Option<IdleData>,
 }
 
 /// A target from the issue, evaluated on this sweep.
@@ -153,6 +158,9 @@ pub fn markdown(r: &Report, notes: Notes) -> String {
         counting_markdown(&mut md, r, c, notes.counting);
     }
 
+    if let Some(i) = &r.idle {
+        idle::markdown(&mut md, i);
+    }
     if let Some(c) = &r.control {
         control::markdown(&mut md, c);
     }

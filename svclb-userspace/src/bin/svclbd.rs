@@ -617,6 +617,7 @@ fn apply_docker(
     match sync::commit(dp, &desired, spare) {
         Ok(committed) => {
             report(&committed, why);
+            released(committed);
             docker_applied(docker, why);
         }
         Err(e) => {
@@ -660,7 +661,24 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 fn apply(dp: &mut Dataplane, desired: &DesiredState, why: &str) -> Result<()> {
     let committed = sync::commit(dp, desired, |_| {})?;
     report(&committed, why);
+    released(committed);
     Ok(())
+}
+
+/// Drops an apply's plan and, if it changed anything, hands the heap it
+/// freed back to the system: a plan of 100,000 services allocates hundreds
+/// of MB for a moment, which glibc would otherwise keep, and svclbd's RSS
+/// would say so for as long as it runs.
+fn released(committed: sync::Committed) {
+    let changed = !committed.plan.changes.is_empty();
+    drop(committed);
+    #[cfg(target_env = "gnu")]
+    if changed {
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 /// Logs a committed change (the sockets it ended are logged by terminate).
