@@ -251,6 +251,7 @@ async fn run(args: Args) -> Result<()> {
             }
             text.push_str(&svclb::terminate::ENDED.render());
             text.push_str(&health::render());
+            text.push_str(&sync::render_applied());
             text
         });
         tokio::spawn(svclb::metrics::serve(listener, pins.clone(), Some(extra)));

@@ -98,7 +98,25 @@ pub fn failed() {
     crate::health::count(crate::health::Fault::ApplyFailed);
 }
 
+/// Changes that reached the maps (`svclb_changes_applied_total`): counted
+/// once every write of one is done, so a watcher that sees it move knows
+/// new connects follow the change.
+static APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `svclb_changes_applied_total` in Prometheus's text format.
+pub fn render_applied() -> String {
+    format!(
+        "# HELP svclb_changes_applied_total Changes svclbd wrote to the maps (each whole).\n\
+         # TYPE svclb_changes_applied_total counter\n\
+         svclb_changes_applied_total {}\n",
+        APPLIED.load(std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 fn finish(dp: &Dataplane, mut plan: Plan, spare: impl FnOnce(&mut Plan)) -> Committed {
+    if !plan.is_empty() {
+        APPLIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     spare(&mut plan);
     let ended = terminate::after_apply(dp.pins(), &plan);
     Committed { plan, ended }
