@@ -402,6 +402,11 @@ impl ServiceState {
 struct Taken {
     vips: BTreeMap<IpAddr, String>,
     backends: BTreeMap<IpAddr, String>,
+    /// What each discovered service holds before this composition (its
+    /// fixed VIP, its last valid set), by owner: a new answer for one name
+    /// cannot take another's VIP or task over, whichever is composed first.
+    held_vips: BTreeMap<IpAddr, Vec<String>>,
+    held_tasks: BTreeMap<IpAddr, Vec<String>>,
 }
 
 impl Taken {
@@ -410,6 +415,35 @@ impl Taken {
         for b in &spec.backends {
             self.backends.insert(b.addr, spec.name.clone());
         }
+    }
+
+    fn hold(&mut self, svc: &ServiceState) {
+        let name = &svc.spec.name;
+        for vip in svc
+            .spec
+            .vip
+            .iter()
+            .chain(svc.accepted.iter().flatten().map(|s| &s.vip))
+        {
+            self.held_vips.entry(*vip).or_default().push(name.clone());
+        }
+        for spec in svc.accepted.iter().flatten() {
+            for b in &spec.backends {
+                self.held_tasks
+                    .entry(b.addr)
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+    }
+
+    /// The other service that holds `addr` in `held`, if any.
+    fn held_by<'a>(
+        held: &'a BTreeMap<IpAddr, Vec<String>>,
+        addr: &IpAddr,
+        own: &str,
+    ) -> Option<&'a String> {
+        held.get(addr)?.iter().find(|owner| *owner != own)
     }
 
     /// Checks the services discovered for one name against each other and
@@ -428,13 +462,21 @@ impl Taken {
                     spec.vip, spec.name, spec.name
                 ));
             }
-            if let Some(other) = self.vips.get(&spec.vip) {
+            if let Some(other) =
+                self.vips
+                    .get(&spec.vip)
+                    .or(Self::held_by(&self.held_vips, &spec.vip, &spec.name))
+            {
                 return Err(format!(
                     "VIP {} is already the VIP of service {other:?}",
                     spec.vip
                 ));
             }
-            if let Some(other) = self.backends.get(&spec.vip) {
+            if let Some(other) = self.backends.get(&spec.vip).or(Self::held_by(
+                &self.held_tasks,
+                &spec.vip,
+                &spec.name,
+            )) {
                 return Err(format!(
                     "VIP {} is a backend of service {other:?}",
                     spec.vip
@@ -442,7 +484,11 @@ impl Taken {
             }
             for b in &spec.backends {
                 model::check_task(b.addr).map_err(|e| format!("task: {e}"))?;
-                if let Some(other) = self.vips.get(&b.addr) {
+                if let Some(other) =
+                    self.vips
+                        .get(&b.addr)
+                        .or(Self::held_by(&self.held_vips, &b.addr, &spec.name))
+                {
                     return Err(format!(
                         "task {} is the VIP of service {other:?}; a VIP cannot also be a backend",
                         b.addr
@@ -635,6 +681,9 @@ impl Discovery {
         let mut taken = Taken::default();
         for spec in &statics.services {
             taken.add(spec);
+        }
+        for svc in &self.services {
+            taken.hold(svc);
         }
         let mut out = statics.clone();
         for svc in &mut self.services {
@@ -1080,5 +1129,42 @@ mod tests {
             let rejected = d.status()[0].rejected.clone().unwrap();
             assert!(rejected.contains(why), "{rejected}");
         }
+    }
+
+    /// Found by the dns_answer fuzz target: an answer for `api` naming the
+    /// VIP fixed in the file for `web` (or a task of another service) took
+    /// it over when `api` came first, and `web` was dropped whole.
+    #[tokio::test]
+    async fn an_answer_cannot_take_over_what_another_service_holds() {
+        let mut web = spec("web");
+        web.vip = Some("10.0.0.20".parse().unwrap());
+        let mut d = discovery(&[spec("api"), web, spec("db")]);
+        d.record_answer("api", Role::Vips, addrs(&["10.0.1.2"], 5));
+        d.record_answer("api", Role::Tasks, addrs(&["10.0.1.5"], 5));
+        d.record_answer("web", Role::Tasks, addrs(&["10.0.2.5"], 5));
+        d.record_answer("db", Role::Vips, addrs(&["10.0.3.2"], 5));
+        d.record_answer("db", Role::Tasks, addrs(&["10.0.3.5"], 5));
+        let good = d.compose(&model::DesiredState::default());
+        assert_eq!(good.services.len(), 3);
+        for (vip, why) in [
+            ("10.0.0.20", "already the VIP of service \"web\""),
+            ("10.0.3.2", "already the VIP of service \"db\""),
+            ("10.0.2.5", "a backend of service \"web\""),
+        ] {
+            d.record_answer("api", Role::Vips, addrs(&[vip], 5));
+            assert_eq!(d.compose(&model::DesiredState::default()), good, "{why}");
+            let rejected = d.status()[0].rejected.clone().unwrap();
+            assert!(rejected.contains(why), "{rejected}");
+        }
+        // Given up by its holder, an address can move.
+        d.record_answer("db", Role::Vips, addrs(&["10.0.3.3"], 5));
+        d.compose(&model::DesiredState::default());
+        d.record_answer("api", Role::Vips, addrs(&["10.0.3.2"], 5));
+        let moved = d.compose(&model::DesiredState::default());
+        assert!(moved
+            .services
+            .iter()
+            .any(|s| s.name == "api" && s.vip.to_string() == "10.0.3.2"));
+        assert!(d.status()[0].rejected.is_none());
     }
 }
