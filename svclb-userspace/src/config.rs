@@ -78,9 +78,9 @@ use svclb_common::Scheduler;
 use toml::Spanned;
 
 use crate::model::{
-    check_affinity, check_backend, check_family, check_mark, check_name, check_network,
-    check_refresh, check_vip, check_weights, protocol_name, BackendSpec, Config, DiscoveredSpec,
-    DnsSettings, ServicePort, ServiceSpec,
+    check_affinity, check_backend, check_backend_count, check_family, check_mark, check_name,
+    check_network, check_refresh, check_vip, check_weights, protocol_name, BackendSpec, Config,
+    DiscoveredSpec, DnsSettings, ServicePort, ServiceSpec,
 };
 
 /// Why a config file was rejected.
@@ -762,7 +762,7 @@ impl<'a> Checker<'a> {
         for (j, b) in raw.into_inner().into_iter().enumerate() {
             backends.extend(self.backend(i, j, b, vip, &mut seen));
         }
-        if let Err(message) = check_weights(&backends) {
+        if let Err(message) = check_backend_count(backends.len()).and(check_weights(&backends)) {
             self.problems.add(span, at(i, "backends"), message);
         }
         backends

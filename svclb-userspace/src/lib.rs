@@ -6,6 +6,7 @@
 //! - [`model`]: the desired state (services, backends, discovered
 //!   services, DNS settings) and the rules that make it valid.
 //! - [`config`]: the config file: TOML turned into the model.
+//! - [`ctl`]: svclb-ctl's command line.
 //! - [`sync`]: the sources of the desired state (the file, watched; DNS
 //!   discovery) merged into one state to apply.
 //! - [`batch`]: reading a whole map in a few syscalls.
@@ -31,6 +32,7 @@ pub mod alloc;
 pub mod batch;
 pub mod cgroup;
 pub mod config;
+pub mod ctl;
 pub mod dataplane;
 pub mod docker;
 pub mod health;

@@ -18,6 +18,12 @@ use svclb_common::{Scheduler, MAX_SLOTS_PER_SERVICE};
 /// Longest service name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
+/// Most backends one service may have, from any source. A Swarm service
+/// has one task per replica; far more than a DNS answer over TCP can carry
+/// (about 4,000 addresses), and it keeps a hostile engine's answer from
+/// costing unbounded memory and schedule time before it is refused.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 16_384;
+
 /// Every service to program. Serializes back to the file format.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct DesiredState {
@@ -294,6 +300,49 @@ pub(crate) fn check_affinity(d: Duration) -> Result<u32, String> {
     }
 }
 
+/// A task that DNS or the Docker engine names: a backend, and never a
+/// loopback address (no Swarm task has one; it would turn a client's
+/// connects back into its own container).
+pub(crate) fn check_task(ip: IpAddr) -> Result<IpAddr, String> {
+    let ip = check_backend(ip)?;
+    if ip.is_loopback() {
+        return Err(format!(
+            "{ip} is a loopback address and cannot be a task: it would send the client's \
+             connects to its own container"
+        ));
+    }
+    Ok(ip)
+}
+
+/// A service as the Docker engine (or DNS) makes it: a VIP, and tasks
+/// that are neither the VIP nor anything [`check_task`] refuses, at most
+/// [`MAX_BACKENDS_PER_SERVICE`] of them.
+pub(crate) fn check_discovered(spec: &ServiceSpec) -> Result<(), String> {
+    check_vip(spec.vip).map_err(|e| format!("VIP: {e}"))?;
+    check_backend_count(spec.backends.len())?;
+    for b in &spec.backends {
+        check_task(b.addr).map_err(|e| format!("task: {e}"))?;
+        check_family(spec.vip, b.addr).map_err(|e| format!("task: {e}"))?;
+        if b.addr == spec.vip {
+            return Err(format!(
+                "{} is both its VIP and a task: a VIP cannot also be a backend",
+                b.addr
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// At most [`MAX_BACKENDS_PER_SERVICE`] backends.
+pub(crate) fn check_backend_count(count: usize) -> Result<(), String> {
+    if count > MAX_BACKENDS_PER_SERVICE {
+        return Err(format!(
+            "{count} backends, more than the {MAX_BACKENDS_PER_SERVICE} a service may have"
+        ));
+    }
+    Ok(())
+}
+
 /// A backend has the family of its service's VIP.
 pub(crate) fn check_family(vip: IpAddr, addr: IpAddr) -> Result<(), String> {
     if vip.is_ipv4() == addr.is_ipv4() {
@@ -332,4 +381,173 @@ pub(crate) fn check_refresh(min_refresh: Duration, max_refresh: Duration) -> Res
         ));
     }
     Ok(())
+}
+
+/// The rules every service of a desired state keeps, whatever its source:
+/// what the file's validation checks with place names, DNS and Docker
+/// check on their answers, and the planner relies on. Returns the first
+/// rule broken, naming the service.
+pub fn check_state(state: &DesiredState) -> Result<(), String> {
+    let mut frontends = std::collections::HashSet::new();
+    let mut marks = std::collections::HashSet::new();
+    let mut vips: std::collections::HashMap<IpAddr, Vec<&ServiceSpec>> = Default::default();
+    for s in &state.services {
+        vips.entry(s.vip).or_default().push(s);
+    }
+    // Two services meet where a client can see both: on a shared network,
+    // or when either has none (seen everywhere).
+    let meet = |a: &ServiceSpec, b: &ServiceSpec| {
+        a.networks.is_empty()
+            || b.networks.is_empty()
+            || a.networks.iter().any(|n| b.networks.contains(n))
+    };
+    for s in &state.services {
+        let fail = |e: String| format!("service {:?} (VIP {}): {e}", s.name, s.vip);
+        check_state_name(&s.name).map_err(fail)?;
+        check_vip(s.vip).map_err(fail)?;
+        if !frontends.insert((s.vip, s.port)) {
+            return Err(fail(
+                "another service has the same VIP (and port)".to_owned(),
+            ));
+        }
+        if s.port.is_some_and(|p| p.port == 0) {
+            return Err(fail("port 0".to_owned()));
+        }
+        if let Some(mark) = s.mark {
+            check_mark(mark).map_err(fail)?;
+            if !marks.insert(mark) {
+                return Err(fail(format!("mark {mark} is another service's too")));
+            }
+        }
+        for n in &s.networks {
+            check_network(n).map_err(fail)?;
+        }
+        check_backend_count(s.backends.len()).map_err(fail)?;
+        let mut seen = std::collections::HashSet::new();
+        for b in &s.backends {
+            check_backend(b.addr).map_err(fail)?;
+            check_family(s.vip, b.addr).map_err(fail)?;
+            if b.port == Some(0) {
+                return Err(fail(format!("backend {} has port 0", b.addr)));
+            }
+            if !seen.insert((b.addr, b.port)) {
+                return Err(fail(format!("backend {} is listed twice", b.addr)));
+            }
+            if let Some(t) = vips.get(&b.addr).into_iter().flatten().find(|t| meet(s, t)) {
+                return Err(fail(format!(
+                    "backend {} is the VIP of service {:?}",
+                    b.addr, t.name
+                )));
+            }
+        }
+        check_weights(&s.backends).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// A name in the maps: a file's or DNS's service name, or Docker's
+/// `<service>@<network>`.
+fn check_state_name(name: &str) -> Result<(), String> {
+    name.split('@').try_for_each(check_name)?;
+    if name.matches('@').count() > 1 || name.len() > MAX_NAME_LEN {
+        return Err(format!("{name:?} is not a service name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, vip: &str, mark: Option<u32>, backends: &[&str]) -> ServiceSpec {
+        let backends = backends
+            .iter()
+            .map(|b| BackendSpec {
+                addr: b.parse().unwrap(),
+                port: None,
+                weight: 1,
+            })
+            .collect();
+        ServiceSpec::new(name, vip.parse().unwrap(), mark, Scheduler::Rr, backends)
+    }
+
+    fn refused(services: Vec<ServiceSpec>) -> String {
+        check_state(&DesiredState { services }).unwrap_err()
+    }
+
+    #[test]
+    fn check_state_names_what_is_wrong() {
+        let ok = spec("api", "10.0.0.2", Some(300), &["10.0.0.3", "10.0.0.4"]);
+        check_state(&DesiredState {
+            services: vec![ok.clone(), spec("web@front", "10.0.0.5", None, &[])],
+        })
+        .unwrap();
+        let e = refused(vec![ok.clone(), spec("db", "10.0.0.2", None, &[])]);
+        assert!(e.contains("same VIP"), "{e}");
+        let e = refused(vec![ok.clone(), spec("db", "10.0.0.9", Some(300), &[])]);
+        assert!(e.contains("mark 300"), "{e}");
+        let e = refused(vec![
+            ok.clone(),
+            spec("db", "10.0.0.9", None, &["10.0.0.2"]),
+        ]);
+        assert!(
+            e.contains("backend 10.0.0.2 is the VIP of service \"api\""),
+            "{e}"
+        );
+        let e = refused(vec![spec("db", "10.0.0.9", None, &["fd00::1"])]);
+        assert!(e.contains("IPv6"), "{e}");
+        let e = refused(vec![spec(
+            "db",
+            "10.0.0.9",
+            None,
+            &["10.0.0.1", "10.0.0.1"],
+        )]);
+        assert!(e.contains("listed twice"), "{e}");
+        for vip in ["127.0.0.1", "224.0.0.1", "0.0.0.0", "::"] {
+            let e = refused(vec![spec("db", vip, None, &[])]);
+            assert!(e.contains(vip), "{e}");
+        }
+        for name in ["", "a b", "x@y@z", "@y", "a\n"] {
+            assert!(check_state_name(name).is_err(), "{name:?}");
+        }
+        // Scoped services on different networks may reuse an address as
+        // one's VIP and the other's task (Swarm's networks are separate).
+        let mut a = spec("a@n1", "10.0.0.2", None, &[]);
+        let mut b = spec("b@n2", "10.0.0.9", None, &["10.0.0.2"]);
+        a.networks = vec!["n1".into()];
+        b.networks = vec!["n2".into()];
+        check_state(&DesiredState {
+            services: vec![a.clone(), b.clone()],
+        })
+        .unwrap();
+        b.networks.push("n1".into());
+        assert!(refused(vec![a, b]).contains("is the VIP of"));
+    }
+
+    #[test]
+    fn discovered_services_refuse_hostile_tasks() {
+        let ok = spec("api", "10.0.0.2", None, &["10.0.0.3"]);
+        check_discovered(&ok).unwrap();
+        for (task, why) in [
+            ("10.0.0.2", "both its VIP and a task"),
+            ("127.0.0.1", "loopback"),
+            ("224.0.0.1", "multicast"),
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("fd00::3", "IPv6"),
+        ] {
+            let e = check_discovered(&spec("api", "10.0.0.2", None, &[task])).unwrap_err();
+            assert!(e.contains(why), "{task}: {e}");
+        }
+        let mut big = ok.clone();
+        big.backends = (0..=MAX_BACKENDS_PER_SERVICE as u32)
+            .map(|i| BackendSpec {
+                addr: IpAddr::V4((0x0b00_0000 + i).into()),
+                port: None,
+                weight: 1,
+            })
+            .collect();
+        let e = check_discovered(&big).unwrap_err();
+        assert!(e.contains("16385 backends"), "{e}");
+    }
 }

@@ -9,6 +9,7 @@ mod build;
 mod cmd;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod soak;
 mod test;
@@ -64,6 +65,15 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         connects: u64,
     },
+    /// Runs every fuzz target (fuzz/) for --time seconds each, with the
+    /// committed seeds; stops at a crash, naming the target and the input.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (config, dns_answer, docker_network, docker_event, ctl_args).
+        targets: Vec<String>,
+    },
     /// Benchmark sweep (as root): installs the tools, builds release, writes docs/BENCHMARKS.md.
     Bench {
         /// The short sweep (under 2 minutes); writes to target/bench/ unless --out says otherwise.
@@ -87,6 +97,7 @@ fn main() -> ExitCode {
         Command::Test { args } => test::run(&args),
         Command::Demo { sandbox } => demo::run(sandbox),
         Command::Soak { connects } => soak::run(connects).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz { time, targets } => fuzz::run(time, &targets).map(|()| ExitCode::SUCCESS),
         Command::Bench { quick, out, args } => bench::run(quick, out, &args),
     };
     match result {

@@ -35,6 +35,9 @@ const TEST_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "haproxy",
+    // The fuzz targets (cargo xtask fuzz, and briefly in cargo xtask test):
+    // libfuzzer-sys compiles libFuzzer with the C++ compiler.
+    "g++",
     // The real-Swarm tests and the demo start a private engine (tests/src/swarm.rs)
     // and build their image from busybox with `docker import`: no registry needed.
     "busybox-static",

@@ -5,7 +5,8 @@
 //! CI run reports all problems. Test output is tee'd to target/xtask/*.log
 //! and cargo's `test result:` lines are parsed: an ignored test or an
 //! integration run that executed nothing is a failure, because the
-//! privileged tests must really run in CI.
+//! privileged tests must really run in CI. Each fuzz target runs for a
+//! few seconds and counts as one test (passed, or failed naming the input).
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -16,7 +17,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, host_cargo, host_target_dir, is_root, workspace_root};
-use crate::{build, ebpf, setup};
+use crate::{build, ebpf, fuzz, setup};
 
 pub fn run(extra_args: &[String]) -> Result<ExitCode> {
     if !is_root() {
@@ -57,6 +58,25 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
     ]);
     record(cmd::run(&mut clippy));
 
+    // The fuzz targets are a workspace of their own: fmt and clippy them too.
+    let fuzz_manifest = root.join("fuzz/Cargo.toml");
+    let mut fuzz_fmt = host_cargo();
+    fuzz_fmt
+        .current_dir(&root)
+        .arg("fmt")
+        .arg("--manifest-path")
+        .arg(&fuzz_manifest)
+        .args(["--", "--check"]);
+    record(cmd::run(&mut fuzz_fmt));
+    let mut fuzz_clippy = host_cargo();
+    fuzz_clippy
+        .current_dir(&root)
+        .arg("clippy")
+        .arg("--manifest-path")
+        .arg(&fuzz_manifest)
+        .args(["--locked", "--bins", "--", "-D", "warnings"]);
+    record(cmd::run(&mut fuzz_clippy));
+
     // The integration tests run these binaries (SVCLB_BIN_DIR).
     let built = record(build::host(false));
 
@@ -80,6 +100,24 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
         }
         Err(e) => {
             record(Err(e));
+        }
+    }
+
+    // Each fuzz target runs briefly and counts as one test.
+    match fuzz::build() {
+        Ok(()) => {
+            for target in fuzz::TARGETS {
+                let run = fuzz::run_target(target, fuzz::SHORT_RUN_SECS);
+                if record(run.map(|_| ())) {
+                    totals.passed += 1;
+                } else {
+                    totals.failed += 1;
+                }
+            }
+        }
+        Err(e) => {
+            totals.failed += fuzz::TARGETS.len() as u64;
+            record(Err(e.context("building the fuzz targets: none ran")));
         }
     }
 

@@ -807,3 +807,45 @@ fn the_deploy_example_is_valid() {
         vec!["127.0.0.11:53".parse().unwrap()]
     );
 }
+
+#[test]
+fn a_service_has_at_most_max_backends() {
+    let list = |n: usize| -> String {
+        let addrs: Vec<String> = (0..n)
+            .map(|i| format!("\"10.{}.{}.{}\"", i >> 16, (i >> 8) & 0xff, i & 0xff))
+            .collect();
+        format!(
+            "[[service]]\nname = \"big\"\nvip = \"172.50.0.1\"\nbackends = [{}]\n",
+            addrs.join(", ")
+        )
+    };
+    let max = crate::model::MAX_BACKENDS_PER_SERVICE;
+    assert_eq!(parse(&list(max)).services[0].backends.len(), max);
+    rejects(
+        &list(max + 1),
+        4,
+        "service[0].backends",
+        "16385 backends, more than the 16384 a service may have",
+    );
+}
+
+/// What the file accepts keeps the model's rules, and reads back the same
+/// once written out: what the fuzz target checks of every input.
+#[test]
+fn accepted_files_are_valid_states_and_read_back_the_same() {
+    for text in [
+        API,
+        include_str!("../../../deploy/svclb.toml"),
+        include_str!("../../../fuzz/seeds/config/per-port.toml"),
+    ] {
+        let config = parse_config(text);
+        let state = config.static_state();
+        crate::model::check_state(&state).unwrap();
+        let written = toml::to_string(&state).unwrap();
+        assert_eq!(
+            parse_config(&written).services,
+            config.services,
+            "{written}"
+        );
+    }
+}

@@ -46,6 +46,7 @@ use hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::rr::{RData, Record};
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{ResolveError, TokioResolver};
@@ -70,6 +71,10 @@ pub enum Answer {
     Failed(String),
 }
 
+/// Most VIPs one name may answer: Swarm gives a service one VIP per
+/// network, and a node has at most 64 networks (svclb's scope bits).
+pub const MAX_VIPS_PER_NAME: usize = 64;
+
 /// What one name stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +83,17 @@ pub enum Role {
     Vips,
     /// `tasks.<name>`: the backends.
     Tasks,
+}
+
+impl Role {
+    /// The most addresses an answer for this role may have: a larger one
+    /// is refused as a failed query (the last good set stays).
+    pub fn max_addresses(self) -> usize {
+        match self {
+            Role::Vips => MAX_VIPS_PER_NAME,
+            Role::Tasks => model::MAX_BACKENDS_PER_SERVICE,
+        }
+    }
 }
 
 /// The state of one queried name, as metrics report it.
@@ -163,6 +179,20 @@ impl NameState {
     fn record(&mut self, answer: Answer, now: Instant, settings: &DnsSettings) -> bool {
         let clamp = |d: Duration| d.clamp(settings.min_refresh, settings.max_refresh);
         let before = self.current();
+        let answer = match answer {
+            Answer::Addrs(addrs, _) if addrs.len() > self.role.max_addresses() => {
+                Answer::Failed(format!(
+                    "the answer has {} addresses, more than the {} svclb takes for {}",
+                    addrs.len(),
+                    self.role.max_addresses(),
+                    match self.role {
+                        Role::Vips => "a service's VIPs",
+                        Role::Tasks => "a service's tasks",
+                    }
+                ))
+            }
+            answer => answer,
+        };
         match answer {
             Answer::Addrs(addrs, ttl) => {
                 if self.stale {
@@ -322,6 +352,14 @@ impl ServiceState {
         self.vips.iter_mut().chain(std::iter::once(&mut self.tasks))
     }
 
+    /// The name queried for `role` (none for the VIPs of a fixed VIP).
+    fn name_mut(&mut self, role: Role) -> Option<&mut NameState> {
+        match role {
+            Role::Vips => self.vips.as_mut(),
+            Role::Tasks => Some(&mut self.tasks),
+        }
+    }
+
     fn names(&self) -> impl Iterator<Item = &NameState> {
         self.vips.iter().chain(std::iter::once(&self.tasks))
     }
@@ -364,6 +402,11 @@ impl ServiceState {
 struct Taken {
     vips: BTreeMap<IpAddr, String>,
     backends: BTreeMap<IpAddr, String>,
+    /// What each discovered service holds before this composition (its
+    /// fixed VIP, its last valid set), by owner: a new answer for one name
+    /// cannot take another's VIP or task over, whichever is composed first.
+    held_vips: BTreeMap<IpAddr, Vec<String>>,
+    held_tasks: BTreeMap<IpAddr, Vec<String>>,
 }
 
 impl Taken {
@@ -372,6 +415,35 @@ impl Taken {
         for b in &spec.backends {
             self.backends.insert(b.addr, spec.name.clone());
         }
+    }
+
+    fn hold(&mut self, svc: &ServiceState) {
+        let name = &svc.spec.name;
+        for vip in svc
+            .spec
+            .vip
+            .iter()
+            .chain(svc.accepted.iter().flatten().map(|s| &s.vip))
+        {
+            self.held_vips.entry(*vip).or_default().push(name.clone());
+        }
+        for spec in svc.accepted.iter().flatten() {
+            for b in &spec.backends {
+                self.held_tasks
+                    .entry(b.addr)
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+    }
+
+    /// The other service that holds `addr` in `held`, if any.
+    fn held_by<'a>(
+        held: &'a BTreeMap<IpAddr, Vec<String>>,
+        addr: &IpAddr,
+        own: &str,
+    ) -> Option<&'a String> {
+        held.get(addr)?.iter().find(|owner| *owner != own)
     }
 
     /// Checks the services discovered for one name against each other and
@@ -390,21 +462,33 @@ impl Taken {
                     spec.vip, spec.name, spec.name
                 ));
             }
-            if let Some(other) = self.vips.get(&spec.vip) {
+            if let Some(other) =
+                self.vips
+                    .get(&spec.vip)
+                    .or(Self::held_by(&self.held_vips, &spec.vip, &spec.name))
+            {
                 return Err(format!(
                     "VIP {} is already the VIP of service {other:?}",
                     spec.vip
                 ));
             }
-            if let Some(other) = self.backends.get(&spec.vip) {
+            if let Some(other) = self.backends.get(&spec.vip).or(Self::held_by(
+                &self.held_tasks,
+                &spec.vip,
+                &spec.name,
+            )) {
                 return Err(format!(
                     "VIP {} is a backend of service {other:?}",
                     spec.vip
                 ));
             }
             for b in &spec.backends {
-                model::check_backend(b.addr).map_err(|e| format!("task: {e}"))?;
-                if let Some(other) = self.vips.get(&b.addr) {
+                model::check_task(b.addr).map_err(|e| format!("task: {e}"))?;
+                if let Some(other) =
+                    self.vips
+                        .get(&b.addr)
+                        .or(Self::held_by(&self.held_vips, &b.addr, &spec.name))
+                {
                     return Err(format!(
                         "task {} is the VIP of service {other:?}; a VIP cannot also be a backend",
                         b.addr
@@ -562,16 +646,25 @@ impl Discovery {
             let Ok((i, role, answer)) = joined else {
                 continue;
             };
-            let svc = &mut self.services[i];
-            let name = match role {
-                Role::Vips => svc.vips.as_mut(),
-                Role::Tasks => Some(&mut svc.tasks),
-            };
-            if let Some(name) = name {
+            if let Some(name) = self.services[i].name_mut(role) {
                 debug!(query = %name.query, ?answer, "DNS answer");
                 changed |= name.record(answer, Instant::now(), &self.settings);
             }
         }
+        self.publish();
+        changed
+    }
+
+    /// Takes in an answer for the VIPs or the tasks of `service`, as a
+    /// refresh does (for callers that have the answer: tests, the fuzz
+    /// target); returns whether the addresses in use changed.
+    pub fn record_answer(&mut self, service: &str, role: Role, answer: Answer) -> bool {
+        let Some(svc) = self.services.iter_mut().find(|s| s.spec.name == service) else {
+            return false;
+        };
+        let changed = svc
+            .name_mut(role)
+            .is_some_and(|n| n.record(answer, Instant::now(), &self.settings));
         self.publish();
         changed
     }
@@ -588,6 +681,9 @@ impl Discovery {
         let mut taken = Taken::default();
         for spec in &statics.services {
             taken.add(spec);
+        }
+        for svc in &self.services {
+            taken.hold(svc);
         }
         let mut out = statics.clone();
         for svc in &mut self.services {
@@ -687,22 +783,32 @@ fn build_resolver(settings: &DnsSettings) -> Result<TokioResolver> {
 async fn resolve(resolver: &TokioResolver, query: &str) -> Answer {
     resolver.clear_cache();
     match resolver.lookup_ip(format!("{query}.")).await {
-        Ok(lookup) => {
-            let addrs: BTreeSet<IpAddr> = lookup.iter().map(|ip| ip.to_canonical()).collect();
-            let ttl = lookup
-                .valid_until()
-                .saturating_duration_since(std::time::Instant::now());
-            if addrs.is_empty() {
-                Answer::Empty {
-                    nxdomain: false,
-                    negative_ttl: None,
-                }
-            } else {
-                Answer::Addrs(addrs, ttl)
-            }
-        }
+        Ok(lookup) => answer_of(lookup.as_lookup().records()),
         Err(e) => classify(&e),
     }
+}
+
+/// What the records of an answer say: their A and AAAA addresses
+/// (IPv4-mapped ones as IPv4), valid for the smallest TTL among them; no
+/// address is an empty answer. Other records (CNAME...) count for the TTL
+/// only, as the resolver's own lookup does.
+pub fn answer_of(records: &[Record]) -> Answer {
+    let addrs: BTreeSet<IpAddr> = records
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0).to_canonical()),
+            _ => None,
+        })
+        .collect();
+    if addrs.is_empty() {
+        return Answer::Empty {
+            nxdomain: false,
+            negative_ttl: None,
+        };
+    }
+    let ttl = records.iter().map(Record::ttl).min().unwrap_or(0);
+    Answer::Addrs(addrs, Duration::from_secs(u64::from(ttl)))
 }
 
 fn classify(e: &ResolveError) -> Answer {
@@ -950,5 +1056,115 @@ mod tests {
         d.reconfigure(&[], &settings()).unwrap();
         assert!(d.next_due().is_none());
         assert!(d.resolver.is_none());
+    }
+
+    #[test]
+    fn answer_of_takes_addresses_and_the_smallest_ttl() {
+        use hickory_resolver::proto::rr::{rdata, Name};
+        let name = Name::from_ascii("tasks.api.").unwrap();
+        let records = [
+            Record::from_rdata(
+                name.clone(),
+                30,
+                RData::CNAME(rdata::CNAME(Name::from_ascii("x.").unwrap())),
+            ),
+            Record::from_rdata(name.clone(), 600, RData::A("10.0.0.5".parse().unwrap())),
+            Record::from_rdata(
+                name.clone(),
+                600,
+                RData::AAAA("::ffff:10.0.0.6".parse().unwrap()),
+            ),
+            Record::from_rdata(name.clone(), 600, RData::AAAA("fd00::5".parse().unwrap())),
+        ];
+        assert_eq!(
+            answer_of(&records),
+            addrs(&["10.0.0.5", "10.0.0.6", "fd00::5"], 30)
+        );
+        assert!(matches!(answer_of(&records[..1]), Answer::Empty { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_answer_is_refused_and_the_last_good_set_kept() {
+        let s = settings();
+        let mut n = name();
+        let t0 = Instant::now();
+        n.record(addrs(&["10.0.0.1"], 5), t0, &s);
+        let huge: BTreeSet<IpAddr> = (0..=model::MAX_BACKENDS_PER_SERVICE as u32)
+            .map(|i| IpAddr::V4((0x0b00_0000 + i).into()))
+            .collect();
+        assert!(!n.record(Answer::Addrs(huge, Duration::from_secs(5)), t0, &s));
+        assert_eq!(n.current(), ips(&["10.0.0.1"]));
+        assert!(n.stale);
+        let e = n.last_error.clone().unwrap();
+        assert!(e.contains("16385 addresses, more than the 16384"), "{e}");
+
+        let mut v = NameState::new("api".into(), Role::Vips, t0);
+        let vips: Vec<String> = (0..=MAX_VIPS_PER_NAME)
+            .map(|i| format!("10.1.0.{i}"))
+            .collect();
+        let vips: Vec<&str> = vips.iter().map(String::as_str).collect();
+        v.record(addrs(&vips, 5), t0, &s);
+        assert!(v.current().is_empty(), "refused: nothing known yet");
+        assert!(v
+            .last_error
+            .unwrap()
+            .contains("65 addresses, more than the 64"));
+    }
+
+    #[tokio::test]
+    async fn hostile_tasks_are_refused_keeping_the_last_valid_set() {
+        let mut d = discovery(&[spec("api")]);
+        d.record_answer("api", Role::Vips, addrs(&["10.0.0.2", "fd00::2"], 5));
+        d.record_answer("api", Role::Tasks, addrs(&["10.0.0.5", "fd00::5"], 5));
+        let good = d.compose(&model::DesiredState::default());
+        model::check_state(&good).unwrap();
+        for (tasks, why) in [
+            (&["10.0.0.5", "127.0.0.1"][..], "loopback"),
+            (&["::1"][..], "loopback"),
+            (&["10.0.0.5", "0.0.0.0"][..], "unspecified"),
+            (&["224.0.0.9"][..], "multicast"),
+        ] {
+            d.record_answer("api", Role::Tasks, addrs(tasks, 5));
+            assert_eq!(d.compose(&model::DesiredState::default()), good, "{why}");
+            let rejected = d.status()[0].rejected.clone().unwrap();
+            assert!(rejected.contains(why), "{rejected}");
+        }
+    }
+
+    /// Found by the dns_answer fuzz target: an answer for `api` naming the
+    /// VIP fixed in the file for `web` (or a task of another service) took
+    /// it over when `api` came first, and `web` was dropped whole.
+    #[tokio::test]
+    async fn an_answer_cannot_take_over_what_another_service_holds() {
+        let mut web = spec("web");
+        web.vip = Some("10.0.0.20".parse().unwrap());
+        let mut d = discovery(&[spec("api"), web, spec("db")]);
+        d.record_answer("api", Role::Vips, addrs(&["10.0.1.2"], 5));
+        d.record_answer("api", Role::Tasks, addrs(&["10.0.1.5"], 5));
+        d.record_answer("web", Role::Tasks, addrs(&["10.0.2.5"], 5));
+        d.record_answer("db", Role::Vips, addrs(&["10.0.3.2"], 5));
+        d.record_answer("db", Role::Tasks, addrs(&["10.0.3.5"], 5));
+        let good = d.compose(&model::DesiredState::default());
+        assert_eq!(good.services.len(), 3);
+        for (vip, why) in [
+            ("10.0.0.20", "already the VIP of service \"web\""),
+            ("10.0.3.2", "already the VIP of service \"db\""),
+            ("10.0.2.5", "a backend of service \"web\""),
+        ] {
+            d.record_answer("api", Role::Vips, addrs(&[vip], 5));
+            assert_eq!(d.compose(&model::DesiredState::default()), good, "{why}");
+            let rejected = d.status()[0].rejected.clone().unwrap();
+            assert!(rejected.contains(why), "{rejected}");
+        }
+        // Given up by its holder, an address can move.
+        d.record_answer("db", Role::Vips, addrs(&["10.0.3.3"], 5));
+        d.compose(&model::DesiredState::default());
+        d.record_answer("api", Role::Vips, addrs(&["10.0.3.2"], 5));
+        let moved = d.compose(&model::DesiredState::default());
+        assert!(moved
+            .services
+            .iter()
+            .any(|s| s.name == "api" && s.vip.to_string() == "10.0.3.2"));
+        assert!(d.status()[0].rejected.is_none());
     }
 }

@@ -175,8 +175,10 @@ pub struct DockerSync {
     negotiated: bool,
     /// The last good view, by service name.
     services: BTreeMap<String, ServiceSpec>,
-    /// Services refused for a conflict with the file's, and why.
+    /// Services refused (a conflict with the file's, or not valid), and why.
     refused: BTreeMap<String, String>,
+    /// Each service's last version that went in, kept while it is refused.
+    last_good: BTreeMap<String, ServiceSpec>,
     /// Container ID -> (its cgroup id, the swarm networks written for it).
     scoped: BTreeMap<String, (u64, Vec<String>)>,
     /// The cgroup Docker puts containers under: its id and the networks
@@ -300,6 +302,11 @@ pub fn services_of_network(
         if svc.is_empty() || entry.vip.is_empty() || entry.local_lb_index == 0 {
             continue;
         }
+        // Swarm's own names pass; anything else would reach logs and labels.
+        if let Err(e) = model::check_name(&svc) {
+            warn!(network, "service skipped: {e}");
+            continue;
+        }
         let name = service_name(&svc, network);
         let vip_text = entry.vip.split('/').next().unwrap_or_default();
         let vip = match vip_text.parse::<IpAddr>() {
@@ -317,24 +324,27 @@ pub fn services_of_network(
             warn!(service = %name, "the name is longer than {} bytes; skipped", svclb_common::SERVICE_NAME_LEN);
             continue;
         }
-        let mut backends: Vec<BackendSpec> = Vec::new();
+        // Each task once, of the VIP's family; what cannot be a task is
+        // kept here and refused with the service by [`merge`].
+        let mut addrs = std::collections::BTreeSet::new();
         for t in entry.tasks.unwrap_or_default() {
             let ip = t.endpoint_ip.split('/').next().unwrap_or_default();
             match ip.parse::<IpAddr>() {
-                Ok(addr) => {
-                    let addr = addr.to_canonical();
-                    if addr.is_ipv4() == vip.is_ipv4() && !backends.iter().any(|b| b.addr == addr) {
-                        backends.push(BackendSpec {
-                            addr,
-                            port: None,
-                            weight: 1,
-                        });
-                    }
+                Ok(addr) if addr.to_canonical().is_ipv4() == vip.is_ipv4() => {
+                    addrs.insert(addr.to_canonical());
                 }
+                Ok(_) => {}
                 Err(_) => warn!(service = %name, "task address {:?} skipped", t.endpoint_ip),
             }
         }
-        backends.sort_by_key(|b| b.addr);
+        let backends: Vec<BackendSpec> = addrs
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                port: None,
+                weight: 1,
+            })
+            .collect();
         out.push(ServiceSpec {
             name,
             vip,
@@ -365,12 +375,17 @@ pub fn services_in_snapshot(snapshot: &Snapshot) -> BTreeMap<String, ServiceSpec
 }
 
 /// Merges Docker's services into the file's: one that takes a VIP or a
-/// mark of the file's (or of an earlier Docker service) is refused, named
-/// in `refused` with why; the others go in.
+/// mark of the file's (or of an earlier Docker service), or that is not a
+/// valid service ([`model::check_discovered`]: a VIP that is also a task,
+/// a loopback, multicast or unspecified address, too many tasks), is
+/// refused, named in `refused` with why; its version in `last_good` (the
+/// last one that went in) goes in instead, if it still can. The others go
+/// in, and become their `last_good`.
 pub fn merge(
     statics: &DesiredState,
     docker: &BTreeMap<String, ServiceSpec>,
     refused: &mut BTreeMap<String, String>,
+    last_good: &mut BTreeMap<String, ServiceSpec>,
 ) -> DesiredState {
     // Who has a VIP or a mark, named only when a conflict is reported.
     let mut vips: HashMap<IpAddr, Owner> = HashMap::new();
@@ -383,34 +398,50 @@ pub fn merge(
     }
     let mut out = statics.clone();
     let mut now_refused = BTreeMap::new();
+    last_good.retain(|name, _| docker.contains_key(name));
     for (name, spec) in docker {
-        let why = if let Some(other) = vips.get(&spec.vip) {
-            Some(format!(
-                "its VIP {} is already the VIP of {other}",
-                spec.vip
-            ))
-        } else if let Some(other) = spec.mark.and_then(|m| marks.get(&m)) {
-            Some(format!(
-                "its mark {} (LocalLBIndex) is already the mark of {other}",
-                spec.mark.unwrap_or_default()
-            ))
-        } else {
-            model::check_vip(spec.vip).err()
+        let why_not = |spec: &ServiceSpec| {
+            if let Some(other) = vips.get(&spec.vip) {
+                Err(format!(
+                    "its VIP {} is already the VIP of {other}",
+                    spec.vip
+                ))
+            } else if let Some(other) = spec.mark.and_then(|m| marks.get(&m)) {
+                Err(format!(
+                    "its mark {} (LocalLBIndex) is already the mark of {other}",
+                    spec.mark.unwrap_or_default()
+                ))
+            } else {
+                model::check_discovered(spec)
+            }
         };
-        match why {
-            Some(why) => {
+        let chosen = match why_not(spec) {
+            Ok(()) => {
+                last_good.insert(name.clone(), spec.clone());
+                Some(spec)
+            }
+            Err(why) => {
+                let kept = last_good.get(name).filter(|old| why_not(old).is_ok());
                 if refused.get(name) != Some(&why) {
-                    error!(service = %name, "Docker service refused, nothing of it is applied: {why}");
+                    match kept {
+                        Some(_) => {
+                            error!(service = %name, "Docker service refused, keeping its last good version: {why}")
+                        }
+                        None => {
+                            error!(service = %name, "Docker service refused, nothing of it is applied: {why}")
+                        }
+                    }
                 }
                 now_refused.insert(name.clone(), why);
+                kept
             }
-            None => {
-                vips.insert(spec.vip, Owner::Docker(name));
-                if let Some(m) = spec.mark {
-                    marks.insert(m, Owner::Docker(name));
-                }
-                out.services.push(spec.clone());
+        };
+        if let Some(spec) = chosen {
+            vips.insert(spec.vip, Owner::Docker(name));
+            if let Some(m) = spec.mark {
+                marks.insert(m, Owner::Docker(name));
             }
+            out.services.push(spec.clone());
         }
     }
     for name in refused.keys() {
@@ -500,6 +531,7 @@ impl DockerSync {
             negotiated: false,
             services,
             refused: BTreeMap::new(),
+            last_good: BTreeMap::new(),
             scoped: BTreeMap::new(),
             started_scopes: BTreeMap::new(),
             parent: None,
@@ -533,7 +565,12 @@ impl DockerSync {
 
     /// The file's services plus Docker's (conflicts refused).
     pub fn compose(&mut self, statics: &DesiredState) -> DesiredState {
-        merge(statics, &self.services, &mut self.refused)
+        merge(
+            statics,
+            &self.services,
+            &mut self.refused,
+            &mut self.last_good,
+        )
     }
 
     async fn ensure_negotiated(&mut self) -> Result<()> {
@@ -1143,6 +1180,37 @@ fn is_graceful(signal: i32) -> bool {
     matches!(signal, 2 | 3 | 15)
 }
 
+/// What an event from `GET /events` says; `None` for what changes
+/// nothing (docker exec and health probes' execs).
+pub fn wake_of(ev: bollard::models::EventMessage) -> Option<Wake> {
+    let action = ev.action.unwrap_or_default();
+    if action.starts_with("exec_") {
+        return None;
+    }
+    let typ = ev.typ.map(|t| t.to_string()).unwrap_or_default();
+    let what = format!("{typ} {action}");
+    let actor = ev.actor.unwrap_or_default();
+    let signal = actor
+        .attributes
+        .as_ref()
+        .and_then(|a| a.get("signal"))
+        .and_then(|s| s.parse::<i32>().ok());
+    let container = actor.id.filter(|_| typ == "container");
+    let stopping = container
+        .clone()
+        .filter(|_| action == "die" || (action == "kill" && signal.is_some_and(is_terminating)));
+    let draining = stopping.is_some() && action == "kill" && signal.is_some_and(is_graceful);
+    // A task with a health check joins its VIP when healthy.
+    let started = container.filter(|_| action == "start" || action == "health_status: healthy");
+    Some(Wake::Event {
+        what,
+        stopping,
+        draining,
+        started,
+        at_ns: ev.time_nano,
+    })
+}
+
 fn wake_matters(wake: &Wake) -> bool {
     matches!(
         wake,
@@ -1196,36 +1264,8 @@ pub fn follow_events(docker: Docker, status: Arc<Status>, tx: mpsc::Sender<Wake>
                 match stream.next().await {
                     Some(Ok(ev)) => {
                         status.events.fetch_add(1, Ordering::Relaxed);
-                        let action = ev.action.unwrap_or_default();
-                        // docker exec and health probes' execs change nothing.
-                        if action.starts_with("exec_") {
+                        let Some(wake) = wake_of(ev) else {
                             continue;
-                        }
-                        let typ = ev.typ.map(|t| t.to_string()).unwrap_or_default();
-                        let what = format!("{typ} {action}");
-                        let actor = ev.actor.unwrap_or_default();
-                        let signal = actor
-                            .attributes
-                            .as_ref()
-                            .and_then(|a| a.get("signal"))
-                            .and_then(|s| s.parse::<i32>().ok());
-                        let stopping = (typ == "container"
-                            && (action == "die"
-                                || (action == "kill" && signal.is_some_and(is_terminating))))
-                        .then(|| actor.id.clone())
-                        .flatten();
-                        let draining = action == "kill" && signal.is_some_and(is_graceful);
-                        // A task with a health check joins its VIP when healthy.
-                        let started = (typ == "container"
-                            && (action == "start" || action == "health_status: healthy"))
-                            .then(|| actor.id.clone())
-                            .flatten();
-                        let wake = Wake::Event {
-                            what,
-                            stopping,
-                            draining,
-                            started,
-                            at_ns: ev.time_nano,
                         };
                         if wake_matters(&wake) {
                             // Must not be lost: it takes a task out now.
@@ -1315,13 +1355,19 @@ mod tests {
             ("ok@n".to_owned(), spec("ok@n", "172.50.0.6", Some(259))),
         ]);
         let mut refused = BTreeMap::new();
-        let merged = merge(&statics, &docker, &mut refused);
+        let mut last_good = BTreeMap::new();
+        let merged = merge(&statics, &docker, &mut refused, &mut last_good);
         let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["db", "ok@n"]);
         assert!(refused["api@n"].contains("VIP 172.50.0.2") && refused["api@n"].contains("\"db\""));
         assert!(refused["web@n"].contains("mark 300"));
         // Without the conflict, they go in.
-        let merged = merge(&DesiredState::default(), &docker, &mut refused);
+        let merged = merge(
+            &DesiredState::default(),
+            &docker,
+            &mut refused,
+            &mut last_good,
+        );
         assert_eq!(merged.services.len(), 3);
         assert!(refused.is_empty());
     }
@@ -1391,5 +1437,149 @@ mod tests {
         assert!(!is_docker_name("a@b@c"));
         assert_eq!(default_parent("cgroupfs"), "/docker");
         assert_eq!(default_parent("systemd"), "/system.slice");
+    }
+
+    fn merged(
+        json: &str,
+        refused: &mut BTreeMap<String, String>,
+        last_good: &mut BTreeMap<String, ServiceSpec>,
+    ) -> DesiredState {
+        let view = services_of_network("n", inspect_services(json))
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        merge(&DesiredState::default(), &view, refused, last_good)
+    }
+
+    #[test]
+    fn hostile_views_are_refused_keeping_the_last_good_version() {
+        let (mut refused, mut last_good) = (BTreeMap::new(), BTreeMap::new());
+        let good = merged(
+            r#"{"api": {"VIP": "10.0.0.2", "LocalLBIndex": 257, "Tasks": [{"EndpointIP": "10.0.0.3"}]},
+                "web": {"VIP": "10.0.0.5", "LocalLBIndex": 258, "Tasks": [{"EndpointIP": "10.0.0.6"}]}}"#,
+            &mut refused,
+            &mut last_good,
+        );
+        assert_eq!(good.services.len(), 2);
+        for (api, why) in [
+            (r#"[{"EndpointIP": "10.0.0.2"}]"#, "both its VIP and a task"),
+            (r#"[{"EndpointIP": "127.0.0.1"}]"#, "loopback"),
+            (r#"[{"EndpointIP": "0.0.0.0"}]"#, "unspecified"),
+            (r#"[{"EndpointIP": "239.1.1.1/24"}]"#, "multicast"),
+        ] {
+            let json = format!(
+                r#"{{"api": {{"VIP": "10.0.0.2", "LocalLBIndex": 257, "Tasks": {api}}},
+                    "web": {{"VIP": "10.0.0.5", "LocalLBIndex": 258, "Tasks": [{{"EndpointIP": "10.0.0.7"}}]}}}}"#
+            );
+            let now = merged(&json, &mut refused, &mut last_good);
+            assert_eq!(
+                now.services[0], good.services[0],
+                "{why}: the last good api"
+            );
+            assert_eq!(now.services[1].backends[0].addr.to_string(), "10.0.0.7");
+            assert!(refused["api@n"].contains(why), "{}", refused["api@n"]);
+            assert_eq!(refused.len(), 1);
+        }
+        // A duplicate mark: the second service (by name) is refused; with
+        // no last good version of it, nothing of it goes in.
+        let now = merged(
+            r#"{"api": {"VIP": "10.0.0.2", "LocalLBIndex": 257, "Tasks": []},
+                "zzz": {"VIP": "10.0.0.8", "LocalLBIndex": 257, "Tasks": []}}"#,
+            &mut refused,
+            &mut last_good,
+        );
+        assert_eq!(now.services.len(), 1);
+        assert!(refused["zzz@n"].contains("mark 257"));
+        model::check_state(&now).unwrap();
+    }
+
+    #[test]
+    fn a_huge_task_list_is_refused_and_names_the_bound() {
+        let tasks: Vec<String> = (0..=model::MAX_BACKENDS_PER_SERVICE as u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0x0b00_0000 + i);
+                format!(r#"{{"EndpointIP": "{ip}"}}"#)
+            })
+            .collect();
+        let json = format!(
+            r#"{{"api": {{"VIP": "10.0.0.2", "LocalLBIndex": 257, "Tasks": [{}]}}}}"#,
+            tasks.join(",")
+        );
+        let (mut refused, mut last_good) = (BTreeMap::new(), BTreeMap::new());
+        let started = std::time::Instant::now();
+        assert!(merged(&json, &mut refused, &mut last_good)
+            .services
+            .is_empty());
+        assert!(refused["api@n"].contains("16385 backends"), "{refused:?}");
+        // Each task is looked up once, not compared with every other.
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn names_that_are_not_swarm_names_are_skipped() {
+        let specs = services_of_network(
+            "n",
+            inspect_services(
+                r#"{"a\nb": {"VIP": "10.0.0.2", "LocalLBIndex": 257, "Tasks": []},
+                    "a@b": {"VIP": "10.0.0.3", "LocalLBIndex": 258, "Tasks": []},
+                    "ok": {"VIP": "10.0.0.4", "LocalLBIndex": 259, "Tasks": []}}"#,
+            ),
+        );
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ok@n"]);
+    }
+
+    fn wake(json: &str) -> Option<Wake> {
+        wake_of(serde_json::from_str(json).unwrap())
+    }
+
+    #[test]
+    fn events_are_classified() {
+        let Some(Wake::Event {
+            stopping,
+            draining,
+            started,
+            at_ns,
+            ..
+        }) = wake(
+            r#"{"Type": "container", "Action": "kill", "Actor": {"ID": "c1", "Attributes": {"signal": "15"}}, "timeNano": 7}"#,
+        )
+        else {
+            panic!("an event")
+        };
+        assert_eq!(
+            (stopping.as_deref(), draining, started, at_ns),
+            (Some("c1"), true, None, Some(7))
+        );
+        let Some(Wake::Event {
+            stopping, draining, ..
+        }) = wake(
+            r#"{"Type": "container", "Action": "kill", "Actor": {"ID": "c1", "Attributes": {"signal": "9"}}}"#,
+        )
+        else {
+            panic!("an event")
+        };
+        assert_eq!((stopping.as_deref(), draining), (Some("c1"), false));
+        // No container named: nothing stops, so nothing drains.
+        let Some(Wake::Event {
+            stopping, draining, ..
+        }) = wake(
+            r#"{"Type": "container", "Action": "kill", "Actor": {"Attributes": {"signal": "15"}}}"#,
+        )
+        else {
+            panic!("an event")
+        };
+        assert_eq!((stopping, draining), (None, false));
+        let Some(Wake::Event {
+            started, stopping, ..
+        }) = wake(r#"{"Type": "network", "Action": "start", "Actor": {"ID": "n1"}}"#)
+        else {
+            panic!("an event")
+        };
+        assert_eq!((started, stopping), (None, None));
+        assert!(wake(
+            r#"{"Type": "container", "Action": "exec_start: sh", "Actor": {"ID": "c1"}}"#
+        )
+        .is_none());
     }
 }
