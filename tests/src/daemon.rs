@@ -52,9 +52,20 @@ pub struct PinDir {
 impl PinDir {
     pub fn new() -> PinDir {
         let n = NEXT_PIN.fetch_add(1, Ordering::Relaxed);
-        PinDir {
+        let pins = PinDir {
             path: PathBuf::from(format!("/sys/fs/bpf/svclb-test-{}-{n}", std::process::id())),
+        };
+        // A directory left by an earlier run whose pid this process now has
+        // would be adopted with its counters and gauges: start clean.
+        if pins.path.exists() {
+            if let Err(e) = ctl(&pins.path, &["teardown"]) {
+                eprintln!(
+                    "svclb-tests: teardown of leftover {} failed: {e:#}",
+                    pins.path.display()
+                );
+            }
         }
+        pins
     }
 
     pub fn path(&self) -> &Path {
