@@ -75,20 +75,20 @@ impl Attached {
     }
 }
 
-/// What one check found changed: cgroups attached again under a new id
-/// (their scope must be written again).
-pub struct Checked {
-    pub reattached: Vec<(CgroupPath, u64)>,
-}
-
 /// Checks the pins and the attached cgroups once, mending what it can.
-pub fn check(pins: &PinDir, loaded: &mut Loaded, attached: &mut [Attached]) -> Checked {
+/// Returns the cgroups attached again under a new id: their scope must be
+/// written again.
+pub fn check(
+    pins: &PinDir,
+    loaded: &mut Loaded,
+    attached: &mut [Attached],
+) -> Vec<(CgroupPath, u64)> {
     let mut reattached = Vec::new();
     if !pins.is_on_bpffs() {
         warn!(pin_dir = %pins.root().display(), "the pin directory is no longer on bpffs: mounting and pinning again");
         if let Err(e) = pins.prepare() {
             warn!("mending the pin directory failed: {e:#}");
-            return Checked { reattached };
+            return reattached;
         }
     }
     match loaded.repin_missing_maps() {
@@ -132,5 +132,5 @@ pub fn check(pins: &PinDir, loaded: &mut Loaded, attached: &mut [Attached]) -> C
             _ => {}
         }
     }
-    Checked { reattached }
+    reattached
 }

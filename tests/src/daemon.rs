@@ -220,6 +220,16 @@ impl Svclbd {
         result.map(|()| daemon)
     }
 
+    /// The value of one series of its /metrics, named with its labels as
+    /// exposed (`svclb_faults_total{kind="apply_failed"}`); None when not
+    /// served or absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = crate::http::get(self.metrics_addr?, "/metrics").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Where this svclbd serves /metrics (chosen by [`Svclbd::start`]).
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_addr

@@ -48,6 +48,15 @@ pub(crate) fn warn(args: fmt::Arguments<'_>) {
 }
 
 /// Fails with a clear message unless the effective user is root.
+/// A field of `/proc/PID/status` (`VmRSS`, `CapEff`, ...), as written there.
+pub fn proc_status(pid: u32, field: &str) -> Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };

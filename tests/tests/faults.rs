@@ -16,15 +16,9 @@ use svclb_tests::{bpf::cgroup_prog_count, bpf::ATTACH_INET4_CONNECT, Svclbd};
 const NOTICED_WITHIN: Duration = Duration::from_secs(5);
 
 fn faults(daemon: &Svclbd, kind: &str) -> u64 {
-    let addr = daemon.metrics_addr().expect("metrics served");
-    let (_, text) = svclb_tests::http::get(addr, "/metrics").unwrap();
-    let line = format!("svclb_faults_total{{kind=\"{kind}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .unwrap_or_else(|| panic!("no {line} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
+    daemon
+        .metric(&format!("svclb_faults_total{{kind=\"{kind}\"}}"))
+        .unwrap_or_else(|| panic!("no svclb_faults_total for {kind} in /metrics")) as u64
 }
 
 #[test]

@@ -20,14 +20,8 @@ const KEPT: [(u32, &str); 5] = [
     (39, "cap_bpf"),
 ];
 
-/// A `/proc/PID/status` field.
 fn status_field(pid: u32, field: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
+    svclb_tests::util::proc_status(pid, field).unwrap()
 }
 
 fn capability_bits(hex: &str) -> u64 {

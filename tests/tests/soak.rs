@@ -76,23 +76,14 @@ type Reach = (Instant, Instant, String);
 /// svclbd's count of changes written to the maps (each counted once all
 /// its writes, the schedule switch included, are done).
 fn changes_applied(daemon: &Svclbd) -> u64 {
-    let at = daemon.metrics_addr().expect("metrics served");
-    let (_, text) = svclb_tests::http::get(at, "/metrics").unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("svclb_changes_applied_total "))
-        .expect("svclb_changes_applied_total in /metrics")
-        .trim()
-        .parse()
-        .unwrap()
+    daemon
+        .metric("svclb_changes_applied_total")
+        .expect("svclb_changes_applied_total in /metrics") as u64
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap();
-    line.split_whitespace().next().unwrap().parse().unwrap()
+fn rss_kib(pid: u32) -> u64 {
+    let rss = svclb_tests::util::proc_status(pid, "VmRSS").unwrap();
+    rss.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 fn fd_count(pid: u32) -> u64 {
@@ -191,10 +182,7 @@ fn soak_connects_while_backends_change_every_100_ms() {
         let (stop, samples) = (stop.clone(), samples.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                samples
-                    .lock()
-                    .unwrap()
-                    .push((status_kib(pid, "VmRSS"), fd_count(pid)));
+                samples.lock().unwrap().push((rss_kib(pid), fd_count(pid)));
                 std::thread::sleep(Duration::from_millis(250));
             }
         })

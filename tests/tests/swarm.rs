@@ -564,7 +564,7 @@ fn engine_away_keeps_the_maps_and_a_restart_resyncs() {
     // maps still hold what the engine said last (less tasks it said were
     // stopping), and discovery says it is stale.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&daemon, "svclb_docker_stale") != Some(1.0) {
+    while daemon.metric("svclb_docker_stale") != Some(1.0) {
         assert!(
             Instant::now() < deadline,
             "not flagged stale:\n{}",
@@ -601,7 +601,7 @@ fn engine_away_keeps_the_maps_and_a_restart_resyncs() {
         std::thread::sleep(Duration::from_millis(200));
     }
     wait_backends(&pins, &ips, &daemon);
-    assert_eq!(metric(&daemon, "svclb_docker_stale"), Some(0.0));
+    assert_eq!(daemon.metric("svclb_docker_stale"), Some(0.0));
     let attempts = s.engine.client(&web.id, "tcp", "api", 20).unwrap();
     let (per_task, failed) = tally(&attempts);
     assert!(failed.is_empty(), "{failed:?}\n{}", daemon.log_text());
@@ -631,14 +631,6 @@ fn attach_by_container_against_a_real_docker_engine() {
 }
 
 /// One unlabelled sample of svclbd's /metrics.
-fn metric(daemon: &Svclbd, name: &str) -> Option<f64> {
-    let addr = daemon.metrics_addr()?;
-    let (_, text) = svclb_tests::http::get(addr, "/metrics").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn tokio_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -350,8 +350,7 @@ async fn run(args: Args) -> Result<()> {
                 docker_resync(&mut dp, &config, &mut docker, &mut discovery, &mut announced, "Docker poll").await;
             },
             _ = health_check.tick() => {
-                let checked = health::check(&pins, &mut loaded, &mut attached);
-                for (cg, id) in checked.reattached {
+                for (cg, id) in health::check(&pins, &mut loaded, &mut attached) {
                     let scoped = match (&mut docker, &docker_parent) {
                         (Some(d), Some(parent)) if *parent == cg => {
                             d.set_parent(&cg, start_scope).and_then(|()| d.write_scopes(&mut dp))
