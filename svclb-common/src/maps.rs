@@ -73,7 +73,8 @@ pub struct MapDef {
 /// ```
 ///
 /// `Kind` is the aya map type (`HashMap`, `LruHashMap`, `PerCpuHashMap`,
-/// `Array`, `PerCpuArray`, `SkStorage`); for the arrays and socket storage
+/// `Array`, `PerCpuArray`, `SkStorage`, or `MmapArray`: an `Array` that
+/// userspace may also map into memory); for the arrays and socket storage
 /// the key is what the kernel reports (u32, and the socket's fd as i32).
 /// Kernel object names are limited to 15 characters.
 #[macro_export]
@@ -92,6 +93,10 @@ macro_rules! svclb_map_table {
             BACKENDS "svclb_backends" HashMap [u32 => $crate::BackendInfo] $crate::MapCapacity::Backends;
             /// Backend id -> counters, per CPU (Conns, In/Out packets and bytes).
             STATS "svclb_stats" PerCpuArray [u32 => $crate::BackendStats] $crate::MapCapacity::Backends;
+            /// Backend id -> nonzero once its counters moved since svclbd's rate
+            /// sampler last looked; the sampler clears it through a shared mapping
+            /// (`BPF_F_MMAPABLE`), so an idle node costs it no counter reads.
+            STATS_MOVED "svclb_moved" MmapArray [u32 => u64] $crate::MapCapacity::Backends;
             /// Backend id -> live connections (ActiveConn, InActConn).
             CONNS "svclb_conns" Array [u32 => $crate::ConnGauge] $crate::MapCapacity::Backends;
             /// Mark -> name, VIP and port of a service, for listings. Userspace only.
@@ -171,15 +176,17 @@ mod tests {
     #[test]
     fn the_pinned_layout_is_the_one_version_2_pinned() {
         // (name, key size, value size) of LAYOUT_VERSION 2: pins made by it
-        // must be adopted, so these change only with the version.
+        // must be adopted, so these change only with the version. A map
+        // added since (svclb_moved) is created next to older pins.
         assert_eq!(crate::LAYOUT_VERSION, 2);
-        let want: [(&str, usize, usize); 16] = [
+        let want: [(&str, usize, usize); 17] = [
             ("svclb_vips", 16, 8),
             ("svclb_ports", 20, 4),
             ("svclb_services", 4, 32),
             ("svclb_slots", 8, 28),
             ("svclb_backends", 4, 28),
             ("svclb_stats", 4, 40),
+            ("svclb_moved", 4, 8),
             ("svclb_conns", 4, 16),
             ("svclb_meta", 4, 88),
             ("svclb_layout", 4, 8),

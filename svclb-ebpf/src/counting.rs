@@ -20,8 +20,8 @@ use svclb_common::{
 };
 
 use crate::{
-    maps::{SOCKS, STATS, UDP_CONNS},
-    service::set_conn_state,
+    maps::{SOCKS, UDP_CONNS},
+    service::{add_to_counters, set_conn_state},
 };
 
 #[inline(always)]
@@ -93,8 +93,7 @@ fn count(ctx: &SkBuffContext, egress: bool) {
         return;
     }
     let len = u64::from(unsafe { (*skb).len });
-    if let Some(stats) = STATS.get_ptr_mut(state.backend_id) {
-        let stats = unsafe { &mut *stats };
+    add_to_counters(state.backend_id, |stats| {
         if egress {
             stats.in_pkts = stats.in_pkts.wrapping_add(1);
             stats.in_bytes = stats.in_bytes.wrapping_add(len);
@@ -102,7 +101,7 @@ fn count(ctx: &SkBuffContext, egress: bool) {
             stats.out_pkts = stats.out_pkts.wrapping_add(1);
             stats.out_bytes = stats.out_bytes.wrapping_add(len);
         }
-    }
+    });
 }
 
 #[cgroup_skb(egress)]

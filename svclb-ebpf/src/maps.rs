@@ -5,7 +5,7 @@
 //! are declared too, so that one object carries the whole pinned layout.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::SkStorage,
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -31,6 +31,12 @@ macro_rules! declare_map {
         $(#[$doc])*
         #[btf_map(name = $name)]
         pub static $konst: SkStorage<$value> = SkStorage::new();
+    };
+    ($(#[$doc:meta])* $konst:ident $name:tt MmapArray [$key:ty => $value:ty] $cap:expr) => {
+        $(#[$doc])*
+        #[map(name = $name)]
+        pub static $konst: Array<$value> =
+            Array::with_max_entries($cap.default_entries(), flags($cap) | BPF_F_MMAPABLE);
     };
     ($(#[$doc:meta])* $konst:ident $name:tt $kind:ident [$key:ty => $value:ty] $cap:expr) => {
         $(#[$doc])*

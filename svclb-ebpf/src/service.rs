@@ -4,13 +4,20 @@
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns,
 };
+use core::{
+    ptr,
+    sync::atomic::{compiler_fence, Ordering},
+};
 use svclb_common::schedule::client_slot;
+
 use svclb_common::{
-    AffinityKey, AffinityValue, PortKey, Scheduler, ServiceValue, Slot, SlotKey, SockState, VipKey,
-    CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS,
+    AffinityKey, AffinityValue, BackendStats, PortKey, Scheduler, ServiceValue, Slot, SlotKey,
+    SockState, VipKey, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, CONNS, PORTS, RR, SCOPES, SERVICES, SLOTS, STATS, VIPS};
+use crate::maps::{
+    AFFINITY, BACKENDS, CONNS, PORTS, RR, SCOPES, SERVICES, SLOTS, STATS, STATS_MOVED, VIPS,
+};
 
 /// What a destination is.
 pub enum Dest {
@@ -232,8 +239,29 @@ fn still_scheduled(mark: u32, slot: &Slot) -> bool {
 /// starts inactive, like IPVS's).
 #[inline(always)]
 pub fn count_new_connection(backend_id: u32) {
-    if let Some(stats) = STATS.get_ptr_mut(backend_id) {
-        unsafe { (*stats).conns = (*stats).conns.wrapping_add(1) };
+    add_to_counters(backend_id, |stats| {
+        stats.conns = stats.conns.wrapping_add(1);
+    });
+}
+
+/// The one writer of a backend's counters (this CPU's): `add`, then the
+/// flag that tells svclbd's rate sampler to read them. The flag is written
+/// after the counters, so a sampler that clears it and then reads sees
+/// this addition, and only when it is clear: a shared line that every CPU
+/// kept writing would cost more than the counting.
+#[inline(always)]
+pub fn add_to_counters(backend_id: u32, add: impl FnOnce(&mut BackendStats)) {
+    let Some(stats) = STATS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    add(unsafe { &mut *stats });
+    compiler_fence(Ordering::Release);
+    if let Some(moved) = STATS_MOVED.get_ptr_mut(backend_id) {
+        unsafe {
+            if ptr::read_volatile(moved) == 0 {
+                ptr::write_volatile(moved, 1);
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use svclb_common::{
 use crate::{
     alloc::new_network_bits,
     model::{ServicePort, ServiceSpec},
+    moved::MovedFlags,
     pins::PinDir,
 };
 
@@ -101,6 +102,8 @@ pub struct Dataplane {
     backends: Hash<m::BACKENDS>,
     stats: PerCpuArray<MapData, Value<m::STATS>>,
     meta: Hash<m::META>,
+    /// The counters-moved flags, mapped on first use (the rate sampler's).
+    moved: Option<MovedFlags>,
     capacity: Capacity,
 }
 
@@ -108,6 +111,16 @@ pub struct Dataplane {
 type Hash<M> = HashMap<MapData, Key<M>, Value<M>>;
 /// A pinned array with the value type of its row in the table.
 type Arr<M> = Array<MapData, Value<M>>;
+
+/// Maps the pinned counters-moved flags into memory.
+fn map_moved_flags(pins: &PinDir) -> Result<MovedFlags> {
+    let path = pins.map(m::STATS_MOVED::NAME);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let entries = data.info()?.max_entries() as usize;
+    MovedFlags::map(data.fd().as_fd(), entries)
+        .with_context(|| format!("mapping {} into memory", path.display()))
+}
 
 /// Opens the map `M` of the table from its pin, typed as the table says,
 /// with its capacity.
@@ -160,6 +173,7 @@ impl Dataplane {
             scopes: open_map::<m::SCOPES, _>(pins)?.0,
             networks: open_map::<m::NETWORKS, _>(pins)?.0,
             rates: open_map::<m::RATES, _>(pins)?.0,
+            moved: None,
             capacity: Capacity {
                 services: services_max,
                 backends: backends_max,
@@ -427,6 +441,25 @@ impl Dataplane {
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
         self.snapshot_maps_written()?;
         ignore_missing(self.backends.remove(&id))
+    }
+
+    /// Takes the ids below `limit` whose counters moved since the last take,
+    /// clearing their flags: the rate sampler reads only those. `None` when
+    /// the flags cannot be mapped (pins made before they existed): then
+    /// every counter has to be read.
+    pub fn take_moved_counters(&mut self, limit: usize) -> Option<Vec<u32>> {
+        if self.moved.is_none() {
+            match map_moved_flags(&self.pins) {
+                Ok(flags) => self.moved = Some(flags),
+                Err(e) => {
+                    tracing::debug!("reading every counter: {e:#}");
+                    return None;
+                }
+            }
+        }
+        let mut ids = Vec::new();
+        self.moved.as_ref()?.take(limit, |id| ids.push(id));
+        Some(ids)
     }
 
     /// A backend's pinned rate estimator (default when it has none).

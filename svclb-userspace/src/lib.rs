@@ -39,6 +39,7 @@ pub mod health;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod moved;
 pub mod netns;
 pub mod notify;
 pub mod pins;

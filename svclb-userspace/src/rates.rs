@@ -105,11 +105,10 @@ pub fn monotonic_ns() -> u64 {
 /// thread of its own, so that sampling a large node never delays a config
 /// change. The estimators live in memory; the pinned rates map, which
 /// `svclb-ctl rate` reads and a restarted svclbd continues from, is written
-/// only where an estimate moved. An idle sample costs what reading the
-/// counters costs and little else: the maps stay open, the backend list is
-/// read again only after an apply (the layout's apply serial moved), the
-/// counters are read whole into a buffer kept from the last sample (a few
-/// batch syscalls, per-CPU sums done once), and a backend whose counters
+/// only where an estimate moved. An idle sample costs next to nothing: the
+/// maps stay open, the backend list is read again only after an apply (the
+/// layout's apply serial moved), only the counters the data plane flagged
+/// as moved are read (see [`crate::moved`]), and a backend whose counters
 /// did not move and whose average is zero is passed over.
 pub struct RateSampler {
     pins: PinDir,
@@ -198,7 +197,7 @@ impl RateSampler {
         let Some((_, list)) = backends.as_ref() else {
             return Ok(());
         };
-        dp.counters_into(counters)?;
+        read_counters(dp, states, list, counters)?;
         for &(id, owner) in list {
             let now = counters[id as usize];
             let entry = states[id as usize].get_or_insert_with(|| {
@@ -239,6 +238,35 @@ impl RateSampler {
         }
         Ok(())
     }
+}
+
+/// Brings `counters` up to date for every backend of `list`: those whose
+/// counters moved since the last sample (the data plane's flags) and those
+/// without an estimator here yet (their baseline). The others keep what was
+/// read before, which is what they still hold. Many to read, or no flags,
+/// and the whole array is read in a few batch calls.
+fn read_counters(
+    dp: &mut Dataplane,
+    states: &[Option<(BackendOwner, RateState)>],
+    list: &[(u32, BackendOwner)],
+    counters: &mut [BackendStats],
+) -> Result<()> {
+    let Some(mut ids) = dp.take_moved_counters(counters.len()) else {
+        return dp.counters_into(counters);
+    };
+    ids.extend(
+        list.iter()
+            .filter(|(id, owner)| states[*id as usize].is_none_or(|(o, _)| o != *owner))
+            .map(|(id, _)| *id),
+    );
+    // One lookup costs about what four entries of a batch do.
+    if ids.len() * 4 > counters.len() {
+        return dp.counters_into(counters);
+    }
+    for id in ids {
+        counters[id as usize] = dp.backend_stats(id)?;
+    }
+    Ok(())
 }
 
 /// Pinned estimators whose backend is gone.

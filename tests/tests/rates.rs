@@ -16,10 +16,7 @@ use svclb_tests::PinDir;
 /// When svclbd last sampled the rates (from the pinned estimator map).
 fn last_sample_ns(pins: &PinDir) -> u64 {
     let dp = svclb::dataplane::Dataplane::open(&svclb::pins::PinDir::new(pins.path())).unwrap();
-    dp.rate_estimators()
-        .map(|(_, st)| st.sampled_ns)
-        .max()
-        .expect("svclbd has sampled")
+    dp.last_sampled().expect("svclbd has sampled")
 }
 
 /// IPVS's estimator (ip_vs_est.c), written out independently of svclb's:
@@ -40,38 +37,44 @@ fn ipvs_cps(connects_ns: &[u64], samples_ns: &[u64]) -> u64 {
     (avg as u64 + 0x1FF) >> 10
 }
 
+/// A steady connect rate through the VIP: one connection (connect,
+/// identity line, close) every 8 ms for `run_for`: each connect's time, and
+/// how long it took.
+fn steady_load(fx: &ApiFixture, run_for: Duration) -> (Vec<u64>, Duration) {
+    let period = Duration::from_millis(8);
+    let _guard = fx.sandbox.enter_cgroup().unwrap();
+    fx.sandbox.in_client(|| {
+        let start = Instant::now();
+        let mut connects = Vec::new();
+        while start.elapsed() < run_for {
+            connects.push(monotonic_ns());
+            svclb_tests::tcp_identity(addr(VIP, PORT), TIMEOUT).unwrap();
+            let next = start + period * connects.len() as u32;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        (connects, start.elapsed())
+    })
+}
+
+/// `svclb-ctl rate --json` and the time of the sample it shows (read again
+/// if svclbd sampled in between): (report, stderr, sample time).
+fn rates_at_a_sample(pins: &PinDir) -> (serde_json::Value, String, u64) {
+    loop {
+        let before = last_sample_ns(pins);
+        let (report, stderr) = rate_json(pins);
+        if last_sample_ns(pins) == before {
+            break (report, stderr, before);
+        }
+    }
+}
+
 #[test]
 fn rates_follow_a_steady_load_and_go_stale_without_svclbd() {
     let mut fx = ApiFixture::start();
-    // A steady connect rate: one connection (connect, identity line, close)
-    // every 8 ms for 7 s, each connect's time noted.
-    let period = Duration::from_millis(8);
-    let run_for = Duration::from_secs(7);
-    let (connects, elapsed) = {
-        let _guard = fx.sandbox.enter_cgroup().unwrap();
-        fx.sandbox.in_client(|| {
-            let start = Instant::now();
-            let mut connects = Vec::new();
-            while start.elapsed() < run_for {
-                connects.push(monotonic_ns());
-                svclb_tests::tcp_identity(addr(VIP, PORT), TIMEOUT).unwrap();
-                let next = start + period * connects.len() as u32;
-                if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            (connects, start.elapsed())
-        })
-    };
-    // The estimate and the time of the sample it comes from (read again
-    // if svclbd sampled in between).
-    let (report, stderr, sampled) = loop {
-        let before = last_sample_ns(&fx.pins);
-        let (report, stderr) = rate_json(&fx.pins);
-        if last_sample_ns(&fx.pins) == before {
-            break (report, stderr, before);
-        }
-    };
+    let (connects, elapsed) = steady_load(&fx, Duration::from_secs(7));
+    let (report, stderr, sampled) = rates_at_a_sample(&fx.pins);
     let made = connects.len();
     let measured = made as f64 / elapsed.as_secs_f64();
     let api = service(&report, "api");
@@ -143,4 +146,41 @@ fn rates_follow_a_steady_load_and_go_stale_without_svclbd() {
         rates_of(service(&after, "api"))[0] > 0,
         "the last estimate stays readable: {after}"
     );
+}
+
+/// svclbd reads only the counters that the data plane flagged as moved; a
+/// backend that went idle has no flag, and its estimate must still decay
+/// sample by sample as IPVS's does.
+#[test]
+fn rates_decay_as_ipvs_once_the_load_stops() {
+    let fx = ApiFixture::start();
+    let (connects, _) = steady_load(&fx, Duration::from_secs(5));
+    // Three to four samples with no traffic at all.
+    std::thread::sleep(Duration::from_millis(7000));
+    let (report, _, sampled) = rates_at_a_sample(&fx.pins);
+    let api = service(&report, "api");
+    let cps = rates_of(api)[0];
+    let samples: Vec<u64> = (0..10).rev().map(|k| sampled - k * 2_000_000_000).collect();
+    assert!(
+        samples[0] < connects[0],
+        "the samples reach back before the load"
+    );
+    let expected = ipvs_cps(&connects, &samples);
+    let at_the_end = ipvs_cps(&connects, &samples[..7]);
+    eprintln!(
+        "{} connections; CPS {cps}, IPVS's estimator {expected} now, {at_the_end} when the load stopped",
+        connects.len()
+    );
+    assert!(
+        expected < at_the_end && expected > 0,
+        "the load stopped samples ago: {expected} vs {at_the_end}"
+    );
+    assert!(
+        cps.abs_diff(expected) <= 2.max(expected / 20),
+        "CPS {cps} after the load stopped, IPVS's estimator gives {expected}"
+    );
+    // Nothing moved the packet counters either: all decay together.
+    for (i, rate) in rates_of(api).into_iter().enumerate().skip(1) {
+        assert!(rate > 0, "rate column {i} still shows the decaying load");
+    }
 }
