@@ -467,11 +467,12 @@ impl Dataplane {
         self.rates.get(&id, 0).unwrap_or_default()
     }
 
-    /// Every pinned rate estimator, by backend id.
+    /// Every pinned rate estimator, by backend id (read in a few batch
+    /// calls where the kernel has them).
     pub fn rate_estimators(&self) -> impl Iterator<Item = (u32, RateState)> + '_ {
-        self.rates
-            .iter()
-            .filter_map(|e| e.ok())
+        entries(&self.rates)
+            .unwrap_or_else(|_| self.rates.iter().filter_map(|e| e.ok()).collect())
+            .into_iter()
             .filter(|(id, _)| *id != SAMPLED_KEY)
     }
 

@@ -4,6 +4,8 @@
 //! for bytes, 2^5), folded into an average with weight 1/4; the reported
 //! rate rounds the average back. svclbd samples; `svclb-ctl rate` reads.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use serde::Serialize;
 use svclb_common::{BackendStats, RateState};
@@ -198,11 +200,13 @@ impl RateSampler {
             return Ok(());
         };
         read_counters(dp, states, list, counters)?;
+        // A restarted svclbd continues the pinned estimators, read at once.
+        let mut pinned: Option<HashMap<u32, RateState>> = None;
         for &(id, owner) in list {
             let now = counters[id as usize];
             let entry = states[id as usize].get_or_insert_with(|| {
-                // A restarted svclbd continues the pinned estimator.
-                (owner, dp.rate_estimator(id))
+                let pinned = pinned.get_or_insert_with(|| dp.rate_estimators().collect());
+                (owner, pinned.get(&id).copied().unwrap_or_default())
             });
             if entry.0 != owner {
                 // The id was given to another backend: a new estimator.
@@ -216,7 +220,12 @@ impl RateSampler {
             }
             let before = *state;
             sample(state, now, now_ns);
-            if before.avg != state.avg || before.last != state.last || before.sampled_ns == 0 {
+            // A baseline or an estimate still at zero is what a missing
+            // entry reads as: only estimates that say something are
+            // pinned (a start at 100,000 services would otherwise write
+            // every one of them).
+            let says_something = state.avg != BackendStats::default();
+            if before.avg != state.avg || (says_something && before.last != state.last) {
                 dp.write_rate_estimator(id, *state)?;
             }
         }
