@@ -268,6 +268,7 @@ mod tests {
                 ..LoadResult::default()
             }),
             error: None,
+            svclbd_cpu_percent: None,
         }
     }
 

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use svclb_tests::{daemon, PinDir, Sandbox};
 
+use crate::cpu::CpuWindow;
 use crate::modes::{start_svclbd_with, svclb_config, ServiceSet, TempDir};
 use crate::sweep::Spread;
 
@@ -177,15 +178,9 @@ fn measure_set(
     // The first samples write every estimator once; then it is idle.
     std::thread::sleep(Duration::from_secs(5));
     let idle = if wants_idle {
-        let window = Duration::from_secs(plan.window_secs);
-        let before = cpu_ticks(pid)?;
-        let t = Instant::now();
-        std::thread::sleep(window);
-        let ticks = cpu_ticks(pid)? - before;
-        let secs = t.elapsed().as_secs_f64();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let cpu_percent = ticks as f64 / hz / secs * 100.0;
+        let window = CpuWindow::start(pid)?;
+        std::thread::sleep(Duration::from_secs(plan.window_secs));
+        let cpu_percent = window.percent()?;
         let rss_bytes = rss_bytes(pid)?;
         println!(
             "  idle at {services} x {backends}: {cpu_percent:.2}% of a CPU, RSS {:.1} MiB",
@@ -263,19 +258,6 @@ fn ctl_lines(pins: &PinDir, cmd: &str) -> Result<usize> {
         bail!("svclb-ctl {cmd} failed ({})", out.status);
     }
     Ok(out.stdout.iter().filter(|&&b| b == b'\n').count())
-}
-
-/// User + system clock ticks of a process so far (/proc/PID/stat fields 14 and 15).
-pub fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold blanks: count fields after its ')'.
-    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime) = (fields.get(11), fields.get(12));
-    match (utime, stime) {
-        (Some(u), Some(s)) => Ok(u.parse::<u64>()? + s.parse::<u64>()?),
-        _ => bail!("short /proc/{pid}/stat"),
-    }
 }
 
 /// A process's resident set (VmRSS).

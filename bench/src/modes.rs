@@ -603,6 +603,14 @@ impl Cell {
     }
 
     /// [`Cell::run`] with a choice of pinning.
+    /// svclbd's pid, in the svclb modes.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        match &self.extra {
+            Extra::Svclb { daemon, .. } => Some(daemon.pid()),
+            _ => None,
+        }
+    }
+
     pub fn run_pinned(
         &self,
         workload: Workload,

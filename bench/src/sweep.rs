@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::CpuWindow;
 use crate::load::{LoadResult, Workload};
 use crate::modes::{Cell, Mode, Pinning, ServiceSet};
 
@@ -115,6 +116,11 @@ pub struct Run {
     pub threads: usize,
     pub result: Option<LoadResult>,
     pub error: Option<String>,
+    /// svclb modes: svclbd's own CPU (user + system) over the run, warm-up
+    /// included, in % of one CPU, so that its cost never hides in a
+    /// throughput figure.
+    #[serde(default)]
+    pub svclbd_cpu_percent: Option<f64>,
 }
 
 /// One cell's set-up.
@@ -254,10 +260,14 @@ pub fn measure(
     duration: Duration,
     pinning: Pinning,
 ) -> Run {
+    let daemon = cell
+        .and_then(Cell::daemon_pid)
+        .and_then(|pid| CpuWindow::start(pid).ok());
     let outcome = match cell {
         Some(cell) => cell.run_pinned(workload, threads, warmup, duration, pinning),
         None => Err(anyhow::anyhow!("set-up failed")),
     };
+    let svclbd_cpu_percent = daemon.and_then(|w| w.percent().ok());
     let (result, error) = match outcome {
         Ok(r) => {
             let errs = if r.errors > 0 {
@@ -269,8 +279,11 @@ pub fn measure(
                 .p99_us
                 .map(|p| format!(" p50 {:.0} p99 {p:.0} µs", r.p50_us.unwrap_or(0.0)))
                 .unwrap_or_default();
+            let daemon = svclbd_cpu_percent
+                .map(|p| format!(" (svclbd {p:.1}% CPU)"))
+                .unwrap_or_default();
             println!(
-                "  {label} {:<6} x{threads}: {}{}{lat}{errs}",
+                "  {label} {:<6} x{threads}: {}{}{lat}{errs}{daemon}",
                 workload.name(),
                 human(primary(workload, &r)),
                 if workload == Workload::Stream {
@@ -294,6 +307,7 @@ pub fn measure(
         threads,
         result,
         error,
+        svclbd_cpu_percent,
     }
 }
 
@@ -380,6 +394,8 @@ pub struct Summary {
     pub paired_ratio: Option<Spread>,
     /// median(p99) / median(direct's p99).
     pub p99_ratio: Option<f64>,
+    /// svclb modes: svclbd's own CPU over each run, % of one CPU.
+    pub svclbd_cpu_percent: Option<Spread>,
 }
 
 type Key = (usize, Mode, Workload, usize);
@@ -423,6 +439,12 @@ pub fn summarize(data: &SweepData) -> Vec<Summary> {
             ratio,
             paired_ratio,
             p99_ratio,
+            svclbd_cpu_percent: Spread::of(
+                &runs
+                    .iter()
+                    .filter_map(|r| r.svclbd_cpu_percent)
+                    .collect::<Vec<_>>(),
+            ),
         });
     }
     out

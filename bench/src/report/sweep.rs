@@ -266,4 +266,38 @@ pub(super) fn data_plane_markdown(md: &mut String, r: &Report) {
         md,
         "\n(svclb: svclbd start to READY, including program load and attach; direct: nothing to install; haproxy: start until it accepts.)\n"
     );
+
+    let _ = writeln!(
+        md,
+        "### svclbd's own CPU during the runs (% of one CPU, user + system, median (max) over the repetitions)\n"
+    );
+    header(md);
+    for &mode in &r.plan.modes {
+        for &w in &r.plan.workloads {
+            for &t in &r.plan.threads {
+                let cells: Vec<String> = counts
+                    .iter()
+                    .map(|&n| {
+                        find(&r.summaries, n, mode, w, t)
+                            .and_then(|x| x.svclbd_cpu_percent)
+                            .map_or("–".into(), |s| format!("{:.1} ({:.1})", s.median, s.max))
+                    })
+                    .collect();
+                if cells.iter().all(|c| c == "–") {
+                    continue;
+                }
+                let _ = writeln!(
+                    md,
+                    "| {} {} x{t} | {} |",
+                    mode.name(),
+                    w.name(),
+                    cells.join(" | ")
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n(The whole run, warm-up included; svclbd's rate sampler and health checks are all it does while no configuration changes.)\n"
+    );
 }
