@@ -107,11 +107,12 @@ pub fn monotonic_ns() -> u64 {
 /// thread of its own, so that sampling a large node never delays a config
 /// change. The estimators live in memory; the pinned rates map, which
 /// `svclb-ctl rate` reads and a restarted svclbd continues from, is written
-/// only where an estimate moved. An idle sample costs next to nothing: the
-/// maps stay open, the backend list is read again only after an apply (the
-/// layout's apply serial moved), only the counters the data plane flagged
-/// as moved are read (see [`crate::moved`]), and a backend whose counters
-/// did not move and whose average is zero is passed over.
+/// only where an estimate moved. Between applies a sample visits only the
+/// backends whose counters the data plane flagged as moved (see
+/// [`crate::moved`]) and those whose estimate is still decaying to zero,
+/// so an idle node's sample costs a scan of the flags and little else; after
+/// an apply (the layout's apply serial moved) the backend list is read
+/// again and every backend is visited once.
 pub struct RateSampler {
     pins: PinDir,
     /// The maps, opened once (again after an error).
@@ -123,6 +124,9 @@ pub struct RateSampler {
     backends: Option<(u32, Vec<(u32, BackendOwner)>)>,
     /// Each backend id's counters at this sample; kept between samples.
     counters: Vec<BackendStats>,
+    /// Backends whose estimate was not zero at the last sample: each sample
+    /// visits them (they decay without traffic) and those that moved.
+    decaying: Vec<u32>,
 }
 
 type BackendOwner = (u32, [u32; 4]);
@@ -135,6 +139,7 @@ impl RateSampler {
             states: Vec::new(),
             backends: None,
             counters: Vec::new(),
+            decaying: Vec::new(),
         }
     }
 
@@ -158,7 +163,8 @@ impl RateSampler {
             .expect("spawning the rate sampler")
     }
 
-    /// One sample of every backend.
+    /// One sample: every backend after an apply, else those whose counters
+    /// moved and those whose estimate still decays.
     pub fn sample(&mut self, now_ns: u64) -> Result<()> {
         if self.dp.is_none() {
             self.dp = Some(Dataplane::open(&self.pins)?);
@@ -168,6 +174,7 @@ impl RateSampler {
             states,
             backends,
             counters,
+            decaying,
             ..
         } = self
         else {
@@ -199,34 +206,43 @@ impl RateSampler {
         let Some((_, list)) = backends.as_ref() else {
             return Ok(());
         };
-        read_counters(dp, states, list, counters)?;
+        let moved = dp.take_moved_counters(counters.len());
+        let only_these = match moved {
+            // Between applies, only the backends that moved or still
+            // decay: nothing else can have changed.
+            Some(mut ids) if !refreshed => {
+                read_counters(dp, &ids, counters)?;
+                ids.append(decaying);
+                ids.sort_unstable();
+                ids.dedup();
+                let owned = |id: u32| {
+                    let (owner, _) = states.get(id as usize)?.as_ref()?;
+                    Some((id, *owner))
+                };
+                Some(ids.into_iter().filter_map(owned).collect::<Vec<_>>())
+            }
+            // After an apply, every backend: the new ones' baselines too.
+            Some(mut ids) => {
+                ids.extend(
+                    list.iter()
+                        .filter(|(id, owner)| states[*id as usize].is_none_or(|(o, _)| o != *owner))
+                        .map(|(id, _)| *id),
+                );
+                read_counters(dp, &ids, counters)?;
+                None
+            }
+            // No flags (pins from before they existed): read everything.
+            None => {
+                dp.counters_into(counters)?;
+                None
+            }
+        };
         // A restarted svclbd continues the pinned estimators, read at once.
         let mut pinned: Option<HashMap<u32, RateState>> = None;
-        for &(id, owner) in list {
-            let now = counters[id as usize];
-            let entry = states[id as usize].get_or_insert_with(|| {
-                let pinned = pinned.get_or_insert_with(|| dp.rate_estimators().collect());
-                (owner, pinned.get(&id).copied().unwrap_or_default())
-            });
-            if entry.0 != owner {
-                // The id was given to another backend: a new estimator.
-                *entry = (owner, RateState::default());
-            }
-            let state = &mut entry.1;
-            if state.sampled_ns != 0 && state.last == now && state.avg == BackendStats::default() {
-                // Idle and settled: nothing to fold in, nothing to write.
-                state.sampled_ns = now_ns;
-                continue;
-            }
-            let before = *state;
-            sample(state, now, now_ns);
-            // A baseline or an estimate still at zero is what a missing
-            // entry reads as: only estimates that say something are
-            // pinned (a start at 100,000 services would otherwise write
-            // every one of them).
-            let says_something = state.avg != BackendStats::default();
-            if before.avg != state.avg || (says_something && before.last != state.last) {
-                dp.write_rate_estimator(id, *state)?;
+        decaying.clear();
+        for &(id, owner) in only_these.as_deref().unwrap_or(list) {
+            if visit_backend(dp, states, counters, &mut pinned, id, owner, now_ns)? {
+                decaying.push(id);
             }
         }
         // Best effort: a full rates map (every id in use) has no room for
@@ -249,33 +265,59 @@ impl RateSampler {
     }
 }
 
-/// Brings `counters` up to date for every backend of `list`: those whose
-/// counters moved since the last sample (the data plane's flags) and those
-/// without an estimator here yet (their baseline). The others keep what was
-/// read before, which is what they still hold. Many to read, or no flags,
-/// and the whole array is read in a few batch calls.
-fn read_counters(
-    dp: &mut Dataplane,
-    states: &[Option<(BackendOwner, RateState)>],
-    list: &[(u32, BackendOwner)],
-    counters: &mut [BackendStats],
-) -> Result<()> {
-    let Some(mut ids) = dp.take_moved_counters(counters.len()) else {
-        return dp.counters_into(counters);
-    };
-    ids.extend(
-        list.iter()
-            .filter(|(id, owner)| states[*id as usize].is_none_or(|(o, _)| o != *owner))
-            .map(|(id, _)| *id),
-    );
-    // One lookup costs about what four entries of a batch do.
+/// Reads the counters of `ids` into `counters`: one lookup each, or the
+/// whole array in a few batch calls when there are many (one lookup costs
+/// about what four entries of a batch do).
+fn read_counters(dp: &Dataplane, ids: &[u32], counters: &mut [BackendStats]) -> Result<()> {
     if ids.len() * 4 > counters.len() {
         return dp.counters_into(counters);
     }
-    for id in ids {
-        counters[id as usize] = dp.backend_stats(id)?;
+    for &id in ids {
+        if let Some(c) = counters.get_mut(id as usize) {
+            *c = dp.backend_stats(id)?;
+        }
     }
     Ok(())
+}
+
+/// Folds backend `id`'s counters into its estimator (made first if this
+/// svclbd has none: the pinned one, or a new one when the id changed
+/// hands), pinning the estimate if it moved. True: the estimate is not
+/// zero, so it decays at the next sample even if nothing moves.
+fn visit_backend(
+    dp: &mut Dataplane,
+    states: &mut [Option<(BackendOwner, RateState)>],
+    counters: &[BackendStats],
+    pinned: &mut Option<HashMap<u32, RateState>>,
+    id: u32,
+    owner: BackendOwner,
+    now_ns: u64,
+) -> Result<bool> {
+    let now = counters[id as usize];
+    let entry = states[id as usize].get_or_insert_with(|| {
+        let pinned = pinned.get_or_insert_with(|| dp.rate_estimators().collect());
+        (owner, pinned.get(&id).copied().unwrap_or_default())
+    });
+    if entry.0 != owner {
+        // The id was given to another backend: a new estimator.
+        *entry = (owner, RateState::default());
+    }
+    let state = &mut entry.1;
+    let zero = BackendStats::default();
+    if state.sampled_ns != 0 && state.last == now && state.avg == zero {
+        // Idle and settled: nothing to fold in, nothing to write.
+        return Ok(false);
+    }
+    let before = *state;
+    sample(state, now, now_ns);
+    // A baseline or an estimate still at zero is what a missing entry
+    // reads as: only estimates that say something are pinned (a start at
+    // 100,000 services would otherwise write every one of them).
+    let says_something = state.avg != zero;
+    if before.avg != state.avg || (says_something && before.last != state.last) {
+        dp.write_rate_estimator(id, *state)?;
+    }
+    Ok(says_something)
 }
 
 /// Pinned estimators whose backend is gone.
