@@ -472,6 +472,14 @@ impl Dataplane {
         if marks.is_empty() {
             return Ok(());
         }
+        // A few (a container's start or stop): a lookup each, not a read
+        // of every service's positions.
+        if marks.len() <= BATCH_FROM {
+            for mark in marks {
+                self.init_rr(*mark)?;
+            }
+            return Ok(());
+        }
         let cpus = nr_cpus()?;
         let per_cpu = 8 * cpus;
         let fd = self.rr.map().fd().as_fd();
