@@ -142,3 +142,72 @@ fn for_each<K: Pod + Default>(
     }
     Ok(true)
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i]` -> the `i`th `value_len` bytes of `values` in as few
+/// syscalls as the chunk size allows (BPF_MAP_UPDATE_BATCH, kernel 5.6),
+/// calling `before_call` ahead of each syscall (the fault-injection point
+/// of [`crate::dataplane`]: one per write syscall). Entries are written in
+/// order; on an error the ones before it are written. Returns the number
+/// of syscalls, or `None` when this kernel has no batch updates for the
+/// map and nothing was written.
+pub fn update<K: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+    value_len: usize,
+    mut before_call: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Option<usize>> {
+    debug_assert_eq!(values.len(), keys.len() * value_len);
+    let mut calls = 0;
+    for (i, chunk) in keys.chunks(CHUNK).enumerate() {
+        before_call()?;
+        let from = i * CHUNK;
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            values: values[from * value_len..].as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        calls += 1;
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if i == 0 && attr.count == 0 && unsupported(&e) {
+                return Ok(None);
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(Some(calls))
+}
+
+/// The bytes of `values`, for [`update`].
+pub fn bytes_of<V: Pod>(values: &[V]) -> &[u8] {
+    // SAFETY: Pod values are plain bytes.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
+/// The keys of a map whose values are `value_len` bytes (per-CPU: per
+/// CPU, at an 8-byte stride); `None` as for [`read_all`].
+pub fn keys_of(
+    fd: BorrowedFd<'_>,
+    value_len: usize,
+) -> io::Result<Option<std::collections::HashSet<u32>>> {
+    let mut out = std::collections::HashSet::new();
+    let supported = for_each(fd, value_len, None, |k: u32, _| {
+        out.insert(k);
+    })?;
+    Ok(supported.then_some(out))
+}

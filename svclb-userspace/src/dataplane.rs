@@ -253,6 +253,15 @@ impl Dataplane {
             .collect())
     }
 
+    /// Keeps `snapshot`, read when the apply serial was `serial`, for the
+    /// next apply (svclbd's start-up reads the maps once, not twice): it is
+    /// used only if no apply has moved the serial since.
+    pub fn keep_snapshot_read_at(&mut self, serial: u32, snapshot: Snapshot) {
+        if self.keep {
+            self.kept = Some((serial, snapshot));
+        }
+    }
+
     /// Puts back a snapshot that an apply found nothing to change in.
     pub fn keep_snapshot(&mut self, snapshot: Snapshot) {
         if self.keep {
@@ -310,7 +319,9 @@ impl Dataplane {
     /// new backend. (Not in a snapshot: a kept one stays valid.)
     fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
         let zeros = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
+        injected_write_failure()?;
         self.stats.set(id, zeros, 0)?;
+        injected_write_failure()?;
         self.conns.set(id, ConnGauge::default(), 0)?;
         Ok(())
     }
@@ -357,8 +368,9 @@ impl Dataplane {
 
     /// The slots of one generation of a service's schedule, from `base`.
     pub fn write_slots(&mut self, mark: u32, base: u32, slots: &[Slot]) -> Result<()> {
-        self.snapshot_maps_written()?;
+        self.kept = None;
         for (k, slot) in slots.iter().enumerate() {
+            injected_write_failure()?;
             let key = SlotKey {
                 mark,
                 slot: base.wrapping_add(k as u32),
@@ -403,10 +415,163 @@ impl Dataplane {
             .context("writing a VIP")
     }
 
+    /// [`Dataplane::add_backend`] for many, in batch syscalls: every
+    /// backend's counters and gauges zeroed, then every entry.
+    pub fn add_backends(&mut self, list: &[(u32, BackendInfo)]) -> Result<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        self.kept = None;
+        let ids: Vec<u32> = list.iter().map(|(id, _)| *id).collect();
+        let cpus = nr_cpus()?;
+        // The kernel takes each CPU's value at an 8-byte stride.
+        let per_cpu = std::mem::size_of::<BackendStats>().div_ceil(8) * 8 * cpus;
+        let zeros = vec![0u8; per_cpu * ids.len()];
+        let fd = self.stats.map().fd().as_fd();
+        let batched = write_batch_bytes(fd, &ids, &zeros, per_cpu)?
+            && write_batch(
+                self.conns.map().fd().as_fd(),
+                &ids,
+                &vec![ConnGauge::default(); ids.len()],
+            )?;
+        if !batched {
+            for id in &ids {
+                self.reset_backend_stats(*id)?;
+            }
+        }
+        self.write_backends(list)
+    }
+
+    /// [`Dataplane::write_backend`] for many, in batch syscalls.
+    pub fn write_backends(&mut self, list: &[(u32, BackendInfo)]) -> Result<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        self.kept = None;
+        let (ids, infos): (Vec<u32>, Vec<BackendInfo>) = list.iter().copied().unzip();
+        if !write_batch(self.backends.map().fd().as_fd(), &ids, &infos)? {
+            for (id, info) in list {
+                self.write_backend(*id, info)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::write_slots`] for many services' new generations
+    /// (mark, base, slots), in batch syscalls.
+    pub fn write_slots_of(&mut self, schedules: &[(u32, u32, &[Slot])]) -> Result<()> {
+        self.kept = None;
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for &(mark, base, slots) in schedules {
+            for (k, slot) in slots.iter().enumerate() {
+                keys.push(SlotKey {
+                    mark,
+                    slot: base.wrapping_add(k as u32),
+                });
+                values.push(*slot);
+            }
+        }
+        if !write_batch(self.slots.map().fd().as_fd(), &keys, &values)? {
+            for &(mark, base, slots) in schedules {
+                self.write_slots(mark, base, slots)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::init_rr`] for many: the positions that do not exist
+    /// yet are created in batch syscalls (the map is read once, batched).
+    pub fn init_rrs(&mut self, marks: &[u32]) -> Result<()> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        // A few (a container's start or stop): a lookup each, not a read
+        // of every service's positions.
+        if marks.len() <= BATCH_FROM {
+            for mark in marks {
+                self.init_rr(*mark)?;
+            }
+            return Ok(());
+        }
+        let cpus = nr_cpus()?;
+        let per_cpu = 8 * cpus;
+        let fd = self.rr.map().fd().as_fd();
+        let existing = crate::batch::keys_of(fd, per_cpu)?;
+        let Some(existing) = existing else {
+            for mark in marks {
+                self.init_rr(*mark)?;
+            }
+            return Ok(());
+        };
+        let missing: Vec<u32> = marks
+            .iter()
+            .copied()
+            .filter(|m| !existing.contains(m))
+            .collect();
+        let zeros = vec![0u8; per_cpu * missing.len()];
+        if !write_batch_bytes(fd, &missing, &zeros, per_cpu)? {
+            for mark in &missing {
+                self.init_rr(*mark)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::switch_service`] for many, in batch syscalls.
+    pub fn switch_services(&mut self, values: &[(u32, ServiceValue)]) -> Result<()> {
+        self.kept = None;
+        let (marks, vals): (Vec<u32>, Vec<ServiceValue>) = values.iter().copied().unzip();
+        if !write_batch(self.services.map().fd().as_fd(), &marks, &vals)? {
+            for (mark, value) in values {
+                self.switch_service(*mark, *value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::write_meta`] for many, in batch syscalls.
+    pub fn write_metas(&mut self, metas: &[(u32, ServiceMeta)]) -> Result<()> {
+        self.kept = None;
+        let (marks, vals): (Vec<u32>, Vec<ServiceMeta>) = metas.iter().copied().unzip();
+        if !write_batch(self.meta.map().fd().as_fd(), &marks, &vals)? {
+            for (mark, meta) in metas {
+                self.write_meta(*mark, *meta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::write_port`] for many, in batch syscalls.
+    pub fn write_ports(&mut self, ports: &[(PortKey, u32)]) -> Result<()> {
+        self.kept = None;
+        let (keys, marks): (Vec<PortKey>, Vec<u32>) = ports.iter().copied().unzip();
+        if !write_batch(self.ports.map().fd().as_fd(), &keys, &marks)? {
+            for (key, mark) in ports {
+                self.write_port(*key, *mark)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Dataplane::write_vip`] for many, in batch syscalls.
+    pub fn write_vips(&mut self, vips: &[(IpAddr, VipValue)]) -> Result<()> {
+        self.kept = None;
+        let keys: Vec<VipKey> = vips.iter().map(|(ip, _)| VipKey::from_ip(*ip)).collect();
+        let vals: Vec<VipValue> = vips.iter().map(|(_, v)| *v).collect();
+        if !write_batch(self.vips.map().fd().as_fd(), &keys, &vals)? {
+            for (vip, value) in vips {
+                self.write_vip(*vip, *value)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes `count` slots of a service from `base` (a generation).
     pub fn remove_slots(&mut self, mark: u32, base: u32, count: u32) -> Result<()> {
-        self.snapshot_maps_written()?;
+        self.kept = None;
         for k in 0..count {
+            injected_write_failure()?;
             let key = SlotKey {
                 mark,
                 slot: base.wrapping_add(k),
@@ -433,7 +598,9 @@ impl Dataplane {
     pub fn remove_service(&mut self, mark: u32) -> Result<()> {
         self.snapshot_maps_written()?;
         ignore_missing(self.services.remove(&mark))?;
+        injected_write_failure()?;
         ignore_missing(self.meta.remove(&mark))?;
+        injected_write_failure()?;
         ignore_missing(self.rr.remove(&mark))
     }
 
@@ -620,6 +787,7 @@ impl Dataplane {
             return Ok(());
         }
         let zeros = PerCpuValues::try_from(vec![0u32; nr_cpus()?])?;
+        injected_write_failure()?;
         self.rr.insert(mark, zeros, 0)?;
         Ok(())
     }
@@ -974,16 +1142,12 @@ fn verify_snapshots() -> bool {
 /// kernel's ENOMEM would; `SVCLB_KILL_AT_MAP_WRITE=N` kills the process
 /// there, as a SIGKILL or a crash half-way through an apply would.
 fn injected_write_failure() -> Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static WRITES: AtomicU64 = AtomicU64::new(0);
+    use std::sync::atomic::Ordering;
     static AT: std::sync::OnceLock<(Option<u64>, Option<u64>)> = std::sync::OnceLock::new();
     let (fail_at, kill_at) = *AT.get_or_init(|| {
         let at = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
         (at("SVCLB_FAIL_MAP_WRITE"), at("SVCLB_KILL_AT_MAP_WRITE"))
     });
-    if fail_at.is_none() && kill_at.is_none() {
-        return Ok(());
-    }
     let n = WRITES.fetch_add(1, Ordering::Relaxed) + 1;
     if kill_at == Some(n) {
         eprintln!("killed before map write {n} (SVCLB_KILL_AT_MAP_WRITE)");
@@ -994,4 +1158,47 @@ fn injected_write_failure() -> Result<()> {
         bail!("map write {n} failed (injected by SVCLB_FAIL_MAP_WRITE)");
     }
     Ok(())
+}
+
+/// Map write syscalls made through [`Dataplane`]'s write methods by this
+/// process (a batch update counts once): each passes
+/// [`injected_write_failure`] first.
+static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many map write syscalls this process's applies have made (see
+/// [`WRITES`]): `svclb_map_writes_total`, which shows that a restart with
+/// an unchanged config writes nothing.
+pub fn map_writes() -> u64 {
+    WRITES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Writes `keys[i]` -> `values[i]` into a hash or array map in batch
+/// syscalls, each one a write of [`injected_write_failure`]. False, having
+/// written nothing, when the kernel has no batch updates: the caller writes
+/// entry by entry then.
+fn write_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<bool> {
+    write_batch_bytes(
+        fd,
+        keys,
+        crate::batch::bytes_of(values),
+        std::mem::size_of::<V>(),
+    )
+}
+
+/// [`write_batch`] with each value given as `value_len` bytes (per-CPU
+/// maps: one value per CPU, each at an 8-byte stride).
+fn write_batch_bytes<K: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[u8],
+    value_len: usize,
+) -> Result<bool> {
+    if keys.is_empty() {
+        return Ok(true);
+    }
+    Ok(crate::batch::update(fd, keys, values, value_len, injected_write_failure)?.is_some())
 }

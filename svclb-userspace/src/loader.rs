@@ -128,6 +128,19 @@ pub struct Loaded {
 /// Loads the programs, creating and pinning the maps or adopting the
 /// pinned ones after checking their layout.
 pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
+    load_maps(pins, caps)?.verify()
+}
+
+/// The object with its maps created or adopted (and pinned), its programs
+/// not yet loaded: [`Unverified::verify`] loads them.
+pub struct Unverified {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+/// The first half of [`load`]: the maps, ready for a [`crate::dataplane::Dataplane`]
+/// to open while the programs are verified.
+pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
     crate::privileges::require_root()?;
     let object = crate::ebpf_object();
     if object.is_empty() {
@@ -179,20 +192,70 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         0,
     )?;
 
-    let nops = [
-        (
-            program_names::SKB_EGRESS_NOP,
-            Hook::Skb(CgroupSkbAttachType::Egress),
-        ),
-        (
-            program_names::SKB_INGRESS_NOP,
-            Hook::Skb(CgroupSkbAttachType::Ingress),
-        ),
-    ];
-    for (name, hook) in PROGRAMS.into_iter().chain(nops) {
-        let prog = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object has no program {name}"))?;
+    Ok(Unverified {
+        ebpf,
+        pins: pins.clone(),
+    })
+}
+
+impl Unverified {
+    /// Loads every program (the kernel verifies each: seconds for the
+    /// connect and sendmsg programs on a busy machine, whatever the maps
+    /// hold), on two threads, so a two-core node verifies in half the time.
+    pub fn verify(mut self) -> Result<Loaded> {
+        let nops = [
+            (
+                program_names::SKB_EGRESS_NOP,
+                Hook::Skb(CgroupSkbAttachType::Egress),
+            ),
+            (
+                program_names::SKB_INGRESS_NOP,
+                Hook::Skb(CgroupSkbAttachType::Ingress),
+            ),
+        ];
+        let wanted: Vec<(&str, Hook)> = PROGRAMS.into_iter().chain(nops).collect();
+        let progs: Vec<(&str, Hook, &mut aya::programs::Program)> = self
+            .ebpf
+            .programs_mut()
+            .filter_map(|(name, prog)| {
+                let (_, hook) = wanted.iter().find(|(n, _)| *n == name)?;
+                Some((name, *hook, prog))
+            })
+            .collect();
+        for (name, _) in &wanted {
+            if !progs.iter().any(|(n, _, _)| n == name) {
+                bail!("the eBPF object has no program {name}");
+            }
+        }
+        // The four translating programs take nearly all of the verifier's
+        // time (connect4 and sendmsg4 the most): two on each thread.
+        let (first, second): (Vec<_>, Vec<_>) = progs.into_iter().partition(|(name, _, _)| {
+            [program_names::CONNECT6, program_names::SENDMSG4].contains(name)
+        });
+        std::thread::scope(|s| {
+            let other = s.spawn(move || load_programs(first));
+            let here = load_programs(second);
+            other
+                .join()
+                .map_err(|_| anyhow::anyhow!("loading the programs: a thread panicked"))?
+                .and(here)
+        })?;
+        Ok(Loaded {
+            ebpf: self.ebpf,
+            pins: self.pins,
+            packet_counters: PacketCounters::On,
+        })
+    }
+
+    /// [`Unverified::verify`] on a thread of its own: the caller writes the
+    /// maps meanwhile, and joins before attaching.
+    pub fn verify_in_background(self) -> std::thread::JoinHandle<Result<Loaded>> {
+        std::thread::spawn(move || self.verify())
+    }
+}
+
+fn load_programs(progs: Vec<(&str, Hook, &mut aya::programs::Program)>) -> Result<()> {
+    for (name, hook, prog) in progs {
         let loaded = match hook {
             Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
             Hook::Skb(_) => <&mut CgroupSkb>::try_from(prog)?.load(),
@@ -201,11 +264,7 @@ pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
         };
         loaded.with_context(|| format!("loading program {name} (the verifier refused it)"))?;
     }
-    Ok(Loaded {
-        ebpf,
-        pins: pins.clone(),
-        packet_counters: PacketCounters::On,
-    })
+    Ok(())
 }
 
 /// Whether a program is one of the two cgroup_skb packet counters.

@@ -1236,3 +1236,57 @@ fn more_than_the_maps_hold_is_refused_whole_naming_the_limit_and_its_flag() {
         assert_eq!(listed(&pins), before, "{what}: nothing changed");
     }
 }
+
+// ---- Start-up and restart. ----
+
+#[test]
+fn a_restart_writes_nothing_for_unchanged_services_and_a_start_writes_in_batches() {
+    let pins = PinDir::new();
+    let services = 100;
+    let text = services_text(services, 2, "rr", 0);
+    let config = write_temp("many.toml", &text).unwrap();
+    let start =
+        || Svclbd::start(&pins, &["--config", config.to_str().unwrap(), "--no-watch"]).unwrap();
+    let writes = |d: &Svclbd| d.metric("svclb_map_writes_total").expect("the metric");
+
+    // A fresh start: each map's entries in a few batch syscalls, not one
+    // (or several) per service.
+    let first = start();
+    let fresh = writes(&first);
+    assert!(
+        fresh > 0.0 && fresh <= 12.0,
+        "{services} services written in {fresh} map write syscalls"
+    );
+    first.stop().unwrap();
+    let before = listed(&pins);
+    assert_eq!(before.len(), services);
+
+    // The same config over the same pins: the maps are read, nothing is written.
+    let again = start();
+    assert_eq!(writes(&again), 0.0, "{}", again.log_text());
+    assert_eq!(again.metric("svclb_changes_applied_total"), Some(0.0));
+    again.stop().unwrap();
+    assert_eq!(listed(&pins), before);
+
+    // One service changed while svclbd was down: its writes only, as many
+    // as for any one change, whatever the number of unchanged services.
+    let changed = text.replacen("\"172.50.2.16\"", "\"172.50.3.16\"", 1);
+    assert_ne!(changed, text);
+    std::fs::write(&config, &changed).unwrap();
+    let third = start();
+    let one = writes(&third);
+    assert!(
+        one > 0.0 && one <= 12.0,
+        "one backend changed: {one} map write syscalls"
+    );
+    assert_eq!(third.metric("svclb_changes_applied_total"), Some(1.0));
+    third.stop().unwrap();
+    assert_eq!(
+        backends_of(&pins, "s7"),
+        Some(set(&["172.50.2.15 1", "172.50.3.16 1"]))
+    );
+    let others =
+        |l: Vec<Listed>| -> Vec<Listed> { l.into_iter().filter(|s| s.name != "s7").collect() };
+    assert_eq!(others(listed(&pins)), others(before));
+    println!("map write syscalls: {fresh} for {services} new services, 0 for a restart, {one} for one backend changed");
+}

@@ -155,6 +155,15 @@ async fn run(args: Args) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
 
+    // Where start-up time goes, for `--log warn,svclbd::startup=debug`.
+    let started = std::time::Instant::now();
+    let phase = |what: &str| {
+        tracing::debug!(
+            target: "svclbd::startup",
+            at_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            "start-up: {what}"
+        )
+    };
     // Validate everything before touching the kernel.
     let mut file = args.config.as_ref().map(ConfigFile::new);
     let mut config = match &mut file {
@@ -168,12 +177,13 @@ async fn run(args: Args) -> Result<()> {
     };
     let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
     let cgroups = target::resolve_all(&targets, args.docker_host.as_deref()).await?;
+    phase("config read and validated");
 
     svclb::probe::require(svclb::probe::FEATURES)?;
     let pins = PinDir::new(&args.pin_dir);
     pins.prepare()?;
     let _lock = pins.lock_for_daemon(args.replace)?;
-    let mut loaded = loader::load(
+    let maps = loader::load_maps(
         &pins,
         Capacities {
             max_services: args.max_services,
@@ -181,19 +191,19 @@ async fn run(args: Args) -> Result<()> {
             max_slots: args.max_slots,
         },
     )?;
-    loaded.spawn_log_forwarder()?;
-    if args.no_packet_counters {
-        loaded.set_packet_counters(PacketCounters::Off);
-        warn!("--no-packet-counters: packets and bytes are not counted");
-    } else if args.packet_counters_hook_only {
-        loaded.set_packet_counters(PacketCounters::HookOnly);
-        warn!("--packet-counters-hook-only: no-op programs on the counting hooks, packets and bytes are not counted");
-    }
+    phase("maps created or adopted");
+    // The kernel verifies the programs (seconds, whatever the service
+    // count) while the services are planned and written: the maps are the
+    // programs' and exist already; nothing is attached before both are done.
+    let verifying = maps.verify_in_background();
     let mut dp = Dataplane::open(&pins)?;
     dp.keep_snapshots();
     // Discovered services start from what the maps hold, so a restart
-    // while DNS is away changes nothing.
+    // while DNS is away changes nothing. The apply below plans from this
+    // same read (kept), not from a second one.
+    let serial = dp.apply_serial()?;
     let snapshot = dp.snapshot()?;
+    phase("maps read");
     let (_, mut discovery) = sync::desired_now(&config, &snapshot).await?;
     // The engine's view, starting from the Docker services the maps hold:
     // an engine that is away at startup removes nothing.
@@ -208,7 +218,22 @@ async fn run(args: Args) -> Result<()> {
         false => None,
     };
     let desired = sync::compose(&config, docker.as_mut(), &mut discovery);
-    apply(&mut dp, &desired, "startup")?;
+    dp.keep_snapshot_read_at(serial, snapshot);
+    let committed = sync::commit(&mut dp, &desired, |_| {})?;
+    report(&committed, "startup");
+    phase("services applied");
+    let mut loaded = verifying
+        .join()
+        .map_err(|_| anyhow::anyhow!("loading the programs: the thread panicked"))??;
+    phase("programs verified");
+    loaded.spawn_log_forwarder()?;
+    if args.no_packet_counters {
+        loaded.set_packet_counters(PacketCounters::Off);
+        warn!("--no-packet-counters: packets and bytes are not counted");
+    } else if args.packet_counters_hook_only {
+        loaded.set_packet_counters(PacketCounters::HookOnly);
+        warn!("--packet-counters-hook-only: no-op programs on the counting hooks, packets and bytes are not counted");
+    }
     // What the health check watches: every cgroup attached, by path.
     let mut attached: Vec<health::Attached> = Vec::new();
     let mut docker_parent: Option<CgroupPath> = None;
@@ -258,6 +283,7 @@ async fn run(args: Args) -> Result<()> {
     }
     // IPVS's estimator samples every 2 s, on a thread of its own.
     svclb::rates::RateSampler::new(pins.clone()).spawn();
+    phase("attached");
     info!(
         pin_dir = %pins.root().display(),
         services = desired.services.len(),
@@ -265,6 +291,9 @@ async fn run(args: Args) -> Result<()> {
         "ready"
     );
     notify::notify("READY=1").context("notifying readiness")?;
+    // The start-up plan's heap (hundreds of MB at 100,000 new services) is
+    // freed and trimmed once ready: it takes a large part of a second.
+    released(committed);
 
     // Strict scoping: svclb-runc's announcements, answered in the loop below.
     let (runtime_tx, runtime_rx) = tokio::sync::mpsc::channel::<Created>(64);

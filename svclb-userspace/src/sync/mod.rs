@@ -103,13 +103,18 @@ pub fn failed() {
 /// new connects follow the change.
 static APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// `svclb_changes_applied_total` in Prometheus's text format.
+/// `svclb_changes_applied_total` and `svclb_map_writes_total` in
+/// Prometheus's text format.
 pub fn render_applied() -> String {
     format!(
         "# HELP svclb_changes_applied_total Changes svclbd wrote to the maps (each whole).\n\
          # TYPE svclb_changes_applied_total counter\n\
-         svclb_changes_applied_total {}\n",
-        APPLIED.load(std::sync::atomic::Ordering::Relaxed)
+         svclb_changes_applied_total {}\n\
+         # HELP svclb_map_writes_total Map write syscalls svclbd made for its applies (a batch counts once).\n\
+         # TYPE svclb_map_writes_total counter\n\
+         svclb_map_writes_total {}\n",
+        APPLIED.load(std::sync::atomic::Ordering::Relaxed),
+        crate::dataplane::map_writes()
     )
 }
 
