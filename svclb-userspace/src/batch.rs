@@ -37,12 +37,30 @@ pub fn read_all<K: Pod + Default, V: Pod>(
     fd: BorrowedFd<'_>,
     limit: Option<usize>,
 ) -> io::Result<Option<Vec<(K, V)>>> {
+    read_all_telling(fd, limit, &|_| {})
+}
+
+/// [`read_all`], telling `progress` how many entries it has after each batch.
+pub fn read_all_telling<K: Pod + Default, V: Pod>(
+    fd: BorrowedFd<'_>,
+    limit: Option<usize>,
+    progress: &dyn Fn(usize),
+) -> io::Result<Option<Vec<(K, V)>>> {
     let mut out = Vec::new();
-    let supported = for_each(fd, size_of::<V>(), limit, |k: K, bytes| {
-        out.push((k, unsafe {
-            std::ptr::read_unaligned(bytes.as_ptr().cast::<V>())
-        }));
-    })?;
+    let limit = limit.unwrap_or(usize::MAX);
+    let supported = for_each(
+        fd,
+        size_of::<V>(),
+        &|done| {
+            progress(done);
+            limit
+        },
+        |k: K, bytes| {
+            out.push((k, unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast::<V>())
+            }));
+        },
+    )?;
     Ok(supported.then_some(out))
 }
 
@@ -59,7 +77,7 @@ pub fn sum_per_cpu_array_into<V: Pod + Default>(
     // The kernel lays each CPU's value out at an 8-byte stride.
     let stride = size_of::<V>().div_ceil(8) * 8;
     let limit = out.len();
-    for_each(fd, stride * cpus, Some(limit), |k: u32, bytes| {
+    for_each(fd, stride * cpus, &|_| limit, |k: u32, bytes| {
         let Some(total) = out.get_mut(k as usize) else {
             return;
         };
@@ -75,11 +93,49 @@ pub fn sum_per_cpu_array_into<V: Pod + Default>(
 /// `out[key]`; false as for [`sum_per_cpu_array_into`].
 pub fn array_into<V: Pod>(fd: BorrowedFd<'_>, out: &mut [V]) -> io::Result<bool> {
     let limit = out.len();
-    for_each(fd, size_of::<V>(), Some(limit), |k: u32, bytes| {
+    for_each(fd, size_of::<V>(), &|_| limit, |k: u32, bytes| {
         if let Some(slot) = out.get_mut(k as usize) {
             *slot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<V>()) };
         }
     })
+}
+
+/// The entries of an array from key 0 up to `limit(n)` entries, read while
+/// another thread works out how many are wanted: `limit` is asked again
+/// before each batch with the entries read so far (it may wait until it
+/// knows more). Per-CPU arrays
+/// (`per_cpu`) are summed over the CPUs with `add`. `None`: this kernel has
+/// no batch lookups for the map.
+pub fn array_until<V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    per_cpu: bool,
+    limit: &dyn Fn(usize) -> usize,
+    add: impl Fn(&mut V, &V),
+) -> io::Result<Option<Vec<V>>> {
+    let cpus = if per_cpu {
+        aya::util::nr_cpus().map_err(|(_, e)| e)?
+    } else {
+        1
+    };
+    let stride = if per_cpu {
+        size_of::<V>().div_ceil(8) * 8
+    } else {
+        size_of::<V>()
+    };
+    let mut out: Vec<V> = Vec::new();
+    let supported = for_each(fd, stride * cpus, limit, |k: u32, bytes| {
+        // An array's batches come in key order from 0.
+        if k as usize != out.len() {
+            return;
+        }
+        let mut total = V::default();
+        for cpu in 0..cpus {
+            let v = unsafe { std::ptr::read_unaligned(bytes[cpu * stride..].as_ptr().cast::<V>()) };
+            add(&mut total, &v);
+        }
+        out.push(total);
+    })?;
+    Ok(supported.then_some(out))
 }
 
 /// Whether a map's batch lookups are unsupported by this kernel.
@@ -92,11 +148,12 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 /// Calls `f` with each key and its value's bytes (`value_len` of them),
-/// stopping after `limit` entries; false if batch lookups are unsupported.
+/// stopping after `limit(n)` entries (asked before each batch with the `n`
+/// read so far); false if batch lookups are unsupported.
 fn for_each<K: Pod + Default>(
     fd: BorrowedFd<'_>,
     value_len: usize,
-    limit: Option<usize>,
+    limit: &dyn Fn(usize) -> usize,
     mut f: impl FnMut(K, &[u8]),
 ) -> io::Result<bool> {
     let mut keys = vec![K::default(); CHUNK];
@@ -105,8 +162,12 @@ fn for_each<K: Pod + Default>(
     // maps, a key for arrays (8 bytes hold either for svclb's u32 keys).
     let mut token = [0u64; 1];
     let mut first = true;
-    let mut left = limit.unwrap_or(usize::MAX);
-    while left > 0 {
+    let mut done = 0usize;
+    loop {
+        let left = limit(done).saturating_sub(done);
+        if left == 0 {
+            break;
+        }
         let ask = CHUNK.min(left);
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { token.as_ptr() as u64 },
@@ -130,7 +191,7 @@ fn for_each<K: Pod + Default>(
         for (i, key) in keys.iter().enumerate().take(n) {
             f(*key, &values[i * value_len..(i + 1) * value_len]);
         }
-        left -= n;
+        done += n;
         match err {
             None => {}
             // That was the last batch.

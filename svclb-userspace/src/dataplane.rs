@@ -779,6 +779,178 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// The maps a listing or a scrape joins, each read whole in batches and
+    /// concurrently (their syscalls are most of a listing's time): the
+    /// service metadata (and, with `schedulers`, values) on one thread, the
+    /// backends on this one, and the figures `wanted` on a third. The
+    /// counter and gauge arrays are read from id 0 until the backends say
+    /// how far ids go (ids are handed out lowest first); no schedule slot
+    /// is read. Nothing is joined or sorted here.
+    pub fn listing_maps(&self, wanted: Wanted) -> Result<ListingMaps> {
+        let ids = IdsRead::default();
+        let (services, backends, figures) = std::thread::scope(|s| {
+            let services = s.spawn(|| -> Result<_> {
+                let metas = entries(&self.meta)?;
+                let values = if wanted.schedulers {
+                    entries(&self.services)?
+                } else {
+                    Vec::new()
+                };
+                Ok((metas, values))
+            });
+            let figures = s.spawn(|| self.figures_until(&|done| ids.wait_past(done), wanted));
+            let backends = (|| -> Result<_> {
+                let fd = self.backends.map().fd().as_fd();
+                match crate::batch::read_all_telling(fd, None, &|n| ids.tell(n, None))? {
+                    Some(all) => Ok(all),
+                    None => Ok(self.backends.iter().collect::<Result<Vec<_>, _>>()?),
+                }
+            })();
+            let end = backends.as_ref().map_or(0, |b| {
+                b.iter().map(|(id, _)| *id as usize + 1).max().unwrap_or(0)
+            });
+            ids.tell(end, Some(end));
+            (
+                services
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                backends,
+                figures
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            )
+        });
+        let (metas, values) = services?;
+        let backends = backends?;
+        let end = ids.end();
+        let mut figures = figures?;
+        figures.stats.truncate(end);
+        figures.conns.truncate(end);
+        if let Some(rates) = figures.rates_read.take() {
+            figures.rates = vec![RateState::default(); end];
+            for (id, r) in rates {
+                if let Some(slot) = figures.rates.get_mut(id as usize) {
+                    *slot = r;
+                }
+            }
+        }
+        // A kernel without batch lookups: entry by entry, now that the ids are known.
+        let figures = if figures.entry_by_entry {
+            let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+            self.backend_figures(&ids, wanted)?
+        } else {
+            BackendFigures {
+                stats: figures.stats,
+                conns: figures.conns,
+                rates: figures.rates,
+            }
+        };
+        Ok(ListingMaps {
+            metas,
+            values,
+            backends,
+            figures,
+        })
+    }
+
+    /// The figures `wanted`, the arrays read from id 0 up to `end(n)`.
+    fn figures_until(&self, end: &dyn Fn(usize) -> usize, wanted: Wanted) -> Result<RawFigures> {
+        let mut out = RawFigures::default();
+        if wanted.stats {
+            match crate::batch::array_until(
+                self.stats.map().fd().as_fd(),
+                true,
+                end,
+                |t: &mut BackendStats, v| t.add(v),
+            )? {
+                Some(v) => out.stats = v,
+                None => out.entry_by_entry = true,
+            }
+        }
+        if wanted.conns && !out.entry_by_entry {
+            match crate::batch::array_until(
+                self.conns.map().fd().as_fd(),
+                false,
+                end,
+                |t: &mut ConnGauge, v| *t = *v,
+            )? {
+                Some(v) => out.conns = v,
+                None => out.entry_by_entry = true,
+            }
+        }
+        if wanted.rates && !out.entry_by_entry {
+            match crate::batch::read_all::<u32, RateState>(self.rates.map().fd().as_fd(), None)? {
+                Some(v) => out.rates_read = Some(v),
+                None => out.entry_by_entry = true,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Dataplane::listing_maps`] reads: each map's entries as the
+/// kernel hands them out (hash maps in no order), and the figures by id.
+pub struct ListingMaps {
+    pub metas: Vec<(u32, ServiceMeta)>,
+    /// Empty unless schedulers were wanted.
+    pub values: Vec<(u32, ServiceValue)>,
+    pub backends: Vec<(u32, BackendInfo)>,
+    pub figures: BackendFigures,
+}
+
+/// How far the backends' read has got, for the thread that reads their
+/// figures behind it: backend ids are handed out lowest first, so n
+/// backends read mean ids reach at least n, and an array read up to there
+/// reads no id that does not exist.
+#[derive(Default)]
+struct IdsRead {
+    /// (ids known to exist up to, the end once all are read)
+    state: std::sync::Mutex<(usize, Option<usize>)>,
+    more: std::sync::Condvar,
+}
+
+impl IdsRead {
+    fn tell(&self, at_least: usize, end: Option<usize>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.max(at_least);
+        if end.is_some() {
+            s.1 = end;
+        }
+        self.more.notify_all();
+    }
+
+    /// How far to read, once past `done` or at the end.
+    fn wait_past(&self, done: usize) -> usize {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(end) = s.1 {
+                return end;
+            }
+            if s.0 > done {
+                return s.0;
+            }
+            s = self.more.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn end(&self) -> usize {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1.unwrap_or(s.0)
+    }
+}
+
+/// [`Dataplane::figures_until`]'s reads, before the ids are known.
+#[derive(Default)]
+struct RawFigures {
+    stats: Vec<BackendStats>,
+    conns: Vec<ConnGauge>,
+    rates: Vec<RateState>,
+    rates_read: Option<Vec<(u32, RateState)>>,
+    /// This kernel has no batch lookups.
+    entry_by_entry: bool,
+}
+
 /// Which figures a read needs: each is a map of its own.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Wanted {
