@@ -222,7 +222,7 @@ fn push_scaled(s: &mut String, n: u64, unit: char) {
 
 /// `n` right-aligned in `width` columns, as `{n:>width$}` writes it but
 /// without the formatter's machinery (a listing writes a million numbers).
-fn push_num(s: &mut String, n: u64, width: usize) {
+pub(crate) fn push_num(s: &mut String, n: u64, width: usize) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut v = n;
@@ -246,6 +246,23 @@ fn push_blanks(s: &mut String, n: usize) {
         let k = left.min(BLANKS.len());
         s.push_str(&BLANKS[..k]);
         left -= k;
+    }
+}
+
+/// An address as `Display` writes it, without the formatter for IPv4.
+pub(crate) fn push_ip(s: &mut String, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_num(s, u64::from(octet), 0);
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(s, "{a}");
+        }
     }
 }
 
