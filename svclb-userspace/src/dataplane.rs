@@ -800,6 +800,8 @@ impl Dataplane {
                 Ok((metas, values))
             });
             let figures = s.spawn(|| self.figures_until(&|done| ids.wait_past(done), wanted));
+            // Ends the figures thread's wait even if this one unwinds.
+            let _end = EndOnDrop(&ids);
             let backends = (|| -> Result<_> {
                 let fd = self.backends.map().fd().as_fd();
                 match crate::batch::read_all_telling(fd, None, &|n| ids.tell(n, None))? {
@@ -937,6 +939,16 @@ impl IdsRead {
     fn end(&self) -> usize {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.1.unwrap_or(s.0)
+    }
+}
+
+/// Tells an [`IdsRead`] that no more ids come, if nothing has said so.
+struct EndOnDrop<'a>(&'a IdsRead);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        let end = self.0.end();
+        self.0.tell(end, Some(end));
     }
 }
 
