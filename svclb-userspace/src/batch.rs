@@ -37,16 +37,20 @@ pub fn read_all<K: Pod + Default, V: Pod>(
     fd: BorrowedFd<'_>,
     limit: Option<usize>,
 ) -> io::Result<Option<Vec<(K, V)>>> {
-    read_all_telling(fd, limit, &|_| {})
+    read_all_telling(fd, limit, 0, &|_| {})
 }
 
-/// [`read_all`], telling `progress` how many entries it has after each batch.
+/// [`read_all`] with room for `expected` entries made first (growing a
+/// vector of a hundred thousand entries copies and page-faults it again at
+/// each doubling), telling `progress` how many entries it has after each
+/// batch.
 pub fn read_all_telling<K: Pod + Default, V: Pod>(
     fd: BorrowedFd<'_>,
     limit: Option<usize>,
+    expected: usize,
     progress: &dyn Fn(usize),
 ) -> io::Result<Option<Vec<(K, V)>>> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(expected);
     let limit = limit.unwrap_or(usize::MAX);
     let supported = for_each(
         fd,
@@ -110,6 +114,7 @@ pub fn array_until<V: Pod + Default>(
     fd: BorrowedFd<'_>,
     per_cpu: bool,
     limit: &dyn Fn(usize) -> usize,
+    expected: usize,
     add: impl Fn(&mut V, &V),
 ) -> io::Result<Option<Vec<V>>> {
     let cpus = if per_cpu {
@@ -122,7 +127,7 @@ pub fn array_until<V: Pod + Default>(
     } else {
         size_of::<V>()
     };
-    let mut out: Vec<V> = Vec::new();
+    let mut out: Vec<V> = Vec::with_capacity(expected);
     let supported = for_each(fd, stride * cpus, limit, |k: u32, bytes| {
         // An array's batches come in key order from 0.
         if k as usize != out.len() {

@@ -791,9 +791,10 @@ impl Dataplane {
         let ids = IdsRead::default();
         let (services, backends, figures) = std::thread::scope(|s| {
             let services = s.spawn(|| -> Result<_> {
-                let metas = entries(&self.meta)?;
+                let expected = self.capacity.services as usize;
+                let metas = entries_expecting(&self.meta, expected)?;
                 let values = if wanted.schedulers {
-                    entries(&self.services)?
+                    entries_expecting(&self.services, expected)?
                 } else {
                     Vec::new()
                 };
@@ -804,7 +805,8 @@ impl Dataplane {
             let _end = EndOnDrop(&ids);
             let backends = (|| -> Result<_> {
                 let fd = self.backends.map().fd().as_fd();
-                match crate::batch::read_all_telling(fd, None, &|n| ids.tell(n, None))? {
+                let expected = self.capacity.backends as usize;
+                match crate::batch::read_all_telling(fd, None, expected, &|n| ids.tell(n, None))? {
                     Some(all) => Ok(all),
                     None => Ok(self.backends.iter().collect::<Result<Vec<_>, _>>()?),
                 }
@@ -864,6 +866,7 @@ impl Dataplane {
                 self.stats.map().fd().as_fd(),
                 true,
                 end,
+                self.capacity.backends as usize,
                 |t: &mut BackendStats, v| t.add(v),
             )? {
                 Some(v) => out.stats = v,
@@ -875,6 +878,7 @@ impl Dataplane {
                 self.conns.map().fd().as_fd(),
                 false,
                 end,
+                self.capacity.backends as usize,
                 |t: &mut ConnGauge, v| *t = *v,
             )? {
                 Some(v) => out.conns = v,
@@ -882,7 +886,9 @@ impl Dataplane {
             }
         }
         if wanted.rates && !out.entry_by_entry {
-            match crate::batch::read_all::<u32, RateState>(self.rates.map().fd().as_fd(), None)? {
+            let fd = self.rates.map().fd().as_fd();
+            let expected = self.capacity.backends as usize;
+            match crate::batch::read_all_telling::<u32, RateState>(fd, None, expected, &|_| {})? {
                 Some(v) => out.rates_read = Some(v),
                 None => out.entry_by_entry = true,
             }
@@ -1018,6 +1024,18 @@ fn entries<K: aya::Pod + Default, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>> {
     if let Some(all) = crate::batch::read_all::<K, V>(map.map().fd().as_fd(), None)? {
+        return Ok(all);
+    }
+    Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
+}
+
+/// [`entries`] with room made for `expected` of them first.
+fn entries_expecting<K: aya::Pod + Default, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    expected: usize,
+) -> Result<Vec<(K, V)>> {
+    let fd = map.map().fd().as_fd();
+    if let Some(all) = crate::batch::read_all_telling::<K, V>(fd, None, expected, &|_| {})? {
         return Ok(all);
     }
     Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
