@@ -786,18 +786,26 @@ impl Dataplane {
     /// backends on this one, and the figures `wanted` on a third. The
     /// counter and gauge arrays are read from id 0 until the backends say
     /// how far ids go (ids are handed out lowest first); no schedule slot
-    /// is read. Nothing is joined or sorted here.
-    pub fn listing_maps(&self, wanted: Wanted) -> Result<ListingMaps> {
+    /// is read. The metadata and values come sorted by mark (sorted while
+    /// the backends are still being read), and the backends as `prepare`
+    /// makes them, on this thread while the figures are still being read.
+    pub fn listing_maps<B>(
+        &self,
+        wanted: Wanted,
+        prepare: impl FnOnce(Vec<(u32, BackendInfo)>) -> B,
+    ) -> Result<ListingMaps<B>> {
         let ids = IdsRead::default();
         let (services, backends, figures) = std::thread::scope(|s| {
             let services = s.spawn(|| -> Result<_> {
                 let expected = self.capacity.services as usize;
-                let metas = entries_expecting(&self.meta, expected)?;
-                let values = if wanted.schedulers {
+                let mut metas = entries_expecting(&self.meta, expected)?;
+                metas.sort_unstable_by_key(|(mark, _)| *mark);
+                let mut values = if wanted.schedulers {
                     entries_expecting(&self.services, expected)?
                 } else {
                     Vec::new()
                 };
+                values.sort_unstable_by_key(|(mark, _)| *mark);
                 Ok((metas, values))
             });
             let figures = s.spawn(|| self.figures_until(&|done| ids.wait_past(done), wanted));
@@ -815,6 +823,7 @@ impl Dataplane {
                 b.iter().map(|(id, _)| *id as usize + 1).max().unwrap_or(0)
             });
             ids.tell(end, Some(end));
+            let backends = backends.map(prepare);
             (
                 services
                     .join()
@@ -841,7 +850,7 @@ impl Dataplane {
         }
         // A kernel without batch lookups: entry by entry, now that the ids are known.
         let figures = if figures.entry_by_entry {
-            let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<u32> = (0..end as u32).collect();
             self.backend_figures(&ids, wanted)?
         } else {
             BackendFigures {
@@ -897,13 +906,13 @@ impl Dataplane {
     }
 }
 
-/// What [`Dataplane::listing_maps`] reads: each map's entries as the
-/// kernel hands them out (hash maps in no order), and the figures by id.
-pub struct ListingMaps {
+/// What [`Dataplane::listing_maps`] reads: services by mark, the
+/// backends as its caller prepared them, and the figures by id.
+pub struct ListingMaps<B> {
     pub metas: Vec<(u32, ServiceMeta)>,
     /// Empty unless schedulers were wanted.
     pub values: Vec<(u32, ServiceValue)>,
-    pub backends: Vec<(u32, BackendInfo)>,
+    pub backends: B,
     pub figures: BackendFigures,
 }
 

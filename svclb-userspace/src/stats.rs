@@ -6,7 +6,7 @@ use std::{fmt::Write as _, io, net::IpAddr};
 
 use anyhow::Result;
 use serde::Serialize;
-use svclb_common::{words_addr, BackendStats, RateState, Scheduler, ServiceValue};
+use svclb_common::{words_addr, BackendInfo, BackendStats, RateState, Scheduler, ServiceValue};
 
 use crate::{
     dataplane::{meta_port, Dataplane, ListingMaps, Wanted},
@@ -99,37 +99,15 @@ pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
 
 /// Reads every service with the backend figures `wanted` (the others are
 /// left zero); services sorted by mark, each one's backends by address.
-/// The maps are read concurrently ([`Dataplane::listing_maps`]) and joined
-/// here with one sort of the services and one of the backends.
+/// The maps are read concurrently, services and backends each sorted once
+/// on their reading thread ([`Dataplane::listing_maps`]), and joined here.
 pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
     let ListingMaps {
-        mut metas,
-        mut values,
-        backends,
+        metas,
+        values,
+        backends: order,
         figures,
-    } = dp.listing_maps(wanted)?;
-    metas.sort_unstable_by_key(|(mark, _)| *mark);
-    values.sort_unstable_by_key(|(mark, _)| *mark);
-    // By service, then address and port as `IpAddr` and `Option<u16>`
-    // order them (IPv4 first; no port first), then id: what sorting by
-    // (mark, id) and then each service's backends by (address, port) gave.
-    // The weight rides along, so the join reads `order` alone, in order.
-    let mut order: Vec<(u32, bool, u128, u32, u32, u32)> = backends
-        .iter()
-        .map(|(id, b)| {
-            let (v6, bits) = match words_addr(b.addr) {
-                IpAddr::V4(a) => (false, u128::from(u32::from(a))),
-                IpAddr::V6(a) => (true, u128::from(a)),
-            };
-            let port = if b.port_be == 0 {
-                0
-            } else {
-                u32::from(u16::from_be(b.port_be)) + 1
-            };
-            (b.mark, v6, bits, port, *id, b.weight)
-        })
-        .collect();
-    order.sort_unstable();
+    } = dp.listing_maps(wanted, backend_order)?;
     let mut values = values.into_iter().peekable();
     let mut next = order.iter().peekable();
     let mut out = Vec::with_capacity(metas.len());
@@ -179,6 +157,32 @@ pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
         });
     }
     Ok(out)
+}
+
+/// The backends by service, then address and port as `IpAddr` and
+/// `Option<u16>` order them (IPv4 first; no port first), then id: what
+/// sorting by (mark, id) and then each service's backends by (address,
+/// port) gave. The weight rides along, so the join reads this alone, in
+/// order: (mark, IPv6, address bits, port + 1 or 0, id, weight).
+#[allow(clippy::type_complexity)]
+fn backend_order(backends: Vec<(u32, BackendInfo)>) -> Vec<(u32, bool, u128, u32, u32, u32)> {
+    let mut order: Vec<(u32, bool, u128, u32, u32, u32)> = backends
+        .iter()
+        .map(|(id, b)| {
+            let (v6, bits) = match words_addr(b.addr) {
+                IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+                IpAddr::V6(a) => (true, u128::from(a)),
+            };
+            let port = if b.port_be == 0 {
+                0
+            } else {
+                u32::from(u16::from_be(b.port_be)) + 1
+            };
+            (b.mark, v6, bits, port, *id, b.weight)
+        })
+        .collect();
+    order.sort_unstable();
+    order
 }
 
 /// How long ago svclbd last sampled the rates (None: never).
