@@ -52,7 +52,7 @@ pub fn read_all_telling<K: Pod + Default, V: Pod>(
 ) -> io::Result<Option<Vec<(K, V)>>> {
     let mut out = Vec::with_capacity(expected);
     let limit = limit.unwrap_or(usize::MAX);
-    let supported = for_each(
+    let supported = for_each_until(
         fd,
         size_of::<V>(),
         &|done| {
@@ -81,7 +81,7 @@ pub fn sum_per_cpu_array_into<V: Pod + Default>(
     // The kernel lays each CPU's value out at an 8-byte stride.
     let stride = size_of::<V>().div_ceil(8) * 8;
     let limit = out.len();
-    for_each(fd, stride * cpus, &|_| limit, |k: u32, bytes| {
+    for_each(fd, stride * cpus, Some(limit), |k: u32, bytes| {
         let Some(total) = out.get_mut(k as usize) else {
             return;
         };
@@ -97,7 +97,7 @@ pub fn sum_per_cpu_array_into<V: Pod + Default>(
 /// `out[key]`; false as for [`sum_per_cpu_array_into`].
 pub fn array_into<V: Pod>(fd: BorrowedFd<'_>, out: &mut [V]) -> io::Result<bool> {
     let limit = out.len();
-    for_each(fd, size_of::<V>(), &|_| limit, |k: u32, bytes| {
+    for_each(fd, size_of::<V>(), Some(limit), |k: u32, bytes| {
         if let Some(slot) = out.get_mut(k as usize) {
             *slot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<V>()) };
         }
@@ -128,7 +128,7 @@ pub fn array_until<V: Pod + Default>(
         size_of::<V>()
     };
     let mut out: Vec<V> = Vec::with_capacity(expected);
-    let supported = for_each(fd, stride * cpus, limit, |k: u32, bytes| {
+    let supported = for_each_until(fd, stride * cpus, limit, |k: u32, bytes| {
         // An array's batches come in key order from 0.
         if k as usize != out.len() {
             return;
@@ -153,9 +153,20 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 /// Calls `f` with each key and its value's bytes (`value_len` of them),
-/// stopping after `limit(n)` entries (asked before each batch with the `n`
-/// read so far); false if batch lookups are unsupported.
+/// stopping after `limit` entries; false if batch lookups are unsupported.
 fn for_each<K: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    value_len: usize,
+    limit: Option<usize>,
+    f: impl FnMut(K, &[u8]),
+) -> io::Result<bool> {
+    let limit = limit.unwrap_or(usize::MAX);
+    for_each_until(fd, value_len, &|_| limit, f)
+}
+
+/// [`for_each`], stopping after `limit(n)` entries, asked before each
+/// batch with the `n` read so far.
+fn for_each_until<K: Pod + Default>(
     fd: BorrowedFd<'_>,
     value_len: usize,
     limit: &dyn Fn(usize) -> usize,

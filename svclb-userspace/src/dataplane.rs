@@ -795,28 +795,40 @@ impl Dataplane {
         prepare: impl FnOnce(Vec<(u32, BackendInfo)>) -> B,
     ) -> Result<ListingMaps<B>> {
         let ids = IdsRead::default();
+        // The threads borrow the maps alone: a `Dataplane` need not be Sync.
+        let (meta, services, backends, maps) = (
+            &self.meta,
+            &self.services,
+            &self.backends,
+            FigureMaps {
+                stats: &self.stats,
+                conns: &self.conns,
+                rates: &self.rates,
+                backends: self.capacity.backends as usize,
+            },
+        );
+        let expected_services = self.capacity.services as usize;
         let (services, backends, figures) = std::thread::scope(|s| {
             let services = s.spawn(|| -> Result<_> {
-                let expected = self.capacity.services as usize;
-                let mut metas = entries_expecting(&self.meta, expected)?;
+                let mut metas = entries_expecting(meta, expected_services)?;
                 metas.sort_unstable_by_key(|(mark, _)| *mark);
                 let mut values = if wanted.schedulers {
-                    entries_expecting(&self.services, expected)?
+                    entries_expecting(services, expected_services)?
                 } else {
                     Vec::new()
                 };
                 values.sort_unstable_by_key(|(mark, _)| *mark);
                 Ok((metas, values))
             });
-            let figures = s.spawn(|| self.figures_until(&|done| ids.wait_past(done), wanted));
+            let figures = s.spawn(|| maps.read_until(&|done| ids.wait_past(done), wanted));
             // Ends the figures thread's wait even if this one unwinds.
             let _end = EndOnDrop(&ids);
             let backends = (|| -> Result<_> {
-                let fd = self.backends.map().fd().as_fd();
-                let expected = self.capacity.backends as usize;
+                let fd = backends.map().fd().as_fd();
+                let expected = maps.backends;
                 match crate::batch::read_all_telling(fd, None, expected, &|n| ids.tell(n, None))? {
                     Some(all) => Ok(all),
-                    None => Ok(self.backends.iter().collect::<Result<Vec<_>, _>>()?),
+                    None => Ok(backends.iter().collect::<Result<Vec<_>, _>>()?),
                 }
             })();
             let end = backends.as_ref().map_or(0, |b| {
@@ -866,16 +878,28 @@ impl Dataplane {
             figures,
         })
     }
+}
 
+/// The maps of the backends' figures, for the thread that reads them.
+#[derive(Clone, Copy)]
+struct FigureMaps<'a> {
+    stats: &'a PerCpuArray<MapData, Value<m::STATS>>,
+    conns: &'a Arr<m::CONNS>,
+    rates: &'a Hash<m::RATES>,
+    /// The backends' capacity.
+    backends: usize,
+}
+
+impl FigureMaps<'_> {
     /// The figures `wanted`, the arrays read from id 0 up to `end(n)`.
-    fn figures_until(&self, end: &dyn Fn(usize) -> usize, wanted: Wanted) -> Result<RawFigures> {
+    fn read_until(&self, end: &dyn Fn(usize) -> usize, wanted: Wanted) -> Result<RawFigures> {
         let mut out = RawFigures::default();
         if wanted.stats {
             match crate::batch::array_until(
                 self.stats.map().fd().as_fd(),
                 true,
                 end,
-                self.capacity.backends as usize,
+                self.backends,
                 |t: &mut BackendStats, v| t.add(v),
             )? {
                 Some(v) => out.stats = v,
@@ -887,7 +911,7 @@ impl Dataplane {
                 self.conns.map().fd().as_fd(),
                 false,
                 end,
-                self.capacity.backends as usize,
+                self.backends,
                 |t: &mut ConnGauge, v| *t = *v,
             )? {
                 Some(v) => out.conns = v,
@@ -896,7 +920,7 @@ impl Dataplane {
         }
         if wanted.rates && !out.entry_by_entry {
             let fd = self.rates.map().fd().as_fd();
-            let expected = self.capacity.backends as usize;
+            let expected = self.backends;
             match crate::batch::read_all_telling::<u32, RateState>(fd, None, expected, &|_| {})? {
                 Some(v) => out.rates_read = Some(v),
                 None => out.entry_by_entry = true,
@@ -967,7 +991,7 @@ impl Drop for EndOnDrop<'_> {
     }
 }
 
-/// [`Dataplane::figures_until`]'s reads, before the ids are known.
+/// [`FigureMaps::read_until`]'s reads, before the ids are known.
 #[derive(Default)]
 struct RawFigures {
     stats: Vec<BackendStats>,
