@@ -37,12 +37,34 @@ pub fn read_all<K: Pod + Default, V: Pod>(
     fd: BorrowedFd<'_>,
     limit: Option<usize>,
 ) -> io::Result<Option<Vec<(K, V)>>> {
-    let mut out = Vec::new();
-    let supported = for_each(fd, size_of::<V>(), limit, |k: K, bytes| {
-        out.push((k, unsafe {
-            std::ptr::read_unaligned(bytes.as_ptr().cast::<V>())
-        }));
-    })?;
+    read_all_telling(fd, limit, 0, &|_| {})
+}
+
+/// [`read_all`] with room for `expected` entries made first (growing a
+/// vector of a hundred thousand entries copies and page-faults it again at
+/// each doubling), telling `progress` how many entries it has after each
+/// batch.
+pub fn read_all_telling<K: Pod + Default, V: Pod>(
+    fd: BorrowedFd<'_>,
+    limit: Option<usize>,
+    expected: usize,
+    progress: &dyn Fn(usize),
+) -> io::Result<Option<Vec<(K, V)>>> {
+    let mut out = Vec::with_capacity(expected);
+    let limit = limit.unwrap_or(usize::MAX);
+    let supported = for_each_until(
+        fd,
+        size_of::<V>(),
+        &|done| {
+            progress(done);
+            limit
+        },
+        |k: K, bytes| {
+            out.push((k, unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast::<V>())
+            }));
+        },
+    )?;
     Ok(supported.then_some(out))
 }
 
@@ -82,6 +104,45 @@ pub fn array_into<V: Pod>(fd: BorrowedFd<'_>, out: &mut [V]) -> io::Result<bool>
     })
 }
 
+/// The entries of an array from key 0 up to `limit(n)` entries, read while
+/// another thread works out how many are wanted: `limit` is asked again
+/// before each batch with the entries read so far (it may wait until it
+/// knows more). Per-CPU arrays
+/// (`per_cpu`) are summed over the CPUs with `add`. `None`: this kernel has
+/// no batch lookups for the map.
+pub fn array_until<V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    per_cpu: bool,
+    limit: &dyn Fn(usize) -> usize,
+    expected: usize,
+    add: impl Fn(&mut V, &V),
+) -> io::Result<Option<Vec<V>>> {
+    let cpus = if per_cpu {
+        aya::util::nr_cpus().map_err(|(_, e)| e)?
+    } else {
+        1
+    };
+    let stride = if per_cpu {
+        size_of::<V>().div_ceil(8) * 8
+    } else {
+        size_of::<V>()
+    };
+    let mut out: Vec<V> = Vec::with_capacity(expected);
+    let supported = for_each_until(fd, stride * cpus, limit, |k: u32, bytes| {
+        // An array's batches come in key order from 0.
+        if k as usize != out.len() {
+            return;
+        }
+        let mut total = V::default();
+        for cpu in 0..cpus {
+            let v = unsafe { std::ptr::read_unaligned(bytes[cpu * stride..].as_ptr().cast::<V>()) };
+            add(&mut total, &v);
+        }
+        out.push(total);
+    })?;
+    Ok(supported.then_some(out))
+}
+
 /// Whether a map's batch lookups are unsupported by this kernel.
 fn unsupported(e: &io::Error) -> bool {
     // ENOTSUPP (524) is the kernel's own; EINVAL from kernels before 5.6.
@@ -97,6 +158,18 @@ fn for_each<K: Pod + Default>(
     fd: BorrowedFd<'_>,
     value_len: usize,
     limit: Option<usize>,
+    f: impl FnMut(K, &[u8]),
+) -> io::Result<bool> {
+    let limit = limit.unwrap_or(usize::MAX);
+    for_each_until(fd, value_len, &|_| limit, f)
+}
+
+/// [`for_each`], stopping after `limit(n)` entries, asked before each
+/// batch with the `n` read so far.
+fn for_each_until<K: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    value_len: usize,
+    limit: &dyn Fn(usize) -> usize,
     mut f: impl FnMut(K, &[u8]),
 ) -> io::Result<bool> {
     let mut keys = vec![K::default(); CHUNK];
@@ -105,8 +178,12 @@ fn for_each<K: Pod + Default>(
     // maps, a key for arrays (8 bytes hold either for svclb's u32 keys).
     let mut token = [0u64; 1];
     let mut first = true;
-    let mut left = limit.unwrap_or(usize::MAX);
-    while left > 0 {
+    let mut done = 0usize;
+    loop {
+        let left = limit(done).saturating_sub(done);
+        if left == 0 {
+            break;
+        }
         let ask = CHUNK.min(left);
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { token.as_ptr() as u64 },
@@ -130,7 +207,7 @@ fn for_each<K: Pod + Default>(
         for (i, key) in keys.iter().enumerate().take(n) {
             f(*key, &values[i * value_len..(i + 1) * value_len]);
         }
-        left -= n;
+        done += n;
         match err {
             None => {}
             // That was the last batch.

@@ -981,6 +981,229 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// The maps a listing or a scrape joins, each read whole in batches and
+    /// concurrently (their syscalls are most of a listing's time): the
+    /// service metadata (and, with `schedulers`, values) on one thread, the
+    /// backends on this one, and the figures `wanted` on a third. The
+    /// counter and gauge arrays are read from id 0 until the backends say
+    /// how far ids go (ids are handed out lowest first); no schedule slot
+    /// is read. The metadata and values come sorted by mark (sorted while
+    /// the backends are still being read), and the backends as `prepare`
+    /// makes them, on this thread while the figures are still being read.
+    pub fn listing_maps<B>(
+        &self,
+        wanted: Wanted,
+        prepare: impl FnOnce(Vec<(u32, BackendInfo)>) -> B,
+    ) -> Result<ListingMaps<B>> {
+        let ids = IdsRead::default();
+        // The threads borrow the maps alone: a `Dataplane` need not be Sync.
+        let (meta, services, backends, maps) = (
+            &self.meta,
+            &self.services,
+            &self.backends,
+            FigureMaps {
+                stats: &self.stats,
+                conns: &self.conns,
+                rates: &self.rates,
+                backends: self.capacity.backends as usize,
+            },
+        );
+        let expected_services = self.capacity.services as usize;
+        let (services, backends, figures) = std::thread::scope(|s| {
+            let services = s.spawn(|| -> Result<_> {
+                let mut metas = entries_expecting(meta, expected_services)?;
+                metas.sort_unstable_by_key(|(mark, _)| *mark);
+                let mut values = if wanted.schedulers {
+                    entries_expecting(services, expected_services)?
+                } else {
+                    Vec::new()
+                };
+                values.sort_unstable_by_key(|(mark, _)| *mark);
+                Ok((metas, values))
+            });
+            let figures = s.spawn(|| maps.read_until(&|done| ids.wait_past(done), wanted));
+            // Ends the figures thread's wait even if this one unwinds.
+            let _end = EndOnDrop(&ids);
+            let backends = (|| -> Result<_> {
+                let fd = backends.map().fd().as_fd();
+                let expected = maps.backends;
+                match crate::batch::read_all_telling(fd, None, expected, &|n| ids.tell(n, None))? {
+                    Some(all) => Ok(all),
+                    None => Ok(backends.iter().collect::<Result<Vec<_>, _>>()?),
+                }
+            })();
+            let end = backends.as_ref().map_or(0, |b| {
+                b.iter().map(|(id, _)| *id as usize + 1).max().unwrap_or(0)
+            });
+            ids.tell(end, Some(end));
+            let backends = backends.map(prepare);
+            (
+                services
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                backends,
+                figures
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            )
+        });
+        let (metas, values) = services?;
+        let backends = backends?;
+        let end = ids.end();
+        let mut figures = figures?;
+        figures.stats.truncate(end);
+        figures.conns.truncate(end);
+        if let Some(rates) = figures.rates_read.take() {
+            figures.rates = vec![RateState::default(); end];
+            for (id, r) in rates {
+                if let Some(slot) = figures.rates.get_mut(id as usize) {
+                    *slot = r;
+                }
+            }
+        }
+        // A kernel without batch lookups: entry by entry, now that the ids are known.
+        let figures = if figures.entry_by_entry {
+            let ids: Vec<u32> = (0..end as u32).collect();
+            self.backend_figures(&ids, wanted)?
+        } else {
+            BackendFigures {
+                stats: figures.stats,
+                conns: figures.conns,
+                rates: figures.rates,
+            }
+        };
+        Ok(ListingMaps {
+            metas,
+            values,
+            backends,
+            figures,
+        })
+    }
+}
+
+/// The maps of the backends' figures, for the thread that reads them.
+#[derive(Clone, Copy)]
+struct FigureMaps<'a> {
+    stats: &'a PerCpuArray<MapData, Value<m::STATS>>,
+    conns: &'a Arr<m::CONNS>,
+    rates: &'a Hash<m::RATES>,
+    /// The backends' capacity.
+    backends: usize,
+}
+
+impl FigureMaps<'_> {
+    /// The figures `wanted`, the arrays read from id 0 up to `end(n)`.
+    fn read_until(&self, end: &dyn Fn(usize) -> usize, wanted: Wanted) -> Result<RawFigures> {
+        let mut out = RawFigures::default();
+        if wanted.stats {
+            match crate::batch::array_until(
+                self.stats.map().fd().as_fd(),
+                true,
+                end,
+                self.backends,
+                |t: &mut BackendStats, v| t.add(v),
+            )? {
+                Some(v) => out.stats = v,
+                None => out.entry_by_entry = true,
+            }
+        }
+        if wanted.conns && !out.entry_by_entry {
+            match crate::batch::array_until(
+                self.conns.map().fd().as_fd(),
+                false,
+                end,
+                self.backends,
+                |t: &mut ConnGauge, v| *t = *v,
+            )? {
+                Some(v) => out.conns = v,
+                None => out.entry_by_entry = true,
+            }
+        }
+        if wanted.rates && !out.entry_by_entry {
+            let fd = self.rates.map().fd().as_fd();
+            let expected = self.backends;
+            match crate::batch::read_all_telling::<u32, RateState>(fd, None, expected, &|_| {})? {
+                Some(v) => out.rates_read = Some(v),
+                None => out.entry_by_entry = true,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Dataplane::listing_maps`] reads: services by mark, the
+/// backends as its caller prepared them, and the figures by id.
+pub struct ListingMaps<B> {
+    pub metas: Vec<(u32, ServiceMeta)>,
+    /// Empty unless schedulers were wanted.
+    pub values: Vec<(u32, ServiceValue)>,
+    pub backends: B,
+    pub figures: BackendFigures,
+}
+
+/// How far the backends' read has got, for the thread that reads their
+/// figures behind it: backend ids are handed out lowest first, so n
+/// backends read mean ids reach at least n, and an array read up to there
+/// reads no id that does not exist.
+#[derive(Default)]
+struct IdsRead {
+    /// (ids known to exist up to, the end once all are read)
+    state: std::sync::Mutex<(usize, Option<usize>)>,
+    more: std::sync::Condvar,
+}
+
+impl IdsRead {
+    fn tell(&self, at_least: usize, end: Option<usize>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.max(at_least);
+        if end.is_some() {
+            s.1 = end;
+        }
+        self.more.notify_all();
+    }
+
+    /// How far to read, once past `done` or at the end.
+    fn wait_past(&self, done: usize) -> usize {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(end) = s.1 {
+                return end;
+            }
+            if s.0 > done {
+                return s.0;
+            }
+            s = self.more.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn end(&self) -> usize {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1.unwrap_or(s.0)
+    }
+}
+
+/// Tells an [`IdsRead`] that no more ids come, if nothing has said so.
+struct EndOnDrop<'a>(&'a IdsRead);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        let end = self.0.end();
+        self.0.tell(end, Some(end));
+    }
+}
+
+/// [`FigureMaps::read_until`]'s reads, before the ids are known.
+#[derive(Default)]
+struct RawFigures {
+    stats: Vec<BackendStats>,
+    conns: Vec<ConnGauge>,
+    rates: Vec<RateState>,
+    rates_read: Option<Vec<(u32, RateState)>>,
+    /// This kernel has no batch lookups.
+    entry_by_entry: bool,
+}
+
 /// Which figures a read needs: each is a map of its own.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Wanted {
@@ -1036,6 +1259,18 @@ fn entries<K: aya::Pod + Default, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>> {
     if let Some(all) = crate::batch::read_all::<K, V>(map.map().fd().as_fd(), None)? {
+        return Ok(all);
+    }
+    Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
+}
+
+/// [`entries`] with room made for `expected` of them first.
+fn entries_expecting<K: aya::Pod + Default, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    expected: usize,
+) -> Result<Vec<(K, V)>> {
+    let fd = map.map().fd().as_fd();
+    if let Some(all) = crate::batch::read_all_telling::<K, V>(fd, None, expected, &|_| {})? {
         return Ok(all);
     }
     Ok(map.iter().collect::<Result<Vec<_>, _>>()?)

@@ -4,18 +4,31 @@
 //! local_port, remote_address, remote_port, proto, local_mark) plus
 //! `service`; unlike node_exporter, packets and bytes are per backend too.
 
-use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{
-    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+    Request, Response, StatusCode,
 };
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, GaugeVec, Opts, Registry, TextEncoder};
 use svclb_common::BackendStats;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -29,25 +42,61 @@ use crate::{
 /// rendered after the data-plane metrics.
 pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Renders the metrics text for the maps pinned at `pins`. Every family is
-/// written straight into one buffer rather than through a `prometheus`
-/// registry, whose per-series bookkeeping made a scrape of 100,000 services
-/// take seconds and gigabytes.
+/// Renders the metrics text for the maps pinned at `pins`, whole. Every
+/// family is written straight into the text rather than through a
+/// `prometheus` registry, whose per-series bookkeeping made a scrape of
+/// 100,000 services take seconds and gigabytes.
 pub fn render(pins: &PinDir) -> Result<String> {
-    let dp = Dataplane::open(pins)?;
-    let services = stats::collect(&dp, Wanted::ALL)?;
-    let backends: usize = services.iter().map(|s| s.backends.len()).sum();
-    // About 200 bytes a line: 6 per service, 8 per backend.
-    let mut text = String::with_capacity(1024 + 200 * (6 * services.len() + 8 * backends));
-    write_totals(&mut text, &services);
-    write_service_families(&mut text, &services);
-    write_backend_families(&mut text, &services);
+    let services = read(pins)?;
+    let mut text = String::new();
+    render_into(&mut text, &services, &mut |_| true);
     Ok(text)
+}
+
+/// Every service with every figure, from the maps pinned at `pins`.
+fn read(pins: &PinDir) -> Result<Vec<stats::ServiceReport>> {
+    stats::collect(&Dataplane::open(pins)?, Wanted::ALL)
+}
+
+/// A scrape is handed to its reader in pieces of about this size: at
+/// 100,000 services the text is over 300 MB, and a piece goes out while
+/// the next is written rather than after the whole is.
+const PIECE: usize = 256 * 1024;
+
+/// Takes what has been written so far (a scrape's: sends it on and empties
+/// `text`; a whole render's: keeps it); false when the reader has gone.
+type Flush<'a> = &'a mut dyn FnMut(&mut String) -> bool;
+
+/// Writes the text of `services` into `text`, flushed every [`PIECE`]
+/// and at the end; false if the reader went away.
+fn render_into(text: &mut String, services: &[stats::ServiceReport], flush: Flush) -> bool {
+    write_totals(text, services);
+    write_service_families(text, services, flush) && write_backend_families(text, services, flush)
+}
+
+/// Flushes `text` once it holds a piece.
+fn piece(text: &mut String, flush: Flush) -> bool {
+    text.len() < PIECE || flush(text)
 }
 
 /// A family's `# HELP` and `# TYPE` lines.
 fn family_header(text: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A mark as `{:08X}` writes it.
+fn push_mark(text: &mut String, mark: u32) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for shift in (0..8).rev() {
+        text.push(HEX[(mark >> (shift * 4)) as usize & 0xf] as char);
+    }
+}
+
+/// ` VALUE` and the end of a line.
+fn push_value(text: &mut String, v: u64) {
+    text.push(' ');
+    stats::push_num(text, v, 0);
+    text.push('\n');
 }
 
 /// Node totals, like node_exporter's node_ipvs_*_total.
@@ -89,7 +138,11 @@ fn write_totals(text: &mut String, services: &[stats::ServiceReport]) {
 }
 
 /// Per service: its backend count and its rates.
-fn write_service_families(text: &mut String, services: &[stats::ServiceReport]) {
+fn write_service_families(
+    text: &mut String,
+    services: &[stats::ServiceReport],
+    flush: Flush,
+) -> bool {
     let name = "svclb_service_backends";
     family_header(
         text,
@@ -98,15 +151,20 @@ fn write_service_families(text: &mut String, services: &[stats::ServiceReport]) 
         "Backends of the service (weight 0 included).",
     );
     for svc in services {
-        let _ = writeln!(
-            text,
-            "{name}{{service=\"{}\",local_address=\"{}\",local_mark=\"{:08X}\",scheduler=\"{}\"}} {}",
-            escape_label(&svc.name),
-            svc.vip,
-            svc.mark,
-            svc.scheduler,
-            svc.backends.len()
-        );
+        text.push_str(name);
+        text.push_str("{service=\"");
+        text.push_str(&escape_label(&svc.name));
+        text.push_str("\",local_address=\"");
+        stats::push_ip(text, svc.vip);
+        text.push_str("\",local_mark=\"");
+        push_mark(text, svc.mark);
+        text.push_str("\",scheduler=\"");
+        text.push_str(svc.scheduler);
+        text.push_str("\"}");
+        push_value(text, svc.backends.len() as u64);
+        if !piece(text, flush) {
+            return false;
+        }
     }
     let name = "svclb_service_rate";
     family_header(
@@ -117,6 +175,7 @@ fn write_service_families(text: &mut String, services: &[stats::ServiceReport]) 
     );
     for svc in services {
         let r = &svc.rates;
+        let label = escape_label(&svc.name);
         for (kind, v) in [
             ("cps", r.conns),
             ("in_pps", r.in_pkts),
@@ -124,19 +183,30 @@ fn write_service_families(text: &mut String, services: &[stats::ServiceReport]) 
             ("in_bps", r.in_bytes),
             ("out_bps", r.out_bytes),
         ] {
-            let _ = writeln!(
-                text,
-                "{name}{{service=\"{}\",local_mark=\"{:08X}\",kind=\"{kind}\"}} {v}",
-                escape_label(&svc.name),
-                svc.mark,
-            );
+            text.push_str(name);
+            text.push_str("{service=\"");
+            text.push_str(&label);
+            text.push_str("\",local_mark=\"");
+            push_mark(text, svc.mark);
+            text.push_str("\",kind=\"");
+            text.push_str(kind);
+            text.push_str("\"}");
+            push_value(text, v);
+        }
+        if !piece(text, flush) {
+            return false;
         }
     }
+    true
 }
 
 /// The per-backend families, one line per backend each; each backend's
 /// label set is written once, into one buffer, and copied into each family.
-fn write_backend_families(text: &mut String, services: &[stats::ServiceReport]) {
+fn write_backend_families(
+    text: &mut String,
+    services: &[stats::ServiceReport],
+    flush: Flush,
+) -> bool {
     let mut labels = String::new();
     let mut backends: Vec<(std::ops::Range<usize>, &stats::BackendReport)> = Vec::new();
     for svc in services {
@@ -149,18 +219,24 @@ fn write_backend_families(text: &mut String, services: &[stats::ServiceReport]) 
                 p.port,
             ),
         };
+        let name = escape_label(&svc.name);
         for b in &svc.backends {
             let start = labels.len();
-            let _ = write!(
-                labels,
-                "service=\"{}\",local_address=\"{}\",local_port=\"{local_port}\",remote_address=\"{}\",remote_port=\"{}\",proto=\"{proto}\",local_mark=\"",
-                escape_label(&svc.name),
-                svc.vip,
-                b.address,
-                b.port.unwrap_or(0),
-            );
+            labels.push_str("service=\"");
+            labels.push_str(&name);
+            labels.push_str("\",local_address=\"");
+            stats::push_ip(&mut labels, svc.vip);
+            labels.push_str("\",local_port=\"");
+            stats::push_num(&mut labels, u64::from(local_port), 0);
+            labels.push_str("\",remote_address=\"");
+            stats::push_ip(&mut labels, b.address);
+            labels.push_str("\",remote_port=\"");
+            stats::push_num(&mut labels, u64::from(b.port.unwrap_or(0)), 0);
+            labels.push_str("\",proto=\"");
+            labels.push_str(&proto);
+            labels.push_str("\",local_mark=\"");
             if svc.port.is_none() {
-                let _ = write!(labels, "{:08X}", svc.mark);
+                push_mark(&mut labels, svc.mark);
             }
             labels.push('"');
             backends.push((start..labels.len(), b));
@@ -223,9 +299,14 @@ fn write_backend_families(text: &mut String, services: &[stats::ServiceReport]) 
             text.push_str(name);
             text.push('{');
             text.push_str(&labels[range.clone()]);
-            let _ = writeln!(text, "}} {}", value(b));
+            text.push('}');
+            push_value(text, value(b));
+            if !piece(text, flush) {
+                return false;
+            }
         }
     }
+    flush(text)
 }
 
 /// A label value as the text format quotes it.
@@ -351,7 +432,7 @@ pub async fn serve(listener: TcpListener, pins: PinDir, extra: Option<ExtraMetri
             let service = service_fn(move |req: Request<Incoming>| {
                 let pins = pins.clone();
                 let extra = extra.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &pins, extra.as_ref())) }
+                async move { Ok::<_, Infallible>(respond(&req, pins, extra).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -363,34 +444,120 @@ pub async fn serve(listener: TcpListener, pins: PinDir, extra: Option<ExtraMetri
     }
 }
 
-fn respond(
+/// A response body sent piece by piece as it is written.
+pub struct Streamed(mpsc::Receiver<Bytes>);
+
+impl Streamed {
+    fn whole(text: String) -> Streamed {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Bytes::from(text));
+        Streamed(rx)
+    }
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A piece of a scrape, its buffer handed back to the writer once sent.
+struct Recycled {
+    text: String,
+    back: std::sync::mpsc::SyncSender<String>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        let _ = self.back.try_send(text);
+    }
+}
+
+/// Reads the maps and writes the text on a blocking thread, off the
+/// runtime svclbd's other tasks share: the answer's status once the maps
+/// are read (a failure is a 500), then its body as it is written.
+async fn respond(
     req: &Request<Incoming>,
-    pins: &PinDir,
-    extra: Option<&ExtraMetrics>,
-) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, body: String| {
+    pins: Arc<PinDir>,
+    extra: Option<ExtraMetrics>,
+) -> Response<Streamed> {
+    let reply = |status: StatusCode, body: Streamed| {
         Response::builder()
             .status(status)
             .header(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )
-            .body(Full::new(Bytes::from(body)))
+            .body(body)
             .expect("static response parts")
     };
     if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "svclbd serves /metrics\n".into());
+        return reply(
+            StatusCode::NOT_FOUND,
+            Streamed::whole("svclbd serves /metrics\n".into()),
+        );
     }
-    match render(pins) {
-        Ok(mut text) => {
-            if let Some(extra) = extra {
-                text.push_str(&extra());
+    let (read_tx, read_rx) = oneshot::channel::<Result<()>>();
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::task::spawn_blocking(move || {
+        let services = match read(&pins) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = read_tx.send(Err(e));
+                return;
             }
-            reply(StatusCode::OK, text)
+        };
+        if read_tx.send(Ok(())).is_err() {
+            return;
         }
-        Err(e) => reply(
+        // The pieces' buffers come back once sent: fresh ones would each
+        // be page-faulted in, a fault per 4 KiB of a 300 MB text.
+        let (back, returned) = std::sync::mpsc::sync_channel::<String>(8);
+        let mut text = String::with_capacity(2 * PIECE);
+        let mut send = |text: &mut String| {
+            let next = returned
+                .try_recv()
+                .unwrap_or_else(|_| String::with_capacity(2 * PIECE));
+            let full = std::mem::replace(text, next);
+            full.is_empty()
+                || tx
+                    .blocking_send(Bytes::from_owner(Recycled {
+                        text: full,
+                        back: back.clone(),
+                    }))
+                    .is_ok()
+        };
+        if render_into(&mut text, &services, &mut send) {
+            if let Some(extra) = extra {
+                let _ = tx.blocking_send(Bytes::from(extra()));
+            }
+        }
+        // Leaving a large report to drop here, off the runtime.
+        drop(services);
+    });
+    match read_rx.await {
+        Ok(Ok(())) => reply(StatusCode::OK, Streamed(rx)),
+        Ok(Err(e)) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the maps: {e:#}\n"),
+            Streamed::whole(format!("reading the maps: {e:#}\n")),
+        ),
+        Err(_) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Streamed::whole("reading the maps: the reader stopped\n".into()),
         ),
     }
 }

@@ -2,14 +2,14 @@
 //! `ipvsadm -L -n --stats`, so that scripts written for ipvsadm parse it
 //! unchanged, and the same figures as JSON.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{fmt::Write as _, io, net::IpAddr};
 
 use anyhow::Result;
 use serde::Serialize;
-use svclb_common::{BackendStats, RateState};
+use svclb_common::{words_addr, BackendInfo, BackendStats, RateState, Scheduler, ServiceValue};
 
 use crate::{
-    dataplane::{Dataplane, Wanted},
+    dataplane::{meta_port, Dataplane, ListingMaps, Wanted},
     model::{protocol_name, ServicePort},
     rates::{self, Rates},
 };
@@ -98,28 +98,43 @@ pub fn list_view(services: &[ServiceReport]) -> Vec<ListedService> {
 }
 
 /// Reads every service with the backend figures `wanted` (the others are
-/// left zero); services sorted by mark.
+/// left zero); services sorted by mark, each one's backends by address.
+/// The maps are read concurrently, services and backends each sorted once
+/// on their reading thread ([`Dataplane::listing_maps`]), and joined here.
 pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
-    let services = dp.services_view(wanted.schedulers)?;
-    let ids: Vec<u32> = services
-        .values()
-        .flat_map(|s| s.backends.iter().map(|b| b.id))
-        .collect();
-    let figures = dp.backend_figures(&ids, wanted)?;
-    let mut out = Vec::with_capacity(services.len());
-    for svc in services.into_values() {
+    let ListingMaps {
+        metas,
+        values,
+        backends: order,
+        figures,
+    } = dp.listing_maps(wanted, backend_order)?;
+    let mut values = values.into_iter().peekable();
+    let mut next = order.iter().peekable();
+    let mut out = Vec::with_capacity(metas.len());
+    for (mark, meta) in metas {
+        while values.next_if(|(m, _)| *m < mark).is_some() {}
+        let value = values
+            .next_if(|(m, _)| *m == mark)
+            .map_or_else(ServiceValue::default, |(_, v)| v);
+        // Backends of a service with no metadata are not listed.
+        while next.next_if(|o| o.0 < mark).is_some() {}
         let mut total = BackendStats::default();
         let mut estimators = RateState::default();
-        let mut backends = Vec::with_capacity(svc.backends.len());
-        for b in &svc.backends {
-            let (stats, conns, rate) =
-                (figures.stats(b.id), figures.conns(b.id), figures.rate(b.id));
+        let mut list = Vec::new();
+        while let Some(&&(_, v6, bits, port, id, weight)) = next.peek().filter(|o| o.0 == mark) {
+            next.next();
+            let address = if v6 {
+                IpAddr::V6(bits.into())
+            } else {
+                IpAddr::V4((bits as u32).into())
+            };
+            let (stats, conns, rate) = (figures.stats(id), figures.conns(id), figures.rate(id));
             total.add(&stats);
             estimators.avg.add(&rate.avg);
-            backends.push(BackendReport {
-                address: b.addr,
-                port: b.port,
-                weight: b.weight,
+            list.push(BackendReport {
+                address,
+                port: port.checked_sub(1).map(|p| p as u16),
+                weight,
                 active_conns: conns.active.max(0) as u64,
                 inactive_conns: conns.inactive.max(0) as u64,
                 stats,
@@ -127,19 +142,47 @@ pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
             });
         }
         out.push(ServiceReport {
-            name: svc.name,
-            vip: svc.vip,
-            port: svc.port,
-            mark: svc.mark,
-            scheduler: svc.scheduler.name(),
-            persistent: svc.value.has_affinity().then_some(svc.value.affinity_secs),
+            name: meta.name(),
+            vip: meta.vip(),
+            port: meta_port(&meta),
+            mark,
+            scheduler: Scheduler::from_u32(value.scheduler)
+                .unwrap_or(Scheduler::DEFAULT)
+                .name(),
+            persistent: value.has_affinity().then_some(value.affinity_secs),
             stats: total,
             // A service's rate is its backends' sum, as EWMAs are linear.
             rates: rates::rates(&estimators),
-            backends,
+            backends: list,
         });
     }
     Ok(out)
+}
+
+/// The backends by service, then address and port as `IpAddr` and
+/// `Option<u16>` order them (IPv4 first; no port first), then id: what
+/// sorting by (mark, id) and then each service's backends by (address,
+/// port) gave. The weight rides along, so the join reads this alone, in
+/// order: (mark, IPv6, address bits, port + 1 or 0, id, weight).
+#[allow(clippy::type_complexity)]
+fn backend_order(backends: Vec<(u32, BackendInfo)>) -> Vec<(u32, bool, u128, u32, u32, u32)> {
+    let mut order: Vec<(u32, bool, u128, u32, u32, u32)> = backends
+        .iter()
+        .map(|(id, b)| {
+            let (v6, bits) = match words_addr(b.addr) {
+                IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+                IpAddr::V6(a) => (true, u128::from(a)),
+            };
+            let port = if b.port_be == 0 {
+                0
+            } else {
+                u32::from(u16::from_be(b.port_be)) + 1
+            };
+            (b.mark, v6, bits, port, *id, b.weight)
+        })
+        .collect();
+    order.sort_unstable();
+    order
 }
 
 /// How long ago svclbd last sampled the rates (None: never).
@@ -183,7 +226,7 @@ fn push_scaled(s: &mut String, n: u64, unit: char) {
 
 /// `n` right-aligned in `width` columns, as `{n:>width$}` writes it but
 /// without the formatter's machinery (a listing writes a million numbers).
-fn push_num(s: &mut String, n: u64, width: usize) {
+pub(crate) fn push_num(s: &mut String, n: u64, width: usize) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut v = n;
@@ -207,6 +250,23 @@ fn push_blanks(s: &mut String, n: usize) {
         let k = left.min(BLANKS.len());
         s.push_str(&BLANKS[..k]);
         left -= k;
+    }
+}
+
+/// An address as `Display` writes it, without the formatter for IPv4.
+pub(crate) fn push_ip(s: &mut String, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_num(s, u64::from(octet), 0);
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(s, "{a}");
+        }
     }
 }
 
@@ -242,10 +302,15 @@ fn pad(s: &mut String, start: usize, width: usize) {
 fn write_service_name(s: &mut String, svc: &ServiceReport) {
     match svc.port {
         None => {
-            let _ = write!(s, "FWM  {}", svc.mark);
+            s.push_str("FWM  ");
+            push_num(s, u64::from(svc.mark), 0);
         }
         Some(p) => {
-            let _ = write!(s, "{}  ", protocol_name(p.protocol).to_uppercase());
+            // Protocol names are ASCII: no allocation for the upper case.
+            for c in protocol_name(p.protocol).chars() {
+                s.push(c.to_ascii_uppercase());
+            }
+            s.push_str("  ");
             write_real_server(s, svc.vip, Some(p.port), 0);
         }
     }
@@ -260,35 +325,99 @@ fn rows(services: &[ServiceReport]) -> usize {
     services.iter().map(|s| 1 + s.backends.len()).sum::<usize>() + 3
 }
 
+/// Takes what a listing has written so far (a writer's: writes it out and
+/// clears it; a whole listing's: keeps it).
+type Flush<'a> = &'a mut dyn FnMut(&mut String) -> io::Result<()>;
+
+/// A listing is handed to its writer in pieces of about this size, so that
+/// it is never whole in memory (24 MB at 100,000 services, and a page
+/// fault every 4 KiB of it).
+const PIECE: usize = 1 << 16;
+
+/// A whole listing as one string.
+fn whole(
+    services: &[ServiceReport],
+    write: impl FnOnce(&mut String, Flush) -> io::Result<()>,
+) -> String {
+    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
+    write(&mut s, &mut |_| Ok(())).expect("writing into a string");
+    s
+}
+
+/// A listing written to `out` piece by piece.
+fn written(
+    out: &mut dyn io::Write,
+    write: impl FnOnce(&mut String, Flush) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut s = String::with_capacity(2 * PIECE);
+    write(&mut s, &mut |s: &mut String| {
+        out.write_all(s.as_bytes())?;
+        s.clear();
+        Ok(())
+    })
+}
+
 /// `ipvsadm -L -n --stats`.
 pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
-    format_columns(
+    whole(services, |s, flush| stats_into(s, services, exact, flush))
+}
+
+/// [`format_stats`], written to `out`.
+pub fn write_stats(
+    services: &[ServiceReport],
+    exact: bool,
+    out: &mut dyn io::Write,
+) -> io::Result<()> {
+    written(out, |s, flush| stats_into(s, services, exact, flush))
+}
+
+fn stats_into(
+    s: &mut String,
+    services: &[ServiceReport],
+    exact: bool,
+    flush: Flush,
+) -> io::Result<()> {
+    columns_into(
+        s,
         services,
         "Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes",
         |c: &BackendStats, _: &Rates| [c.conns, c.in_pkts, c.out_pkts, c.in_bytes, c.out_bytes],
         exact,
+        flush,
     )
 }
 
 /// `ipvsadm -L -n --rate`: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
 pub fn format_rate(services: &[ServiceReport]) -> String {
-    format_columns(
+    whole(services, |s, flush| rate_into(s, services, flush))
+}
+
+/// [`format_rate`], written to `out`.
+pub fn write_rate(services: &[ServiceReport], out: &mut dyn io::Write) -> io::Result<()> {
+    written(out, |s, flush| rate_into(s, services, flush))
+}
+
+fn rate_into(s: &mut String, services: &[ServiceReport], flush: Flush) -> io::Result<()> {
+    columns_into(
+        s,
         services,
         "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS",
         |_: &BackendStats, r: &Rates| [r.conns, r.in_pkts, r.out_pkts, r.in_bytes, r.out_bytes],
         false,
+        flush,
     )
 }
 
 /// The five-number layouts (`--stats`, `--rate`): a 33-column name, then
 /// ipvsadm's 9-column numbers, for each service and its backends.
-fn format_columns(
+fn columns_into(
+    s: &mut String,
     services: &[ServiceReport],
     title: &str,
     columns: impl Fn(&BackendStats, &Rates) -> [u64; 5],
     exact: bool,
-) -> String {
-    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
+    flush: Flush,
+) -> io::Result<()> {
     let _ = writeln!(s, "{HEADER}");
     let _ = writeln!(s, "{title}");
     let _ = writeln!(s, "  -> RemoteAddress:Port");
@@ -300,22 +429,33 @@ fn format_columns(
     };
     for svc in services {
         let start = s.len();
-        write_service_name(&mut s, svc);
-        pad(&mut s, start, 33);
-        numbers(&mut s, columns(&svc.stats, &svc.rates));
+        write_service_name(s, svc);
+        pad(s, start, 33);
+        numbers(s, columns(&svc.stats, &svc.rates));
         for b in &svc.backends {
             s.push_str("  -> ");
-            write_real_server(&mut s, b.address, b.port, 28);
-            numbers(&mut s, columns(&b.stats, &b.rates));
+            write_real_server(s, b.address, b.port, 28);
+            numbers(s, columns(&b.stats, &b.rates));
+        }
+        if s.len() >= PIECE {
+            flush(s)?;
         }
     }
-    s
+    flush(s)
 }
 
 /// `ipvsadm -L -n`: Forward is always Masq (the connection is made to the
 /// backend itself, as if NATed); ActiveConn and InActConn are live.
 pub fn format_list(services: &[ServiceReport]) -> String {
-    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
+    whole(services, |s, flush| list_into(s, services, flush))
+}
+
+/// [`format_list`], written to `out`.
+pub fn write_list(services: &[ServiceReport], out: &mut dyn io::Write) -> io::Result<()> {
+    written(out, |s, flush| list_into(s, services, flush))
+}
+
+fn list_into(s: &mut String, services: &[ServiceReport], flush: Flush) -> io::Result<()> {
     let _ = writeln!(s, "{HEADER}");
     let _ = writeln!(s, "Prot LocalAddress:Port Scheduler Flags");
     let _ = writeln!(
@@ -323,15 +463,17 @@ pub fn format_list(services: &[ServiceReport]) -> String {
         "  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn"
     );
     for svc in services {
-        write_service_name(&mut s, svc);
-        let _ = write!(s, " {}", svc.scheduler);
+        write_service_name(s, svc);
+        s.push(' ');
+        s.push_str(svc.scheduler);
         if let Some(secs) = svc.persistent {
-            let _ = write!(s, " persistent {secs}");
+            s.push_str(" persistent ");
+            push_num(s, u64::from(secs), 0);
         }
         s.push('\n');
         for b in &svc.backends {
             s.push_str("  -> ");
-            write_real_server(&mut s, b.address, b.port, 28);
+            write_real_server(s, b.address, b.port, 28);
             s.push_str(" Masq    ");
             for (v, width) in [
                 (u64::from(b.weight), 6),
@@ -339,15 +481,18 @@ pub fn format_list(services: &[ServiceReport]) -> String {
                 (b.inactive_conns, 10),
             ] {
                 let start = s.len();
-                push_num(&mut s, v, 0);
-                pad(&mut s, start, width);
+                push_num(s, v, 0);
+                pad(s, start, width);
                 s.push(' ');
             }
             s.pop();
             s.push('\n');
         }
+        if s.len() >= PIECE {
+            flush(s)?;
+        }
     }
-    s
+    flush(s)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ fn run(args: Args) -> Result<()> {
                     serde_json::to_string_pretty(&stats::list_view(&report))?
                 );
             } else {
-                print_all(&stats::format_list(&report))?;
+                print_all(|out| stats::write_list(&report, out))?;
             }
             exiting(report);
         }
@@ -51,7 +51,7 @@ fn run(args: Args) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print_all(&stats::format_stats(&report, exact))?;
+                print_all(|out| stats::write_stats(&report, exact, out))?;
             }
             exiting(report);
         }
@@ -73,7 +73,7 @@ fn run(args: Args) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print_all(&stats::format_rate(&report))?;
+                print_all(|out| stats::write_rate(&report, out))?;
             }
             exiting(report);
         }
@@ -185,11 +185,10 @@ fn desired_now(
     Ok(desired)
 }
 
-/// A whole listing, written at once; a closed pipe (`| head`) ends it
-/// quietly.
-fn print_all(text: &str) -> Result<()> {
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
+/// A listing, written to stdout as it is formatted; a closed pipe
+/// (`| head`) ends it quietly.
+fn print_all(write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>) -> Result<()> {
+    match write(&mut std::io::stdout().lock()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }
