@@ -275,14 +275,7 @@ pub(crate) fn push_ip(s: &mut String, addr: IpAddr) {
 fn write_real_server(s: &mut String, addr: IpAddr, port: Option<u16>, width: usize) {
     let start = s.len();
     match addr {
-        IpAddr::V4(a) => {
-            for (i, octet) in a.octets().into_iter().enumerate() {
-                if i > 0 {
-                    s.push('.');
-                }
-                push_num(s, u64::from(octet), 0);
-            }
-        }
+        IpAddr::V4(_) => push_ip(s, addr),
         IpAddr::V6(a) => {
             let _ = write!(s, "[{a}]");
         }
