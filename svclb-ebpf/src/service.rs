@@ -8,11 +8,10 @@ use core::{
     ptr,
     sync::atomic::{compiler_fence, Ordering},
 };
-use svclb_common::schedule::client_slot;
-
 use svclb_common::{
-    AffinityKey, AffinityValue, BackendStats, PortKey, Scheduler, ServiceValue, Slot, SlotKey,
-    SockState, VipKey, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE, MAX_LC_BACKENDS,
+    schedule::client_slot, AffinityKey, AffinityValue, BackendStats, PortKey, Scheduler,
+    ServiceValue, Slot, SlotKey, SockState, VipKey, CONN_ACTIVE, CONN_INACTIVE, CONN_NONE,
+    MAX_LC_BACKENDS,
 };
 
 use crate::maps::{

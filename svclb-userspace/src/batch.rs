@@ -143,6 +143,21 @@ pub fn array_until<V: Pod + Default>(
     Ok(supported.then_some(out))
 }
 
+/// One `bpf(cmd, attr)` batch syscall: its return value (negative on an
+/// error, in errno).
+fn batch_syscall(cmd: libc::c_long, attr: &mut BatchAttr) -> libc::c_long {
+    // SAFETY: `attr` is the batch member of `union bpf_attr`, its pointers
+    // set by the caller to buffers that outlive the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    }
+}
+
 /// Whether a map's batch lookups are unsupported by this kernel.
 fn unsupported(e: &io::Error) -> bool {
     // ENOTSUPP (524) is the kernel's own; EINVAL from kernels before 5.6.
@@ -194,14 +209,7 @@ fn for_each_until<K: Pod + Default>(
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
+        let rc = batch_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let err = (rc < 0).then(io::Error::last_os_error);
         let n = (attr.count as usize).min(ask);
         for (i, key) in keys.iter().enumerate().take(n) {
@@ -248,14 +256,7 @@ pub fn update<K: Pod>(
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
+        let rc = batch_syscall(BPF_MAP_UPDATE_BATCH, &mut attr);
         calls += 1;
         if rc < 0 {
             let e = io::Error::last_os_error();

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap,
@@ -442,19 +442,34 @@ impl Dataplane {
         self.write_backends(list)
     }
 
+    /// Writes `entries` into the map `fd_of` names in batch syscalls, or
+    /// one by one through `one` where the kernel has no batch updates.
+    fn write_entries<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        entries: &[(K, V)],
+        fd_of: fn(&Self) -> BorrowedFd<'_>,
+        one: impl Fn(&mut Self, K, V) -> Result<()>,
+    ) -> Result<()> {
+        self.kept = None;
+        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+        if !write_batch(fd_of(self), &keys, &values)? {
+            for &(key, value) in entries {
+                one(self, key, value)?;
+            }
+        }
+        Ok(())
+    }
+
     /// [`Dataplane::write_backend`] for many, in batch syscalls.
     pub fn write_backends(&mut self, list: &[(u32, BackendInfo)]) -> Result<()> {
         if list.is_empty() {
             return Ok(());
         }
-        self.kept = None;
-        let (ids, infos): (Vec<u32>, Vec<BackendInfo>) = list.iter().copied().unzip();
-        if !write_batch(self.backends.map().fd().as_fd(), &ids, &infos)? {
-            for (id, info) in list {
-                self.write_backend(*id, info)?;
-            }
-        }
-        Ok(())
+        self.write_entries(
+            list,
+            |dp| dp.backends.map().fd().as_fd(),
+            |dp, id, info| dp.write_backend(id, &info),
+        )
     }
 
     /// [`Dataplane::write_slots`] for many services' new generations
@@ -520,51 +535,34 @@ impl Dataplane {
 
     /// [`Dataplane::switch_service`] for many, in batch syscalls.
     pub fn switch_services(&mut self, values: &[(u32, ServiceValue)]) -> Result<()> {
-        self.kept = None;
-        let (marks, vals): (Vec<u32>, Vec<ServiceValue>) = values.iter().copied().unzip();
-        if !write_batch(self.services.map().fd().as_fd(), &marks, &vals)? {
-            for (mark, value) in values {
-                self.switch_service(*mark, *value)?;
-            }
-        }
-        Ok(())
+        self.write_entries(
+            values,
+            |dp| dp.services.map().fd().as_fd(),
+            Self::switch_service,
+        )
     }
 
     /// [`Dataplane::write_meta`] for many, in batch syscalls.
     pub fn write_metas(&mut self, metas: &[(u32, ServiceMeta)]) -> Result<()> {
-        self.kept = None;
-        let (marks, vals): (Vec<u32>, Vec<ServiceMeta>) = metas.iter().copied().unzip();
-        if !write_batch(self.meta.map().fd().as_fd(), &marks, &vals)? {
-            for (mark, meta) in metas {
-                self.write_meta(*mark, *meta)?;
-            }
-        }
-        Ok(())
+        self.write_entries(metas, |dp| dp.meta.map().fd().as_fd(), Self::write_meta)
     }
 
     /// [`Dataplane::write_port`] for many, in batch syscalls.
     pub fn write_ports(&mut self, ports: &[(PortKey, u32)]) -> Result<()> {
-        self.kept = None;
-        let (keys, marks): (Vec<PortKey>, Vec<u32>) = ports.iter().copied().unzip();
-        if !write_batch(self.ports.map().fd().as_fd(), &keys, &marks)? {
-            for (key, mark) in ports {
-                self.write_port(*key, *mark)?;
-            }
-        }
-        Ok(())
+        self.write_entries(ports, |dp| dp.ports.map().fd().as_fd(), Self::write_port)
     }
 
     /// [`Dataplane::write_vip`] for many, in batch syscalls.
     pub fn write_vips(&mut self, vips: &[(IpAddr, VipValue)]) -> Result<()> {
-        self.kept = None;
-        let keys: Vec<VipKey> = vips.iter().map(|(ip, _)| VipKey::from_ip(*ip)).collect();
-        let vals: Vec<VipValue> = vips.iter().map(|(_, v)| *v).collect();
-        if !write_batch(self.vips.map().fd().as_fd(), &keys, &vals)? {
-            for (vip, value) in vips {
-                self.write_vip(*vip, *value)?;
-            }
-        }
-        Ok(())
+        let entries: Vec<(VipKey, VipValue)> = vips
+            .iter()
+            .map(|(ip, value)| (VipKey::from_ip(*ip), *value))
+            .collect();
+        self.write_entries(
+            &entries,
+            |dp| dp.vips.map().fd().as_fd(),
+            |dp, key, value| dp.write_vip(key.ip(), value),
+        )
     }
 
     /// Deletes `count` slots of a service from `base` (a generation).

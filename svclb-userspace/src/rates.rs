@@ -84,13 +84,10 @@ pub fn rates(state: &RateState) -> Rates {
     }
 }
 
-/// Sums scaled averages (a service's rate is its backends' sum, as EWMAs are linear).
-pub fn sum(states: &[RateState]) -> RateState {
-    let mut total = RateState::default();
-    for s in states {
-        total.avg.add(&s.avg);
-    }
-    total
+/// Adds a backend's scaled averages to its service's (a service's rate is
+/// its backends' sum, as EWMAs are linear).
+pub fn add_to_service(service: &mut RateState, backend: &RateState) {
+    service.avg.add(&backend.avg);
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of [`RateState::sampled_ns`].
@@ -398,7 +395,11 @@ mod tests {
         sample(&mut st, c([5; 5]), 2);
         sample(&mut st, c([u64::MAX; 5]), 3);
         let _ = rates(&st);
-        let _ = rates(&sum(&[st, st, st]));
+        let mut service = RateState::default();
+        for _ in 0..3 {
+            add_to_service(&mut service, &st);
+        }
+        let _ = rates(&service);
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
             };
             let (stats, conns, rate) = (figures.stats(id), figures.conns(id), figures.rate(id));
             total.add(&stats);
-            estimators.avg.add(&rate.avg);
+            rates::add_to_service(&mut estimators, &rate);
             list.push(BackendReport {
                 address,
                 port: port.checked_sub(1).map(|p| p as u16),
@@ -151,7 +151,6 @@ pub fn collect(dp: &Dataplane, wanted: Wanted) -> Result<Vec<ServiceReport>> {
                 .name(),
             persistent: value.has_affinity().then_some(value.affinity_secs),
             stats: total,
-            // A service's rate is its backends' sum, as EWMAs are linear.
             rates: rates::rates(&estimators),
             backends: list,
         });

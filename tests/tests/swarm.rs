@@ -962,6 +962,18 @@ fn first_connect(addr: &str) -> Vec<String> {
     ]
 }
 
+/// Every container's first connect to api's VIP failed (a VIP that means
+/// nothing to it): `who` names the containers in the message.
+fn assert_every_first_connect_failed(engine: &Engine, ids: &[String], who: &str) {
+    let results = first_results(engine, ids);
+    for r in &results {
+        assert!(
+            r.contains("exit ") && !r.contains("exit 0"),
+            "{who} connected to api's VIP: {results:?}"
+        );
+    }
+}
+
 /// Each container's /tmp/first, once written.
 fn first_results(engine: &Engine, ids: &[String]) -> Vec<String> {
     ids.iter()
@@ -1113,13 +1125,7 @@ fn strict_a_new_container_on_another_network_is_not_balanced_to_its_services() {
         .unwrap();
     let tasks = s.engine.wait_running("outsider", 20).unwrap();
     let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-    let results = first_results(&s.engine, &ids);
-    for r in &results {
-        assert!(
-            r.contains("exit ") && !r.contains("exit 0"),
-            "a container on another network connected to api's VIP: {results:?}"
-        );
-    }
+    assert_every_first_connect_failed(&s.engine, &ids, "a container on another network");
     // Not balanced: no connect was scheduled to an api task (Conns counts
     // at the connect, even one that then fails), and none was accepted.
     assert_eq!(
@@ -1158,13 +1164,7 @@ fn strict_a_container_on_no_swarm_network_is_not_translated() {
             .unwrap();
         ids.push(c.id);
     }
-    let results = first_results(&s.engine, &ids);
-    for r in &results {
-        assert!(
-            r.contains("exit ") && !r.contains("exit 0"),
-            "a container on no network connected to api's VIP: {results:?}"
-        );
-    }
+    assert_every_first_connect_failed(&s.engine, &ids, "a container on no network");
     assert_eq!(
         api_reached(&s, &pins, &api),
         before,
