@@ -2,9 +2,10 @@
 //! scheduler's pick, and the per-socket state that remembers the choice.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop,
 };
 use core::{
+    ffi::c_void,
     ptr,
     sync::atomic::{compiler_fence, Ordering},
 };
@@ -173,55 +174,91 @@ fn pick_fresh(mark: u32, svc: &ServiceValue, netns_cookie: u64) -> Option<Slot> 
 
 /// IPVS lc/wlc: the backend with the smallest active*256 + inactive
 /// (divided by weight for wlc, compared by cross-multiplying), among all
-/// slots or, past MAX_LC_BACKENDS, that many from a random start. The loop
-/// carries only scalars, so the verifier's work grows linearly with it.
+/// slots or, past MAX_LC_BACKENDS, that many from a random start. The
+/// comparison runs under `bpf_loop`: the kernel verifies its body once,
+/// where an unrolled loop cost the verifier about 270,000 instructions per
+/// program (most of svclbd's start-up).
 #[inline(never)]
 fn least_connection(mark: u32, svc: &ServiceValue) -> Option<Slot> {
-    let weighted = matches!(svc.scheduler(), Some(Scheduler::Wlc));
-    let mut best_index = 0u32;
-    // Compared by cross-multiplying, so "infinitely loaded" must not wrap.
-    let mut best_load = u64::MAX >> 24;
-    let mut best_weight = 1u64;
     let count = svc.count;
     let start = if count > MAX_LC_BACKENDS {
         (unsafe { bpf_get_prandom_u32() }) % count
     } else {
         0
     };
-    // Branch-light body: every branch here multiplies the verifier's work.
-    let weighted = u64::from(weighted);
-    for n in 0..MAX_LC_BACKENDS {
-        if n >= count {
-            break;
-        }
-        let i = (start + n) % count;
-        let key = SlotKey {
-            mark,
-            slot: svc.slot_base.wrapping_add(i),
-        };
-        let Some(s) = SLOTS.get_ptr(&key) else {
-            continue;
-        };
-        let (backend_id, w) = unsafe { ((*s).backend_id, (*s).weight) };
-        let Some(g) = CONNS.get_ptr(backend_id) else {
-            continue;
-        };
-        let load = unsafe {
-            ((*g).active as u64)
-                .wrapping_mul(256)
-                .wrapping_add((*g).inactive as u64)
-        };
-        // wlc: the slot's weight (never 0: quiescent backends have no slot); lc: 1.
-        let weight = u64::from(w)
-            .wrapping_mul(weighted)
-            .wrapping_add(1 - weighted);
-        if load.wrapping_mul(best_weight) < best_load.wrapping_mul(weight) {
-            best_index = i;
-            best_load = load;
-            best_weight = weight;
-        }
+    let mut search = LcSearch {
+        mark,
+        slot_base: svc.slot_base,
+        count,
+        start,
+        weighted: u64::from(matches!(svc.scheduler(), Some(Scheduler::Wlc))),
+        best_index: 0,
+        _pad: 0,
+        // Compared by cross-multiplying, so "infinitely loaded" must not wrap.
+        best_load: u64::MAX >> 24,
+        best_weight: 1,
+    };
+    unsafe {
+        bpf_loop(
+            count.min(MAX_LC_BACKENDS),
+            lc_visit as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        )
+    };
+    slot(mark, svc, search.best_index)
+}
+
+/// A least-connection search in progress, on the picking program's stack.
+#[repr(C)]
+struct LcSearch {
+    mark: u32,
+    slot_base: u32,
+    count: u32,
+    start: u32,
+    /// 1 for wlc (the slot's weight counts), 0 for lc.
+    weighted: u64,
+    best_index: u32,
+    _pad: u32,
+    best_load: u64,
+    best_weight: u64,
+}
+
+/// One slot of a least-connection search (a `bpf_loop` callback: 0 goes on).
+/// Branch-light: every branch here multiplies the verifier's work.
+extern "C" fn lc_visit(n: u64, search: *mut c_void) -> i64 {
+    let search = unsafe { &mut *search.cast::<LcSearch>() };
+    if search.count == 0 {
+        return 1;
     }
-    slot(mark, svc, best_index)
+    let i = search.start.wrapping_add(n as u32) % search.count;
+    let key = SlotKey {
+        mark: search.mark,
+        slot: search.slot_base.wrapping_add(i),
+    };
+    let Some(s) = SLOTS.get_ptr(&key) else {
+        return 0;
+    };
+    let (backend_id, w) = unsafe { ((*s).backend_id, (*s).weight) };
+    let Some(g) = CONNS.get_ptr(backend_id) else {
+        return 0;
+    };
+    let load = unsafe {
+        ((*g).active as u64)
+            .wrapping_mul(256)
+            .wrapping_add((*g).inactive as u64)
+    };
+    // wlc: the slot's weight (never 0: quiescent backends have no slot); lc: 1.
+    let weighted = search.weighted;
+    let weight = u64::from(w)
+        .wrapping_mul(weighted)
+        .wrapping_add(1 - weighted);
+    if load.wrapping_mul(search.best_weight) < search.best_load.wrapping_mul(weight) {
+        search.best_index = i;
+        search.best_load = load;
+        search.best_weight = weight;
+    }
+    0
 }
 
 /// Whether a backend remembered earlier still belongs to the service and

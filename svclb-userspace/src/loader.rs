@@ -256,13 +256,24 @@ impl Unverified {
 
 fn load_programs(progs: Vec<(&str, Hook, &mut aya::programs::Program)>) -> Result<()> {
     for (name, hook, prog) in progs {
+        let started = std::time::Instant::now();
         let loaded = match hook {
-            Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
-            Hook::Skb(_) => <&mut CgroupSkb>::try_from(prog)?.load(),
-            Hook::SockOps => <&mut SockOps>::try_from(prog)?.load(),
-            Hook::Sock => <&mut CgroupSock>::try_from(prog)?.load(),
+            Hook::SockAddr => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
+            Hook::Skb(_) => <&mut CgroupSkb>::try_from(&mut *prog)?.load(),
+            Hook::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
+            Hook::Sock => <&mut CgroupSock>::try_from(&mut *prog)?.load(),
         };
         loaded.with_context(|| format!("loading program {name} (the verifier refused it)"))?;
+        let verified = prog
+            .info()
+            .ok()
+            .and_then(|info| info.verified_instruction_count());
+        tracing::debug!(
+            program = name,
+            verified_instructions = verified,
+            ms = started.elapsed().as_millis() as u64,
+            "program loaded"
+        );
     }
     Ok(())
 }
@@ -367,22 +378,22 @@ impl Loaded {
             let context = || format!("attaching {program} to {}", cgroup.absolute.display());
             let link: FdLink = match hook {
                 Hook::SockAddr => {
-                    let p = <&mut CgroupSockAddr>::try_from(prog)?;
+                    let p = <&mut CgroupSockAddr>::try_from(&mut *prog)?;
                     let id = p.attach(file, mode).with_context(context)?;
                     p.take_link(id)?.try_into()?
                 }
                 Hook::Skb(direction) => {
-                    let p = <&mut CgroupSkb>::try_from(prog)?;
+                    let p = <&mut CgroupSkb>::try_from(&mut *prog)?;
                     let id = p.attach(file, direction, mode).with_context(context)?;
                     p.take_link(id)?.try_into()?
                 }
                 Hook::SockOps => {
-                    let p = <&mut SockOps>::try_from(prog)?;
+                    let p = <&mut SockOps>::try_from(&mut *prog)?;
                     let id = p.attach(file, mode).with_context(context)?;
                     p.take_link(id)?.try_into()?
                 }
                 Hook::Sock => {
-                    let p = <&mut CgroupSock>::try_from(prog)?;
+                    let p = <&mut CgroupSock>::try_from(&mut *prog)?;
                     let id = p.attach(file, mode).with_context(context)?;
                     p.take_link(id)?.try_into()?
                 }
