@@ -444,7 +444,7 @@ impl Dataplane {
 
     /// Writes `entries` into the map `fd_of` names in batch syscalls, or
     /// one by one through `one` where the kernel has no batch updates.
-    fn write_entries<K: aya::Pod, V: aya::Pod>(
+    fn write_entries<K: aya::Pod + Sync, V: aya::Pod>(
         &mut self,
         entries: &[(K, V)],
         fd_of: fn(&Self) -> BorrowedFd<'_>,
@@ -1409,7 +1409,7 @@ pub fn map_writes() -> u64 {
 /// syscalls, each one a write of [`injected_write_failure`]. False, having
 /// written nothing, when the kernel has no batch updates: the caller writes
 /// entry by entry then.
-fn write_batch<K: aya::Pod, V: aya::Pod>(
+fn write_batch<K: aya::Pod + Sync, V: aya::Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
@@ -1424,7 +1424,7 @@ fn write_batch<K: aya::Pod, V: aya::Pod>(
 
 /// [`write_batch`] with each value given as `value_len` bytes (per-CPU
 /// maps: one value per CPU, each at an 8-byte stride).
-fn write_batch_bytes<K: aya::Pod>(
+fn write_batch_bytes<K: aya::Pod + Sync>(
     fd: std::os::fd::BorrowedFd<'_>,
     keys: &[K],
     values: &[u8],
@@ -1433,5 +1433,45 @@ fn write_batch_bytes<K: aya::Pod>(
     if keys.is_empty() {
         return Ok(true);
     }
-    Ok(crate::batch::update(fd, keys, values, value_len, injected_write_failure)?.is_some())
+    let threads = if keys.len() >= PARALLEL_WRITES_FROM {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    } else {
+        1
+    };
+    if threads == 1 {
+        return Ok(
+            crate::batch::update(fd, keys, values, value_len, injected_write_failure)?.is_some(),
+        );
+    }
+    // A large batch (a start-up over tens of thousands of services) is
+    // written by several threads at once: its entries have distinct keys
+    // and no order among them (the order that matters is between maps),
+    // and the kernel's maps take concurrent updates.
+    let per_thread = keys.len().div_ceil(threads);
+    let written: Vec<Result<Option<usize>>> = std::thread::scope(|s| {
+        let parts: Vec<_> = keys
+            .chunks(per_thread)
+            .zip(values.chunks(per_thread * value_len))
+            .map(|(keys, values)| {
+                s.spawn(move || {
+                    crate::batch::update(fd, keys, values, value_len, injected_write_failure)
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .map(|part| {
+                part.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a map-writing thread panicked")))
+            })
+            .collect()
+    });
+    let mut batched = true;
+    for part in written {
+        batched &= part?.is_some();
+    }
+    Ok(batched)
 }
+
+/// Batches of at least this many entries are written by several threads.
+const PARALLEL_WRITES_FROM: usize = 16_384;
