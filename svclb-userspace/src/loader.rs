@@ -128,18 +128,25 @@ pub struct Loaded {
 /// Loads the programs, creating and pinning the maps or adopting the
 /// pinned ones after checking their layout.
 pub fn load(pins: &PinDir, caps: Capacities) -> Result<Loaded> {
-    load_maps(pins, caps)?.verify()
+    let mut maps = load_maps(pins, caps)?;
+    maps.pin_created()?;
+    maps.verify()
 }
 
-/// The object with its maps created or adopted (and pinned), its programs
-/// not yet loaded: [`Unverified::verify`] loads them.
+/// The object with its maps created or adopted, its programs not yet
+/// loaded: [`Unverified::pin_created`] pins the maps it created, then
+/// [`Unverified::verify`] loads the programs.
 pub struct Unverified {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Maps this load created, not pinned yet.
+    created: Vec<&'static str>,
 }
 
-/// The first half of [`load`]: the maps, ready for a [`crate::dataplane::Dataplane`]
-/// to open while the programs are verified.
+/// The first half of [`load`]: the pinned maps adopted, the missing ones
+/// created but not pinned, so that a caller that finds it must not go on
+/// (an invalid config read meanwhile) drops them and leaves no trace. The
+/// adopted maps are only read here.
 pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
     crate::privileges::require_root()?;
     let object = crate::ebpf_object();
@@ -148,8 +155,10 @@ pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
     }
     pins.prepare()?;
     check_pinned_layout(pins)?;
-    let map_paths: Vec<(&str, PathBuf)> =
-        map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
+    let (adopted, created): (Vec<&'static str>, Vec<&'static str>) = map_names::ALL
+        .iter()
+        .partition(|name| pins.map(name).exists());
+    let map_paths: Vec<(&str, PathBuf)> = adopted.iter().map(|n| (*n, pins.map(n))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
@@ -182,23 +191,47 @@ pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
             pins.root().display()
         );
     }
-    let serial = layout.get(&0, 0)?.apply_serial;
-    layout.set(
-        0,
-        LayoutValue {
-            version: LAYOUT_VERSION,
-            apply_serial: serial,
-        },
-        0,
-    )?;
+    // Stamped once, when created: a running svclbd's apply serial in an
+    // adopted map is not written back.
+    if current == 0 {
+        let serial = layout.get(&0, 0)?.apply_serial;
+        layout.set(
+            0,
+            LayoutValue {
+                version: LAYOUT_VERSION,
+                apply_serial: serial,
+            },
+            0,
+        )?;
+    }
 
     Ok(Unverified {
         ebpf,
         pins: pins.clone(),
+        created,
     })
 }
 
 impl Unverified {
+    /// Pins the maps [`load_maps`] created: from here on they outlive the
+    /// process.
+    pub fn pin_created(&mut self) -> Result<()> {
+        for name in std::mem::take(&mut self.created) {
+            let path = self.pins.map(name);
+            let map = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))?;
+            map.pin(&path).with_context(|| {
+                format!(
+                    "pinning map {name} at {} (another svclb may have pinned its maps meanwhile: start again)",
+                    path.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Loads every program (the kernel verifies each: seconds for the
     /// connect and sendmsg programs on a busy machine, whatever the maps
     /// hold), on two threads, so a two-core node verifies in half the time.

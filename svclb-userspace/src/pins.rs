@@ -74,6 +74,15 @@ impl PinDir {
     }
 }
 
+impl PinDir {
+    /// Removes the pin directory if nothing is pinned in it: what
+    /// [`PinDir::prepare`] made for a start that then failed.
+    pub fn remove_if_empty(&self) {
+        let _ = fs::remove_dir(self.links());
+        let _ = fs::remove_dir(&self.root);
+    }
+}
+
 /// Creates `dir` (and its missing parents) readable by root only, and makes
 /// an existing one so: the pins are the data plane, and only root may touch
 /// or read them (the pins themselves are created 0600 by the kernel).

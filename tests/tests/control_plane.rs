@@ -937,6 +937,48 @@ fn an_upgrade_replaces_the_links_without_a_gap_and_leaves_one_per_program() {
     drop(new);
 }
 
+/// svclbd reads its config while the kernel creates the maps: a bad config
+/// must still leave nothing behind, and must not stop a running svclbd
+/// that `--replace` would have taken over from.
+#[test]
+fn a_bad_config_at_start_pins_nothing_and_stops_no_running_svclbd() {
+    let bad = write_temp(
+        "bad.toml",
+        "[[service]]\nname = \"api\"\nvip = \"172.50.0.37\"\nbackends = [\"172.50.0.300\"]\n",
+    )
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+
+    // Fresh: refused, naming the file and the field, and no pin directory.
+    let pins = PinDir::new();
+    let err = Svclbd::start(&pins, &["--config", bad])
+        .expect_err("a bad config is refused")
+        .to_string();
+    assert!(err.contains(bad), "names the file: {err}");
+    assert!(err.contains("backends[0]"), "names the field: {err}");
+    assert!(!pins.path().exists(), "nothing pinned: {err}");
+
+    // Over a running svclbd, with --replace: refused before asking it to stop.
+    let fx = ApiFixture::start();
+    let first = fx.daemon.as_ref().unwrap().pid();
+    let before = fx.pins.ctl(&["list"]).unwrap();
+    let err = Svclbd::start(&fx.pins, &["--config", bad, "--replace"])
+        .expect_err("a bad config is refused")
+        .to_string();
+    assert!(err.contains("backends[0]"), "names the field: {err}");
+    assert_eq!(
+        unsafe { libc::kill(first as i32, 0) },
+        0,
+        "the running svclbd was not stopped"
+    );
+    assert_eq!(
+        fx.pins.ctl(&["list"]).unwrap(),
+        before,
+        "the maps are unchanged"
+    );
+    let _ = fx.tcp_spread(addr(VIP, PORT), 10, true);
+}
+
 #[test]
 fn a_second_svclbd_on_the_same_pins_is_refused_naming_the_first() {
     let fx = ApiFixture::start();
@@ -1238,6 +1280,44 @@ fn more_than_the_maps_hold_is_refused_whole_naming_the_limit_and_its_flag() {
 }
 
 // ---- Start-up and restart. ----
+
+/// Large batches (16,384 entries and more) are written by several threads
+/// at once: every service and backend of a 20,000-service start must land,
+/// each at its own key.
+#[test]
+fn a_start_over_twenty_thousand_services_writes_every_one_exactly() {
+    let pins = PinDir::new();
+    let count = 20_000;
+    // VIPs 172.50.64.1 up, backends 172.50.150.1 up: maps only, no traffic.
+    let at = |third: usize, i: usize| format!("172.50.{}.{}", third + i / 250, 1 + i % 250);
+    let mut text = String::new();
+    for i in 0..count {
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"{}\"\nbackends = [\"{}\"]\n\n",
+            at(64, i),
+            at(150, i)
+        ));
+    }
+    let config = write_temp("large.toml", &text).unwrap();
+    let daemon =
+        Svclbd::start(&pins, &["--config", config.to_str().unwrap(), "--no-watch"]).unwrap();
+    let listed = listed(&pins);
+    assert_eq!(listed.len(), count, "every service is listed");
+    let mut marks = BTreeSet::new();
+    for service in &listed {
+        let i: usize = service.name[1..].parse().unwrap();
+        assert_eq!(service.vip, at(64, i), "{}'s VIP", service.name);
+        assert_eq!(
+            service.backends,
+            set(&[&format!("{} 1", at(150, i))]),
+            "{}'s backend",
+            service.name
+        );
+        marks.insert(service.mark);
+    }
+    assert_eq!(marks.len(), count, "each service has its own mark");
+    drop(daemon);
+}
 
 #[test]
 fn a_restart_writes_nothing_for_unchanged_services_and_a_start_writes_in_batches() {

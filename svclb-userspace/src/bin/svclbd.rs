@@ -164,34 +164,69 @@ async fn run(args: Args) -> Result<()> {
             "start-up: {what}"
         )
     };
-    // Validate everything before touching the kernel.
-    let mut file = args.config.as_ref().map(ConfigFile::new);
-    let mut config = match &mut file {
-        Some(f) => f.load()?,
-        None => Config::default(),
+    // The config is read and validated on a thread while the kernel
+    // creates the maps (each takes hundreds of ms at 100,000 services).
+    // Nothing changes before it is known valid: the maps created meanwhile
+    // are not pinned, and no running svclbd is asked to stop (--replace).
+    let reading = args.config.as_ref().map(|path| {
+        let mut file = ConfigFile::new(path);
+        std::thread::spawn(move || {
+            let config = file.load();
+            (file, config)
+        })
+    });
+    let pins = PinDir::new(&args.pin_dir);
+    let pin_dir_existed = pins.root().exists();
+    let kernel = (|| {
+        svclb::probe::require(svclb::probe::FEATURES)?;
+        pins.prepare()?;
+        loader::load_maps(
+            &pins,
+            Capacities {
+                max_services: args.max_services,
+                max_backends: args.max_backends,
+                max_slots: args.max_slots,
+            },
+        )
+    })();
+    phase("maps created or adopted");
+    let read = match reading {
+        Some(thread) => {
+            let (file, config) = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("reading the config: the thread panicked"))?;
+            config.map(|config| (Some(file), config))
+        }
+        None => Ok((None, Config::default())),
+    };
+    let validated = match read {
+        Ok((file, config)) => {
+            let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
+            target::resolve_all(&targets, args.docker_host.as_deref())
+                .await
+                .map(|cgroups| (file, config, cgroups))
+        }
+        Err(e) => Err(e.into()),
+    };
+    let (mut file, mut config, cgroups, mut maps) = match (validated, kernel) {
+        (Ok((file, config, cgroups)), Ok(maps)) => (file, config, cgroups, maps),
+        (validated, kernel) => {
+            // The config's error first, as if it had been read first.
+            let error = validated.err().or(kernel.err()).expect("one failed");
+            if !pin_dir_existed {
+                pins.remove_if_empty();
+            }
+            return Err(error);
+        }
     };
     // Watching from now on, so no change made during startup is missed.
     let mut watch = match (&file, args.no_watch) {
         (Some(f), false) => Some(FileWatch::new(f.path())?),
         _ => None,
     };
-    let targets = target::targets(&args.cgroups, &args.pids, &args.containers);
-    let cgroups = target::resolve_all(&targets, args.docker_host.as_deref()).await?;
     phase("config read and validated");
-
-    svclb::probe::require(svclb::probe::FEATURES)?;
-    let pins = PinDir::new(&args.pin_dir);
-    pins.prepare()?;
     let _lock = pins.lock_for_daemon(args.replace)?;
-    let maps = loader::load_maps(
-        &pins,
-        Capacities {
-            max_services: args.max_services,
-            max_backends: args.max_backends,
-            max_slots: args.max_slots,
-        },
-    )?;
-    phase("maps created or adopted");
+    maps.pin_created()?;
     // The kernel verifies the programs (seconds, whatever the service
     // count) while the services are planned and written: the maps are the
     // programs' and exist already; nothing is attached before both are done.
@@ -711,9 +746,44 @@ fn released(committed: sync::Committed) {
 }
 
 /// Logs a committed change (the sockets it ended are logged by terminate).
+/// Up to this many changes in one apply are logged one per line at info;
+/// past it (a start-up over 100,000 services: 300,000 lines, most of a
+/// second of formatting) one line counts them and each is logged at debug.
+const CHANGES_LOGGED_EACH: usize = 100;
+
 fn report(committed: &sync::Committed, why: &str) {
-    for change in &committed.plan.changes {
-        info!(%change, "{why}");
+    let changes = &committed.plan.changes;
+    if changes.len() <= CHANGES_LOGGED_EACH {
+        for change in changes {
+            info!(%change, "{why}");
+        }
+    } else {
+        let mut counts = [0usize; 6];
+        for change in changes {
+            counts[match change {
+                reconcile::Change::AddService { .. } => 0,
+                reconcile::Change::EditService { .. } => 1,
+                reconcile::Change::RemoveService { .. } => 2,
+                reconcile::Change::AddBackend { .. } => 3,
+                reconcile::Change::EditBackend { .. } => 4,
+                reconcile::Change::RemoveBackend { .. } => 5,
+            }] += 1;
+        }
+        let [services_added, services_edited, services_removed, backends_added, backends_edited, backends_removed] =
+            counts;
+        info!(
+            services_added,
+            services_edited,
+            services_removed,
+            backends_added,
+            backends_edited,
+            backends_removed,
+            "{why}: {} changes (each at debug)",
+            changes.len()
+        );
+        for change in changes {
+            tracing::debug!(%change, "{why}");
+        }
     }
     for (name, mark) in &committed.plan.marks {
         tracing::debug!(service = %name, mark, "mark assigned");
