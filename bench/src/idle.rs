@@ -1,6 +1,7 @@
 //! svclbd's own cost (issue 16), so that background work can never hide in
-//! a throughput figure: its CPU (user + system time from /proc/PID/stat
-//! over a fixed window) and RSS with no traffic at all, and the wall time
+//! a throughput figure: the time to READY (into new maps, and a restart),
+//! its CPU (user + system time from /proc/PID/stat over a fixed window)
+//! and RSS with no traffic at all, and the wall time
 //! of the reads a user or a Prometheus server makes (`svclb-ctl stats`,
 //! `list`, `rate`, each a whole process, and a scrape of /metrics).
 
@@ -34,7 +35,7 @@ impl IdlePlan {
             idle_services: vec![1, 10_000, 100_000],
             idle_backends: 2,
             window_secs: 10,
-            reads: vec![(10_000, 10), (100_000, 2)],
+            reads: vec![(10_000, 2), (10_000, 10), (100_000, 2)],
             read_repetitions: 3,
         }
     }
@@ -44,7 +45,7 @@ impl IdlePlan {
             idle_services: vec![1, 10_000],
             idle_backends: 2,
             window_secs: 4,
-            reads: vec![(10_000, 10)],
+            reads: vec![(10_000, 2), (10_000, 10)],
             read_repetitions: 1,
         }
     }
@@ -58,6 +59,12 @@ pub struct IdleFigure {
     /// User + system time over the window, in % of one CPU.
     pub cpu_percent: Option<f64>,
     pub rss_bytes: Option<u64>,
+    /// From svclbd's spawn to READY into new maps, and again over the pins
+    /// the first start left (a restart with the same config).
+    #[serde(default)]
+    pub ready_ms: Option<f64>,
+    #[serde(default)]
+    pub restart_ready_ms: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -117,6 +124,8 @@ pub fn run(plan: &IdlePlan) -> IdleData {
                         backends,
                         cpu_percent: None,
                         rss_bytes: None,
+                        ready_ms: None,
+                        restart_ready_ms: None,
                         error: error.clone(),
                     });
                 }
@@ -165,15 +174,26 @@ fn measure_set(
     let dir = TempDir::new("idle")?;
     let config = dir.write("services.toml", &svclb_config(&set))?;
     let pins = PinDir::new();
-    // Metrics on (a port of its own), as deployed; no file watch.
-    let daemon = start_svclbd_with(
-        &pins,
-        Some(&config),
-        sandbox.cgroup_path(),
-        max_services,
-        max_backends,
-        &["--log", "warn", "--no-watch"],
-    )?;
+    // Metrics on (a port of its own), as deployed; no file watch. Started
+    // twice: into new maps, then over the pins the first left (a restart).
+    let start = || {
+        let t = Instant::now();
+        let daemon = start_svclbd_with(
+            &pins,
+            Some(&config),
+            sandbox.cgroup_path(),
+            max_services,
+            max_backends,
+            &["--log", "warn", "--no-watch"],
+        )?;
+        anyhow::Ok((daemon, t.elapsed().as_secs_f64() * 1e3))
+    };
+    let (first, ready_ms) = start()?;
+    first.stop()?;
+    let (daemon, restart_ready_ms) = start()?;
+    println!(
+        "  ready at {services} x {backends}: {ready_ms:.0} ms into new maps, {restart_ready_ms:.0} ms over the pins (process start included)"
+    );
     let pid = daemon.pid();
     // The first samples write every estimator once; then it is idle.
     std::thread::sleep(Duration::from_secs(5));
@@ -191,6 +211,8 @@ fn measure_set(
             backends,
             cpu_percent: Some(cpu_percent),
             rss_bytes: Some(rss_bytes),
+            ready_ms: Some(ready_ms),
+            restart_ready_ms: Some(restart_ready_ms),
             error: None,
         })
     } else {

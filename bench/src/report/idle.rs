@@ -10,12 +10,12 @@ pub(super) fn markdown(md: &mut String, d: &IdleData) {
     let _ = writeln!(md, "## svclbd's own cost\n");
     let _ = writeln!(
         md,
-        "### Idle: no traffic, no changes\n\nsvclbd started with the services (each with {} backends; metrics served, no file watch), left 5 s for its first rate samples, then measured over {} s: user + system time from /proc/PID/stat, in % of one CPU, and VmRSS at the end.\n",
+        "### Idle: no traffic, no changes\n\nsvclbd started with the services (each with {} backends; metrics served, no file watch) into new maps, stopped and started again over its pins: each time from the spawn to READY. Then left 5 s for its first rate samples, then measured over {} s: user + system time from /proc/PID/stat, in % of one CPU, and VmRSS at the end.\n",
         d.plan.idle_backends, d.plan.window_secs
     );
     let _ = writeln!(
         md,
-        "| services | CPU (% of one core) | RSS (MiB) | RSS per service above the smallest set (KiB) |\n| ---: | ---: | ---: | ---: |"
+        "| services | ready, new maps (s) | ready, restart (s) | CPU (% of one core) | RSS (MiB) | RSS per service above the smallest set (KiB) |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     // What a service adds: the RSS above the smallest set's, per service more.
     let base = d
@@ -33,17 +33,21 @@ pub(super) fn markdown(md: &mut String, d: &IdleData) {
                     ),
                     _ => "–".into(),
                 };
+                let secs =
+                    |ms: Option<f64>| ms.map_or("–".into(), |ms| format!("{:.2}", ms / 1e3));
                 let _ = writeln!(
                     md,
-                    "| {} | {cpu:.2} | {:.1} | {per_service} |",
+                    "| {} | {} | {} | {cpu:.2} | {:.1} | {per_service} |",
                     thousands(f.services),
+                    secs(f.ready_ms),
+                    secs(f.restart_ready_ms),
                     rss as f64 / 1048576.0,
                 );
             }
             (_, _, e) => {
                 let _ = writeln!(
                     md,
-                    "| {} | failed: {} | | |",
+                    "| {} | failed: {} | | | | |",
                     thousands(f.services),
                     e.as_deref().unwrap_or("?")
                 );

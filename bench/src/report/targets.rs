@@ -3,6 +3,7 @@
 use super::{find, thousands, Report, Target};
 use crate::counting::{CountingData, MAX_COST};
 use crate::docker::{DockerData, DockerFigure};
+use crate::idle::IdleData;
 use crate::load::Workload;
 use crate::modes::Mode;
 use crate::sweep::Summary;
@@ -166,6 +167,67 @@ pub fn targets(r: &Report) -> Vec<Target> {
         if let Some(d) = &c.docker {
             out.extend(docker_targets(d));
         }
+    }
+    if let Some(i) = &r.idle {
+        out.extend(idle_targets(i));
+    }
+    out
+}
+
+/// Issue 16's bounds on svclbd's own cost, from the idle measurement.
+fn idle_targets(d: &IdleData) -> Vec<Target> {
+    let mut out = Vec::new();
+    if let Some(f) = d.idle.iter().find(|f| f.services == 100_000) {
+        out.push(Target {
+            target: format!(
+                "svclbd idle under 1% of one core at 100,000 services x {}",
+                f.backends
+            ),
+            figure: f
+                .cpu_percent
+                .map_or_else(|| "-".into(), |c| format!("{c:.2}%")),
+            met: f.cpu_percent.map(|c| c < 1.0),
+        });
+        out.push(Target {
+            target: format!(
+                "svclbd ready at 100,000 services x {} in under 2 s",
+                f.backends
+            ),
+            figure: match (f.ready_ms, f.restart_ready_ms) {
+                (Some(fresh), Some(again)) => format!(
+                    "{:.2} s into new maps, {:.2} s over the pins (a restart)",
+                    fresh / 1e3,
+                    again / 1e3
+                ),
+                _ => "-".into(),
+            },
+            met: f.ready_ms.map(|ms| ms < 2000.0),
+        });
+    }
+    // The slowest read of a set, against its bound.
+    for (services, backends, bound_ms) in [(10_000, 2, 50.0), (100_000, 2, 300.0)] {
+        let reads: Vec<(&str, f64)> = d
+            .reads
+            .iter()
+            .filter(|r| r.services == services && r.backends == backends)
+            .filter_map(|r| Some((r.what.as_str(), r.ms.as_ref()?.median)))
+            .collect();
+        if reads.is_empty() {
+            continue;
+        }
+        let worst = reads.iter().map(|(_, ms)| *ms).fold(0.0, f64::max);
+        out.push(Target {
+            target: format!(
+                "svclb-ctl stats/list/rate and a scrape at {} services x {backends} under {bound_ms:.0} ms",
+                thousands(services)
+            ),
+            figure: reads
+                .iter()
+                .map(|(what, ms)| format!("{what} {ms:.0} ms"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            met: Some(worst < bound_ms),
+        });
     }
     out
 }
