@@ -75,6 +75,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use svclb_common::Scheduler;
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::model::{
@@ -196,88 +197,54 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 // ---- Field paths for errors that toml reports. ----
 
-/// Any TOML document, keeping the span of every key and value, so that an
-/// error position from toml can be named as a field path.
-enum Node {
-    Table(Vec<(Spanned<String>, Spanned<Node>)>),
-    Array(Vec<Spanned<Node>>),
-    Leaf,
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NodeVisitor;
-        impl<'de> Visitor<'de> for NodeVisitor {
-            type Value = Node;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any TOML value")
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
-                Ok(Node::Leaf)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Node, E> {
-                Ok(Node::Leaf)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Node, E> {
-                Ok(Node::Leaf)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
-                Ok(Node::Leaf)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
-                Ok(Node::Leaf)
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Node::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    entries.push(entry);
-                }
-                Ok(Node::Table(entries))
-            }
-        }
-        deserializer.deserialize_any(NodeVisitor)
-    }
-}
-
 /// The path of the innermost key or value at byte `offset`, e.g.
 /// `service[0].backends[1].wieght`; `None` if the text is not valid TOML.
+/// Read from toml's spanned document, which keeps every key's and value's
+/// place (a table under a `[header]` spans its header only: its entries
+/// are searched whatever its span).
 fn field_at(text: &str, offset: usize) -> Option<String> {
-    let root: Node = toml::from_str(text).ok()?;
+    let root = DeTable::parse(text).ok()?.into_inner();
     let mut path = String::new();
-    let mut node = &root;
-    loop {
-        let next = match node {
-            Node::Table(entries) => entries.iter().find_map(|(key, value)| {
-                let hit = key.span().contains(&offset) || value.span().contains(&offset);
-                hit.then(|| {
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(key.get_ref());
-                    value.get_ref()
-                })
-            }),
-            Node::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-                item.span().contains(&offset).then(|| {
-                    path.push_str(&format!("[{i}]"));
-                    item.get_ref()
-                })
-            }),
-            Node::Leaf => None,
-        };
-        match next {
-            Some(inner) => node = inner,
-            None => break,
+    in_table(&root, offset, &mut path).then_some(path)
+}
+
+/// Whether `offset` is on a key or value of `table`, at any depth; if so
+/// `path` ends with that key's path.
+fn in_table(table: &DeTable<'_>, offset: usize, path: &mut String) -> bool {
+    for (key, value) in table {
+        let len = path.len();
+        if len > 0 {
+            path.push('.');
         }
+        path.push_str(key.get_ref());
+        if key.span().contains(&offset) || in_value(value, offset, path) {
+            return true;
+        }
+        path.truncate(len);
     }
-    (!path.is_empty()).then_some(path)
+    false
+}
+
+/// Whether `offset` is in `value` (or a key or value inside it); if so
+/// `path` ends with the innermost one's path.
+fn in_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut String) -> bool {
+    let inside = value.span().contains(&offset);
+    match value.get_ref() {
+        DeValue::Table(table) => in_table(table, offset, path) || inside,
+        DeValue::Array(items) => {
+            let found = items.iter().enumerate().any(|(i, item)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = in_value(item, offset, path);
+                if !found {
+                    path.truncate(len);
+                }
+                found
+            });
+            found || inside
+        }
+        _ => inside,
+    }
 }
 
 // ---- The file as written, with spans for the values that get checked. ----
