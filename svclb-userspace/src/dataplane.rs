@@ -1256,10 +1256,7 @@ const SAMPLED_KEY: u32 = u32::MAX;
 fn entries<K: aya::Pod + Default, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>> {
-    if let Some(all) = crate::batch::read_all::<K, V>(map.map().fd().as_fd(), None)? {
-        return Ok(all);
-    }
-    Ok(map.iter().collect::<Result<Vec<_>, _>>()?)
+    entries_expecting(map, 0)
 }
 
 /// [`entries`] with room made for `expected` of them first.
@@ -1410,7 +1407,7 @@ pub fn map_writes() -> u64 {
 /// written nothing, when the kernel has no batch updates: the caller writes
 /// entry by entry then.
 fn write_batch<K: aya::Pod + Sync, V: aya::Pod>(
-    fd: std::os::fd::BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
 ) -> Result<bool> {
@@ -1425,7 +1422,7 @@ fn write_batch<K: aya::Pod + Sync, V: aya::Pod>(
 /// [`write_batch`] with each value given as `value_len` bytes (per-CPU
 /// maps: one value per CPU, each at an 8-byte stride).
 fn write_batch_bytes<K: aya::Pod + Sync>(
-    fd: std::os::fd::BorrowedFd<'_>,
+    fd: BorrowedFd<'_>,
     keys: &[K],
     values: &[u8],
     value_len: usize,

@@ -232,8 +232,8 @@ impl Unverified {
         Ok(())
     }
 
-    /// Loads every program (the kernel verifies each: seconds for the
-    /// connect and sendmsg programs on a busy machine, whatever the maps
+    /// Loads every program (the kernel verifies each: about 150 ms in all,
+    /// most of it the connect and sendmsg programs, whatever the maps
     /// hold), on two threads, so a two-core node verifies in half the time.
     pub fn verify(mut self) -> Result<Loaded> {
         let nops = [

@@ -72,9 +72,7 @@ impl PinDir {
         private_dir(&self.root)?;
         private_dir(&self.links())
     }
-}
 
-impl PinDir {
     /// Removes the pin directory if nothing is pinned in it: what
     /// [`PinDir::prepare`] made for a start that then failed.
     pub fn remove_if_empty(&self) {

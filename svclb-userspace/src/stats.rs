@@ -310,31 +310,13 @@ fn write_service_name(s: &mut String, svc: &ServiceReport) {
 
 const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096)";
 
-/// Bytes a listing takes per row, to size its buffer once.
-const ROW_BYTES: usize = 80;
-
-fn rows(services: &[ServiceReport]) -> usize {
-    services.iter().map(|s| 1 + s.backends.len()).sum::<usize>() + 3
-}
-
-/// Takes what a listing has written so far (a writer's: writes it out and
-/// clears it; a whole listing's: keeps it).
+/// Takes what a listing has written so far: writes it out and clears it.
 type Flush<'a> = &'a mut dyn FnMut(&mut String) -> io::Result<()>;
 
 /// A listing is handed to its writer in pieces of about this size, so that
 /// it is never whole in memory (24 MB at 100,000 services, and a page
 /// fault every 4 KiB of it).
 const PIECE: usize = 1 << 16;
-
-/// A whole listing as one string.
-fn whole(
-    services: &[ServiceReport],
-    write: impl FnOnce(&mut String, Flush) -> io::Result<()>,
-) -> String {
-    let mut s = String::with_capacity(rows(services) * ROW_BYTES);
-    write(&mut s, &mut |_| Ok(())).expect("writing into a string");
-    s
-}
 
 /// A listing written to `out` piece by piece.
 fn written(
@@ -349,12 +331,7 @@ fn written(
     })
 }
 
-/// `ipvsadm -L -n --stats`.
-pub fn format_stats(services: &[ServiceReport], exact: bool) -> String {
-    whole(services, |s, flush| stats_into(s, services, exact, flush))
-}
-
-/// [`format_stats`], written to `out`.
+/// `ipvsadm -L -n --stats`, written to `out`.
 pub fn write_stats(
     services: &[ServiceReport],
     exact: bool,
@@ -379,12 +356,8 @@ fn stats_into(
     )
 }
 
-/// `ipvsadm -L -n --rate`: CPS, InPPS, OutPPS, InBPS, OutBPS (bytes/s).
-pub fn format_rate(services: &[ServiceReport]) -> String {
-    whole(services, |s, flush| rate_into(s, services, flush))
-}
-
-/// [`format_rate`], written to `out`.
+/// `ipvsadm -L -n --rate` (CPS, InPPS, OutPPS, InBPS, OutBPS in bytes/s),
+/// written to `out`.
 pub fn write_rate(services: &[ServiceReport], out: &mut dyn io::Write) -> io::Result<()> {
     written(out, |s, flush| rate_into(s, services, flush))
 }
@@ -436,13 +409,9 @@ fn columns_into(
     flush(s)
 }
 
-/// `ipvsadm -L -n`: Forward is always Masq (the connection is made to the
-/// backend itself, as if NATed); ActiveConn and InActConn are live.
-pub fn format_list(services: &[ServiceReport]) -> String {
-    whole(services, |s, flush| list_into(s, services, flush))
-}
-
-/// [`format_list`], written to `out`.
+/// `ipvsadm -L -n`, written to `out`: Forward is always Masq (the
+/// connection is made to the backend itself, as if NATed); ActiveConn and
+/// InActConn are live.
 pub fn write_list(services: &[ServiceReport], out: &mut dyn io::Write) -> io::Result<()> {
     written(out, |s, flush| list_into(s, services, flush))
 }
@@ -490,6 +459,13 @@ fn list_into(s: &mut String, services: &[ServiceReport], flush: Flush) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a `write_*` listing writes, as text.
+    fn text(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> String {
+        let mut out = Vec::new();
+        write(&mut out).expect("writing into memory");
+        String::from_utf8(out).expect("a listing is UTF-8")
+    }
 
     fn seed() -> Vec<ServiceReport> {
         let c = |conns, in_pkts, out_pkts, in_bytes, out_bytes| BackendStats {
@@ -548,17 +524,17 @@ FWM  317                             44981   231280   218415 19264401 22763535
   -> 172.50.0.40:0                   21936   109838   109631  9246909 11278325
   -> 172.50.0.41:0                   21937   115545   103936  9544368 10970396
 ";
-        assert_eq!(format_stats(&seed(), false), expected);
+        assert_eq!(text(|out| write_stats(&seed(), false, out)), expected);
     }
 
     #[test]
     fn list_and_rate_layouts() {
-        let list = format_list(&seed());
+        let list = text(|out| write_list(&seed(), out));
         assert!(list.contains("FWM  317 random\n"), "{list}");
         let mut sticky = seed();
         sticky[0].scheduler = "wrr";
         sticky[0].persistent = Some(300);
-        let list = format_list(&sticky);
+        let list = text(|out| write_list(&sticky, out));
         assert!(list.contains("FWM  317 wrr persistent 300\n"), "{list}");
         assert!(
             list.contains(
@@ -566,7 +542,7 @@ FWM  317                             44981   231280   218415 19264401 22763535
             ),
             "{list}"
         );
-        let rate = format_rate(&seed());
+        let rate = text(|out| write_rate(&seed(), out));
         assert!(rate.contains(
             "Prot LocalAddress:Port                 CPS    InPPS   OutPPS    InBPS   OutBPS\n"
         ));

@@ -179,7 +179,6 @@ async fn run(args: Args) -> Result<()> {
     let pin_dir_existed = pins.root().exists();
     let kernel = (|| {
         svclb::probe::require(svclb::probe::FEATURES)?;
-        pins.prepare()?;
         loader::load_maps(
             &pins,
             Capacities {
@@ -231,7 +230,7 @@ async fn run(args: Args) -> Result<()> {
     phase("config read and validated");
     let _lock = pins.lock_for_daemon(args.replace)?;
     maps.pin_created()?;
-    // The kernel verifies the programs (seconds, whatever the service
+    // The kernel verifies the programs (about 150 ms, whatever the service
     // count) while the services are planned and written: the maps are the
     // programs' and exist already; nothing is attached before both are done.
     let verifying = maps.verify_in_background();
