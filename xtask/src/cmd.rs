@@ -23,6 +23,47 @@ pub fn host_target_dir() -> PathBuf {
     }
 }
 
+/// Fails at once when the filesystem holding the target directory has less
+/// room than a build needs (`need` bytes into an empty target directory,
+/// 1 GiB once something is built there): a full disk otherwise shows up
+/// minutes later as a linker's "IO failure" in the middle of a build.
+pub fn require_room(what: &str, need: u64) -> Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let target = host_target_dir();
+    let built_before = target.join("debug/deps").exists();
+    let need = if built_before { 1 << 30 } else { need };
+    let Some(free) = free_bytes(&target) else {
+        return Ok(()); // no df: the build will say
+    };
+    if free < need {
+        bail!(
+            "{what} needs about {:.1} GiB free for {}, and its filesystem has {:.1} GiB: free some space first",
+            need as f64 / GIB,
+            target.display(),
+            free as f64 / GIB
+        );
+    }
+    Ok(())
+}
+
+/// The bytes `df` reports available (reserved blocks left out) on the
+/// filesystem of `path`, or of its nearest existing ancestor.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(existing)
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// `$CARGO_HOME`, defaulting to `~/.cargo` as rustup does.
 pub fn cargo_home() -> PathBuf {
     if let Some(home) = std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {

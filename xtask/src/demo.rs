@@ -10,6 +10,10 @@ use anyhow::{bail, Result};
 use crate::cmd::{self, host_target_dir, is_root, workspace_root};
 use crate::{build, ebpf, setup};
 
+/// What the demo builds into an empty target directory (the debug
+/// workspace and the eBPF object), with a margin.
+const ROOM_NEEDED: u64 = 3 << 30;
+
 pub fn run(sandbox: bool) -> Result<ExitCode> {
     // Fail before a long build rather than after it.
     if !is_root() {
@@ -18,6 +22,7 @@ pub fn run(sandbox: bool) -> Result<ExitCode> {
              attaches them to cgroups and creates network namespaces"
         );
     }
+    cmd::require_room("cargo xtask demo", ROOM_NEEDED)?;
     setup::run(false)?;
     if !sandbox {
         setup::swarm()?;

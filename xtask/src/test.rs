@@ -19,6 +19,10 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::{self, host_cargo, host_target_dir, is_root, workspace_root};
 use crate::{build, ebpf, fuzz, setup};
 
+/// What a whole run builds into an empty target directory (the debug
+/// workspace and tests, the fuzz targets, the eBPF object), with a margin.
+const ROOM_NEEDED: u64 = 6 << 30;
+
 pub fn run(extra_args: &[String]) -> Result<ExitCode> {
     if !is_root() {
         bail!(
@@ -26,6 +30,7 @@ pub fn run(extra_args: &[String]) -> Result<ExitCode> {
              attach them to cgroups and create network namespaces"
         );
     }
+    cmd::require_room("cargo xtask test", ROOM_NEEDED)?;
     setup::run(true)?;
     ebpf::build()?;
 
