@@ -101,9 +101,7 @@ impl<'a> BackendIds<'a> {
         let current = self.current;
         let used = self.used.get_or_insert_with(|| {
             current
-                .services
-                .values()
-                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .backend_ids()
                 .chain(current.still_counted.iter().copied())
                 .collect()
         });

@@ -141,6 +141,8 @@ pub struct Unverified {
     pins: PinDir,
     /// Maps this load created, not pinned yet.
     created: Vec<&'static str>,
+    /// The apply serial when the maps were created or adopted.
+    serial: u32,
 }
 
 /// The first half of [`load`]: the pinned maps adopted, the missing ones
@@ -193,8 +195,8 @@ pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
     }
     // Stamped once, when created: a running svclbd's apply serial in an
     // adopted map is not written back.
+    let serial = layout.get(&0, 0)?.apply_serial;
     if current == 0 {
-        let serial = layout.get(&0, 0)?.apply_serial;
         layout.set(
             0,
             LayoutValue {
@@ -209,10 +211,19 @@ pub fn load_maps(pins: &PinDir, caps: Capacities) -> Result<Unverified> {
         ebpf,
         pins: pins.clone(),
         created,
+        serial,
     })
 }
 
 impl Unverified {
+    /// The apply serial at which [`load_maps`] created the gauges map
+    /// (empty then), if it did; None if it adopted a pinned one.
+    pub fn gauges_created_at(&self) -> Option<u32> {
+        self.created
+            .contains(&map_names::CONNS)
+            .then_some(self.serial)
+    }
+
     /// Pins the maps [`load_maps`] created: from here on they outlive the
     /// process.
     pub fn pin_created(&mut self) -> Result<()> {

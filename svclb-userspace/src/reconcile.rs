@@ -992,11 +992,7 @@ mod tests {
             ..Snapshot::default()
         };
         let planned = plan(&current, &desired(1, "10.9.0.2"), CAPACITY).unwrap();
-        let ids: BTreeSet<u32> = carried(&planned)
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
+        let ids: BTreeSet<u32> = carried(&planned).backend_ids().collect();
         assert_eq!(ids, [1, 3, 4, 5].into_iter().collect(), "lowest free ids");
     }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -271,8 +271,27 @@ fn connections_closed_by_the_client_first_miss_at_most_the_time_wait_exchange() 
 /// backend id's gauge, which must not be the new backend's (svclb once
 /// handed the lowest free id out at once, and the new backend's InActConn
 /// then read one short for every such socket).
+///
+/// Both ways a change is applied: `svclb-ctl apply`, which reads every
+/// gauge, and svclbd's reload, which reads only the ids below the highest
+/// it has handed out.
 #[test]
 fn a_new_backend_does_not_inherit_a_removed_ones_sockets() {
+    new_backend_does_not_inherit(Applied::ByCtl);
+}
+
+#[test]
+fn a_new_backend_does_not_inherit_a_removed_ones_sockets_through_svclbd() {
+    new_backend_does_not_inherit(Applied::BySvclbd);
+}
+
+enum Applied {
+    ByCtl,
+    /// svclbd reloads its config file.
+    BySvclbd,
+}
+
+fn new_backend_does_not_inherit(applied: Applied) {
     let fx = ApiFixture::start();
     let newcomer = "172.50.0.42";
     fx.sandbox
@@ -285,14 +304,32 @@ fn a_new_backend_does_not_inherit_a_removed_ones_sockets() {
             .map(|b| format!("{b:?}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let file = svclb_tests::daemon::write_temp(
-            "backends.toml",
-            &format!(
-                "[[service]]\nname = \"api\"\nvip = \"{VIP}\"\nmark = 0x13d\nbackends = [{list}]\n"
-            ),
-        )
-        .unwrap();
-        fx.pins.ctl(&["apply", file.to_str().unwrap()]).unwrap();
+        let config = format!(
+            "[[service]]\nname = \"api\"\nvip = \"{VIP}\"\nmark = 0x13d\nbackends = [{list}]\n"
+        );
+        match applied {
+            Applied::ByCtl => {
+                let file = svclb_tests::daemon::write_temp("backends.toml", &config).unwrap();
+                fx.pins.ctl(&["apply", file.to_str().unwrap()]).unwrap();
+            }
+            Applied::BySvclbd => {
+                std::fs::write(&fx.config, &config).unwrap();
+                let want: BTreeSet<String> = backends.iter().map(|b| b.to_string()).collect();
+                eventually(
+                    Duration::from_secs(10),
+                    "svclbd applied the new backends",
+                    || {
+                        let now: BTreeSet<String> =
+                            gauges(&fx.pins).keys().map(|b| strip_port(b)).collect();
+                        if now == want {
+                            Ok(())
+                        } else {
+                            Err(format!("{now:?}, want {want:?}"))
+                        }
+                    },
+                );
+            }
+        }
     };
     let send = |s: &UdpSocket| {
         s.send_to(b"x", addr(VIP, PORT)).unwrap();

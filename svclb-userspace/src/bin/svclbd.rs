@@ -229,6 +229,7 @@ async fn run(args: Args) -> Result<()> {
     };
     phase("config read and validated");
     let _lock = pins.lock_for_daemon(args.replace)?;
+    let gauges_created_at = maps.gauges_created_at();
     maps.pin_created()?;
     // The kernel verifies the programs (about 150 ms, whatever the service
     // count) while the services are planned and written: the maps are the
@@ -236,6 +237,9 @@ async fn run(args: Args) -> Result<()> {
     let verifying = maps.verify_in_background();
     let mut dp = Dataplane::open(&pins)?;
     dp.keep_snapshots();
+    if let Some(serial) = gauges_created_at {
+        dp.gauges_created_at(serial);
+    }
     // Discovered services start from what the maps hold, so a restart
     // while DNS is away changes nothing. The apply below plans from this
     // same read (kept), not from a second one.
