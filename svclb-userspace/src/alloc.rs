@@ -77,7 +77,9 @@ pub fn assign_marks(current: &Snapshot, desired: &DesiredState) -> Result<Vec<u3
 pub struct BackendIds<'a> {
     current: &'a Snapshot,
     capacity: u32,
-    used: Option<HashSet<u32>>,
+    /// Indexed by id: taken (a bitmap, not a hash set: gathering 20,000
+    /// ids into a hash set took a container start's plan 2 ms).
+    used: Option<Vec<bool>>,
     next: u32,
 }
 
@@ -98,17 +100,26 @@ impl<'a> BackendIds<'a> {
 
     /// The next free id; None when every id below the capacity is taken.
     pub fn next_free(&mut self) -> Option<u32> {
-        let current = self.current;
+        let (current, capacity) = (self.current, self.capacity);
         let used = self.used.get_or_insert_with(|| {
-            current
+            let mut used = Vec::new();
+            for id in current
                 .backend_ids()
                 .chain(current.still_counted.iter().copied())
-                .collect()
+                .filter(|id| *id < capacity)
+            {
+                let i = id as usize;
+                if i >= used.len() {
+                    used.resize(i + 1, false);
+                }
+                used[i] = true;
+            }
+            used
         });
         while self.next < self.capacity {
             let id = self.next;
             self.next += 1;
-            if !used.contains(&id) {
+            if !used.get(id as usize).copied().unwrap_or(false) {
                 return Some(id);
             }
         }

@@ -761,12 +761,16 @@ pub fn apply(dp: &mut Dataplane, desired: &DesiredState) -> Result<Plan> {
 pub fn apply_backends(dp: &mut Dataplane, specs: &[&ServiceSpec]) -> Result<Option<Plan>> {
     let start = std::time::Instant::now();
     let snapshot = dp.current_snapshot()?;
+    let read = start.elapsed();
     let Some(plan) = plan_backends(&snapshot, specs, dp.capacity())? else {
         dp.keep_snapshot(snapshot);
         return Ok(None);
     };
+    let planned = start.elapsed();
     execute_and_carry(dp, snapshot, &plan)?;
     tracing::debug!(
+        read_ms = read.as_secs_f64() * 1e3,
+        planned_ms = planned.as_secs_f64() * 1e3,
         done_ms = start.elapsed().as_secs_f64() * 1e3,
         changes = plan.changes.len(),
         "applied (backends only)"
