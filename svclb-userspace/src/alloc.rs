@@ -149,3 +149,21 @@ pub fn new_network_bits<'a>(
     }
     Ok(new)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_ids_are_the_lowest_free_below_the_capacity() {
+        let current = Snapshot {
+            // An id at or past the capacity (a map from a larger svclb)
+            // takes nothing below it.
+            still_counted: [0, 1, 3, 5, 100].into_iter().collect(),
+            ..Snapshot::default()
+        };
+        let mut ids = BackendIds::new(&current, 8);
+        let handed: Vec<Option<u32>> = (0..5).map(|_| ids.next_free()).collect();
+        assert_eq!(handed, [Some(2), Some(4), Some(6), Some(7), None]);
+    }
+}
