@@ -355,12 +355,12 @@ impl Dataplane {
             }
             None => self.snapshot()?,
         };
-        // The ids this apply gave out, and the ones it took back, which
-        // were held before it and so are below the mark already.
-        if let Some((_, n)) = counted_below.filter(|(at, _)| *at == before) {
-            let highest = now.backend_ids().max().map_or(0, |id| id + 1);
-            self.counted_below = Some((v.apply_serial, n.max(highest)));
-        }
+        // Carried to the new serial as it is: the ids this apply gave out
+        // are held in `now`, which the next apply's read starts from and
+        // raises the mark over; the ones it took back were held before it.
+        self.counted_below = counted_below
+            .filter(|(at, _)| *at == before)
+            .map(|(_, n)| (v.apply_serial, n));
         self.kept = Some((v.apply_serial, now));
         Ok(())
     }
